@@ -1,0 +1,355 @@
+"""CLIP checkpoints <-> `hps_jax.models.clip.CLIP`: the key maps for every format, in one place.
+
+Formats
+  hf         transformers `CLIPModel.save_pretrained` dirs (config.json + model.safetensors / pytorch_model.bin);
+             openai/clip-vit-large-patch14, PickScore. Also a bare HF-key state dict (architecture from shapes).
+  openai     OpenAI CLIP state dicts (the `clip` package), incl. the HPS v1 release `hpc.pt`
+             ({'state_dict': ...}, optional `module.` prefix). QuickGELU unless told otherwise.
+  open_clip  open_clip state dicts (HPS v2 / v2.1 `HPS_v2*_compressed.pt`). Same key names as `openai`;
+             the activation is GELU unless the model is a `-quickgelu` variant (pass activation='quick_gelu').
+
+State dicts carry no activation: `auto` picks QuickGELU for the widths OpenAI released (ViT-B, ViT-L) and GELU
+for the LAION-only sizes (ViT-H and up). Pass `activation=` to override; a wrong choice silently shifts scores.
+
+Conventions of the maps: torch Linear weight (out, in) -> kernel (in, out); Conv OIHW -> HWIO; LayerNorm
+weight -> scale; OpenAI's fused attention `in_proj_weight` (3W, W) is split into query/key/value.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensors
+from hps_jax.models.clip import CLIP, CLIPConfig
+
+FORMATS = ("auto", "hf", "openai", "open_clip")
+# Buffers some writers include that carry no learned weights.
+_IGNORED = re.compile(r"(^|\.)(position_ids|attn_mask|input_resolution|context_length|vocab_size)$")
+
+_T = lambda a: np.ascontiguousarray(np.asarray(a).T)
+_ID = lambda a: np.asarray(a)
+_CONV_TO_HWIO = lambda a: np.ascontiguousarray(np.asarray(a).transpose(2, 3, 1, 0))
+_HWIO_TO_CONV = lambda a: np.ascontiguousarray(np.asarray(a).transpose(3, 2, 0, 1))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Key maps: lists of (our_path, their_key, to_ours, to_theirs)
+# ------------------------------------------------------------------------------------------------------------
+def _linear(ours, theirs):
+  return [(f"{ours}/kernel", f"{theirs}.weight", _T, _T), (f"{ours}/bias", f"{theirs}.bias", _ID, _ID)]
+
+
+def _norm(ours, theirs):
+  return [(f"{ours}/scale", f"{theirs}.weight", _ID, _ID), (f"{ours}/bias", f"{theirs}.bias", _ID, _ID)]
+
+
+def hf_key_map(cfg: CLIPConfig):
+  m = []
+  for tower, prefix, layers in (("vision", "vision_model", cfg.vision_layers), ("text", "text_model", cfg.text_layers)):
+    for i in range(layers):
+      o, t = f"{tower}/blocks/{i}", f"{prefix}.encoder.layers.{i}"
+      m += _norm(f"{o}/ln1", f"{t}.layer_norm1") + _norm(f"{o}/ln2", f"{t}.layer_norm2")
+      for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "out_proj")):
+        m += _linear(f"{o}/attn/{ours}", f"{t}.self_attn.{theirs}")
+      m += _linear(f"{o}/mlp/fc1", f"{t}.mlp.fc1") + _linear(f"{o}/mlp/fc2", f"{t}.mlp.fc2")
+  m += [
+      ("vision/patch_embed/kernel", "vision_model.embeddings.patch_embedding.weight", _CONV_TO_HWIO, _HWIO_TO_CONV),
+      ("vision/class_embedding", "vision_model.embeddings.class_embedding", _ID, _ID),
+      ("vision/pos_embedding", "vision_model.embeddings.position_embedding.weight", _ID, _ID),
+      ("vision/proj", "visual_projection.weight", _T, _T),
+      ("text/token_embedding/embedding", "text_model.embeddings.token_embedding.weight", _ID, _ID),
+      ("text/pos_embedding", "text_model.embeddings.position_embedding.weight", _ID, _ID),
+      ("text/proj", "text_projection.weight", _T, _T),
+      ("logit_scale", "logit_scale", _ID, _ID),
+  ]
+  m += _norm("vision/ln_pre", "vision_model.pre_layrnorm") + _norm("vision/ln_post", "vision_model.post_layernorm")
+  m += _norm("text/ln_final", "text_model.final_layer_norm")
+  return m
+
+
+def openai_key_map(cfg: CLIPConfig):
+  """OpenAI / open_clip names. The fused in_proj tensors are handled separately (see `_split_in_proj`)."""
+  m = []
+  for tower, prefix, layers in (("vision", "visual.transformer", cfg.vision_layers),
+                                ("text", "transformer", cfg.text_layers)):
+    for i in range(layers):
+      o, t = f"{tower}/blocks/{i}", f"{prefix}.resblocks.{i}"
+      m += _norm(f"{o}/ln1", f"{t}.ln_1") + _norm(f"{o}/ln2", f"{t}.ln_2")
+      m += _linear(f"{o}/attn/out", f"{t}.attn.out_proj")
+      m += _linear(f"{o}/mlp/fc1", f"{t}.mlp.c_fc") + _linear(f"{o}/mlp/fc2", f"{t}.mlp.c_proj")
+  m += [
+      ("vision/patch_embed/kernel", "visual.conv1.weight", _CONV_TO_HWIO, _HWIO_TO_CONV),
+      ("vision/class_embedding", "visual.class_embedding", _ID, _ID),
+      ("vision/pos_embedding", "visual.positional_embedding", _ID, _ID),
+      ("vision/proj", "visual.proj", _ID, _ID),
+      ("text/token_embedding/embedding", "token_embedding.weight", _ID, _ID),
+      ("text/pos_embedding", "positional_embedding", _ID, _ID),
+      ("text/proj", "text_projection", _ID, _ID),
+      ("logit_scale", "logit_scale", _ID, _ID),
+  ]
+  m += _norm("vision/ln_pre", "visual.ln_pre") + _norm("vision/ln_post", "visual.ln_post")
+  m += _norm("text/ln_final", "ln_final")
+  return m
+
+
+def _in_proj_blocks(cfg: CLIPConfig):
+  for tower, prefix, layers in (("vision", "visual.transformer", cfg.vision_layers),
+                                ("text", "transformer", cfg.text_layers)):
+    for i in range(layers):
+      yield f"{tower}/blocks/{i}/attn", f"{prefix}.resblocks.{i}.attn"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Architecture inference
+# ------------------------------------------------------------------------------------------------------------
+def _count_layers(sd, pattern):
+  rx = re.compile(pattern)
+  idx = {int(m.group(1)) for k in sd if (m := rx.match(k))}
+  if not idx:
+    return 0
+  if idx != set(range(max(idx) + 1)):
+    raise CheckpointError(f"non-contiguous layer indices for {pattern}: {sorted(idx)}")
+  return max(idx) + 1
+
+
+def default_activation(vision_width: int) -> str:
+  """OpenAI released ViT-B and ViT-L (QuickGELU); wider towers (ViT-H, g, bigG) exist only as LAION/open_clip
+  models trained with GELU."""
+  return "quick_gelu" if vision_width <= 1024 else "gelu"
+
+
+def infer_openai_config(sd, activation: str | None = None, fmt: str = "auto") -> CLIPConfig:
+  if "visual.conv1.weight" not in sd:
+    if any(k.startswith("visual.layer1") or k.startswith("visual.attnpool") for k in sd):
+      raise CheckpointError("ResNet CLIP image towers are not supported (only ViT CLIP models)")
+    raise CheckpointError("not an OpenAI/open_clip CLIP state dict: 'visual.conv1.weight' missing")
+  vw, _, p, _ = sd["visual.conv1.weight"].shape
+  grid = int(round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1)))
+  tw = sd["ln_final.weight"].shape[0]
+  if activation is None:
+    activation = {"openai": "quick_gelu", "open_clip": "gelu"}.get(fmt) or default_activation(vw)
+  return CLIPConfig(
+      embed_dim=sd["text_projection"].shape[1], image_size=p * grid, patch_size=p, vision_width=vw,
+      vision_layers=_count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
+      vision_heads=vw // 64, vision_mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+      vocab_size=sd["token_embedding.weight"].shape[0], context_length=sd["positional_embedding"].shape[0],
+      text_width=tw, text_layers=_count_layers(sd, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
+      text_heads=tw // 64, text_mlp_dim=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+      activation=activation)
+
+
+_HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+
+
+def config_from_hf(hf: dict) -> CLIPConfig:
+  """Maps a transformers CLIPConfig dict (config.json) to ours, with transformers' defaults for missing keys."""
+  tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
+  acts = {tc.get("hidden_act", "quick_gelu"), vc.get("hidden_act", "quick_gelu")}
+  if len(acts) != 1 or not acts <= set(_HF_ACT):
+    raise CheckpointError(f"unsupported CLIP activations {sorted(acts)} (need one of {sorted(_HF_ACT)} for both towers)")
+  eps = {tc.get("layer_norm_eps", 1e-5), vc.get("layer_norm_eps", 1e-5)}
+  if len(eps) != 1:
+    raise CheckpointError(f"different layer_norm_eps per tower {sorted(eps)} are not supported")
+  return CLIPConfig(
+      embed_dim=hf.get("projection_dim", 512), image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 32),
+      vision_width=vc.get("hidden_size", 768), vision_layers=vc.get("num_hidden_layers", 12),
+      vision_heads=vc.get("num_attention_heads", 12), vision_mlp_dim=vc.get("intermediate_size", 3072),
+      vocab_size=tc.get("vocab_size", 49408), context_length=tc.get("max_position_embeddings", 77),
+      text_width=tc.get("hidden_size", 512), text_layers=tc.get("num_hidden_layers", 12),
+      text_heads=tc.get("num_attention_heads", 8), text_mlp_dim=tc.get("intermediate_size", 2048),
+      activation=_HF_ACT[acts.pop()], layer_norm_eps=float(eps.pop()),
+      logit_scale_init=float(hf.get("logit_scale_init_value", 2.6592)))
+
+
+def config_to_hf(cfg: CLIPConfig) -> dict:
+  common = dict(hidden_act=cfg.activation, layer_norm_eps=cfg.layer_norm_eps)
+  return {
+      "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+      "logit_scale_init_value": cfg.logit_scale_init,
+      "text_config": dict(model_type="clip_text_model", hidden_size=cfg.text_width, intermediate_size=cfg.text_mlp_dim,
+                          num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                          max_position_embeddings=cfg.context_length, vocab_size=cfg.vocab_size,
+                          projection_dim=cfg.embed_dim, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+                          **common),
+      "vision_config": dict(model_type="clip_vision_model", hidden_size=cfg.vision_width,
+                            intermediate_size=cfg.vision_mlp_dim, num_hidden_layers=cfg.vision_layers,
+                            num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
+                            patch_size=cfg.patch_size, projection_dim=cfg.embed_dim, num_channels=3, **common),
+  }
+
+
+def infer_hf_config(sd, activation: str | None = None) -> CLIPConfig:
+  """Architecture of a bare HF-key state dict (no config.json)."""
+  vw, _, p, _ = sd["vision_model.embeddings.patch_embedding.weight"].shape
+  grid = int(round(math.sqrt(sd["vision_model.embeddings.position_embedding.weight"].shape[0] - 1)))
+  tw = sd["text_model.final_layer_norm.weight"].shape[0]
+  return CLIPConfig(
+      embed_dim=sd["text_projection.weight"].shape[0], image_size=p * grid, patch_size=p, vision_width=vw,
+      vision_layers=_count_layers(sd, r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
+      vision_heads=vw // 64, vision_mlp_dim=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+      vocab_size=sd["text_model.embeddings.token_embedding.weight"].shape[0],
+      context_length=sd["text_model.embeddings.position_embedding.weight"].shape[0], text_width=tw,
+      text_layers=_count_layers(sd, r"text_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
+      text_heads=tw // 64, text_mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+      activation=activation or default_activation(vw))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# State dict <-> flat params
+# ------------------------------------------------------------------------------------------------------------
+def _apply_map(sd, key_map, source: str) -> tuple[dict, set]:
+  flat, used = {}, set()
+  for ours, theirs, to_ours, _ in key_map:
+    if theirs not in sd:
+      raise CheckpointError(f"{source}: missing key {theirs!r} (needed for {ours})")
+    flat[ours] = to_ours(sd[theirs])
+    used.add(theirs)
+  return flat, used
+
+
+def _check_unused(sd, used, source):
+  extra = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
+  if extra:
+    more = f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""
+    raise CheckpointError(f"{source}: {len(extra)} unexpected keys, e.g. {extra[:8]}{more}; the architecture "
+                          "does not match a plain ViT CLIP")
+
+
+def params_from_hf(sd, cfg: CLIPConfig, source="state dict") -> dict[str, np.ndarray]:
+  flat, used = _apply_map(sd, hf_key_map(cfg), source)
+  _check_unused(sd, used, source)
+  return flat
+
+
+def params_to_hf(flat, cfg: CLIPConfig) -> dict[str, np.ndarray]:
+  return {theirs: to_theirs(flat[ours]) for ours, theirs, _, to_theirs in hf_key_map(cfg)}
+
+
+def params_from_openai(sd, cfg: CLIPConfig, source="state dict") -> dict[str, np.ndarray]:
+  flat, used = _apply_map(sd, openai_key_map(cfg), source)
+  w_of = {"vision": cfg.vision_width, "text": cfg.text_width}
+  for ours, theirs in _in_proj_blocks(cfg):
+    w = w_of[ours.split("/")[0]]
+    wk, bk = f"{theirs}.in_proj_weight", f"{theirs}.in_proj_bias"
+    for k in (wk, bk):
+      if k not in sd:
+        raise CheckpointError(f"{source}: missing key {k!r}")
+    weight, bias = np.asarray(sd[wk]), np.asarray(sd[bk])
+    if weight.shape != (3 * w, w):
+      raise CheckpointError(f"{source}: {wk} has shape {weight.shape}, expected {(3 * w, w)}")
+    for j, name in enumerate(("query", "key", "value")):
+      flat[f"{ours}/{name}/kernel"] = _T(weight[j * w:(j + 1) * w])
+      flat[f"{ours}/{name}/bias"] = bias[j * w:(j + 1) * w]
+    used |= {wk, bk}
+  _check_unused(sd, used, source)
+  return flat
+
+
+def params_to_openai(flat, cfg: CLIPConfig) -> dict[str, np.ndarray]:
+  sd = {theirs: to_theirs(flat[ours]) for ours, theirs, _, to_theirs in openai_key_map(cfg)}
+  for ours, theirs in _in_proj_blocks(cfg):
+    sd[f"{theirs}.in_proj_weight"] = np.concatenate([_T(flat[f"{ours}/{n}/kernel"]) for n in ("query", "key", "value")])
+    sd[f"{theirs}.in_proj_bias"] = np.concatenate([np.asarray(flat[f"{ours}/{n}/bias"]) for n in ("query", "key", "value")])
+  return sd
+
+
+# ------------------------------------------------------------------------------------------------------------
+# NNX model <-> flat params
+# ------------------------------------------------------------------------------------------------------------
+def model_params(model) -> dict[str, np.ndarray]:
+  """The model's parameters as {'vision/blocks/0/attn/query/kernel': np.ndarray, ...}."""
+  from flax import nnx
+  return {"/".join(map(str, path)): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def build_model(cfg: CLIPConfig, flat: dict[str, np.ndarray], *, dtype=None, param_dtype=None, source="checkpoint"):
+  """Creates a CLIP whose parameters are `flat` (shapes checked, every parameter required, nothing left over),
+  without running the random initializers."""
+  import jax.numpy as jnp
+  from flax import nnx
+  dtype = dtype or jnp.float32
+  param_dtype = param_dtype or jnp.float32
+  abstract = nnx.eval_shape(lambda: CLIP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  remaining = dict(flat)
+  for path, var in nnx.to_flat_state(params):
+    key = "/".join(map(str, path))
+    if key not in remaining:
+      raise CheckpointError(f"{source}: no value for parameter {key}")
+    arr = np.asarray(remaining.pop(key))
+    if arr.shape != tuple(var.shape):
+      raise CheckpointError(f"{source}: {key} has shape {arr.shape}, the config expects {tuple(var.shape)}")
+    var.set_value(jnp.asarray(arr, dtype=param_dtype))
+  if remaining:
+    raise CheckpointError(f"{source}: values for unknown parameters {sorted(remaining)[:8]}")
+  return nnx.merge(graphdef, params, rest)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Format detection and the public loaders
+# ------------------------------------------------------------------------------------------------------------
+def _hf_weights_file(d: Path) -> Path:
+  for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+    if (d / name).exists():
+      return d / name
+  raise CheckpointError(f"{d}: a Hugging Face model dir needs model.safetensors or pytorch_model.bin")
+
+
+def detect_format(sd: dict) -> str:
+  if "vision_model.embeddings.patch_embedding.weight" in sd or "text_model.embeddings.token_embedding.weight" in sd:
+    return "hf"
+  if "visual.conv1.weight" in sd or "token_embedding.weight" in sd:
+    return "openai"
+  raise CheckpointError("unrecognised CLIP state dict: expected Hugging Face keys (vision_model.*, text_model.*) "
+                        "or OpenAI/open_clip keys (visual.*, transformer.*)")
+
+
+def load_clip_params(path, format: str = "auto", activation: str | None = None,
+                     config: CLIPConfig | None = None) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
+  """Reads any supported CLIP checkpoint into (config, flat params). `config` overrides inferred architecture."""
+  if format not in FORMATS:
+    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+  path = Path(path)
+  hf_config = None
+  if path.is_dir():
+    if not (path / "config.json").exists():
+      raise CheckpointError(f"{path}: directory without config.json; expected a Hugging Face CLIPModel dir")
+    hf_config = json.loads((path / "config.json").read_text())
+    if hf_config.get("model_type") not in (None, "clip"):
+      raise CheckpointError(f"{path}/config.json: model_type {hf_config.get('model_type')!r} is not 'clip'")
+    weights = _hf_weights_file(path)
+  else:
+    weights = path
+  sd = load_state_dict(weights)
+  layout = detect_format(sd)
+  if format == "hf" and layout != "hf" or format in ("openai", "open_clip") and layout != "openai":
+    raise CheckpointError(f"{weights}: format={format!r} requested but the keys are in the {layout!r} layout")
+  if layout == "hf":
+    cfg = config or (config_from_hf(hf_config) if hf_config else infer_hf_config(sd, activation))
+    if activation and config is None:
+      cfg = cfg.replace(activation=activation)
+    return cfg, params_from_hf(sd, cfg, str(weights))
+  cfg = config or infer_openai_config(sd, activation, format)
+  return cfg, params_from_openai(sd, cfg, str(weights))
+
+
+def load_clip(path, format: str = "auto", *, activation: str | None = None, dtype=None, param_dtype=None,
+              config: CLIPConfig | None = None) -> CLIP:
+  cfg, flat = load_clip_params(path, format, activation, config)
+  return build_model(cfg, flat, dtype=dtype, param_dtype=param_dtype, source=str(path))
+
+
+def save_hf(model: CLIP, out_dir) -> Path:
+  """Writes `model` as a transformers CLIPModel dir (config.json + model.safetensors)."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  cfg = model.config
+  sd = params_to_hf({k: v.astype(np.float32) for k, v in model_params(model).items()}, cfg)
+  save_safetensors(sd, out / "model.safetensors", metadata={"format": "pt"})
+  (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+  return out

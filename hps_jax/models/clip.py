@@ -1,0 +1,286 @@
+"""CLIP (vision ViT + causal text transformer + projections + logit scale) as Flax NNX modules.
+
+Pure architecture: no checkpoint formats here (see `hps_jax.convert.clip`). Images are NHWC float arrays already
+normalized; token ids are int32 (batch, context_length) from `hps_jax.data.tokenizer`. The text embedding is read
+at the end-of-text token, found as the position of the largest id (CLIP's end token 49407 is the largest id of its
+vocabulary), as OpenAI CLIP, open_clip and transformers (for CLIP vocabularies) all do.
+
+Parameter paths (used by the freezing regexes and the converters):
+  vision/patch_embed/kernel, vision/class_embedding, vision/pos_embedding, vision/ln_pre/{scale,bias},
+  vision/blocks/{i}/{ln1,attn/{query,key,value,out},ln2,mlp/{fc1,fc2}}/..., vision/ln_post, vision/proj,
+  text/token_embedding/embedding, text/pos_embedding, text/blocks/{i}/..., text/ln_final, text/proj, logit_scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hps_jax.models.attention import dot_product_attention
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """Architecture of a CLIP model. `activation` is quick_gelu for OpenAI weights (HPS v1), gelu for LAION/open_clip
+  ViT-H/14 (HPS v2, PickScore)."""
+  embed_dim: int = 768
+  # vision tower
+  image_size: int = 224
+  patch_size: int = 14
+  vision_width: int = 1024
+  vision_layers: int = 24
+  vision_heads: int = 16
+  vision_mlp_dim: int = 4096
+  # text tower
+  vocab_size: int = 49408
+  context_length: int = 77
+  text_width: int = 768
+  text_layers: int = 12
+  text_heads: int = 12
+  text_mlp_dim: int = 3072
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  logit_scale_init: float = math.log(1 / 0.07)
+  attention_backend: str = "auto"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    for w, h, name in ((self.vision_width, self.vision_heads, "vision"), (self.text_width, self.text_heads, "text")):
+      if w % h:
+        raise ValueError(f"{name} width {w} is not divisible by {h} heads")
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  def replace(self, **kw) -> "CLIPConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown CLIPConfig fields: {sorted(unknown)}")
+    return cls(**d)
+
+  # Presets ---------------------------------------------------------------------------------------------------
+  @classmethod
+  def vit_b32(cls, **kw) -> "CLIPConfig":
+    return cls(**{**dict(embed_dim=512, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+                         vision_mlp_dim=3072, text_width=512, text_layers=12, text_heads=8, text_mlp_dim=2048,
+                         activation="quick_gelu"), **kw})
+
+  @classmethod
+  def vit_l14(cls, **kw) -> "CLIPConfig":
+    """OpenAI CLIP ViT-L/14, the HPS v1 backbone (QuickGELU)."""
+    return cls(**{**dict(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                         vision_mlp_dim=4096, text_width=768, text_layers=12, text_heads=12, text_mlp_dim=3072,
+                         activation="quick_gelu"), **kw})
+
+  @classmethod
+  def vit_h14(cls, **kw) -> "CLIPConfig":
+    """LAION ViT-H/14 as in open_clip (HPS v2 / v2.1, PickScore): GELU."""
+    return cls(**{**dict(embed_dim=1024, patch_size=14, vision_width=1280, vision_layers=32, vision_heads=16,
+                         vision_mlp_dim=5120, text_width=1024, text_layers=24, text_heads=16, text_mlp_dim=4096,
+                         activation="gelu"), **kw})
+
+  @classmethod
+  def tiny(cls, **kw) -> "CLIPConfig":
+    """A few-layer model for tests and the offline demo (full CLIP vocabulary so the real tokenizer works)."""
+    return cls(**{**dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=4,
+                         vision_heads=4, vision_mlp_dim=128, text_width=48, text_layers=3, text_heads=4,
+                         text_mlp_dim=96, activation="quick_gelu"), **kw})
+
+  @classmethod
+  def small(cls, **kw) -> "CLIPConfig":
+    """A mid-size model (ViT-B-like widths, few layers) used by parity tests."""
+    return cls(**{**dict(embed_dim=256, image_size=64, patch_size=16, vision_width=384, vision_layers=3,
+                         vision_heads=6, vision_mlp_dim=1536, text_width=256, text_layers=3, text_heads=4,
+                         text_mlp_dim=1024, activation="gelu"), **kw})
+
+  @classmethod
+  def preset(cls, name: str, **kw) -> "CLIPConfig":
+    table = {"vit_b32": cls.vit_b32, "vit_l14": cls.vit_l14, "vit_h14": cls.vit_h14, "tiny": cls.tiny,
+             "small": cls.small}
+    if name not in table:
+      raise ValueError(f"unknown CLIP preset {name!r}; choose from {sorted(table)}")
+    return table[name](**kw)
+
+
+def _act(name: str):
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  return lambda x: jax.nn.gelu(x, approximate=False)
+
+
+def _dense(din, dout, axes, *, dtype, param_dtype, rngs, use_bias=True):
+  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                    kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
+                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+
+
+def _layer_norm(dim, eps, *, dtype, param_dtype, rngs):
+  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+
+
+class Attention(nnx.Module):
+  def __init__(self, width, heads, *, backend, dtype, param_dtype, rngs):
+    self.heads = heads
+    self.backend = backend
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.query = _dense(width, width, ("embed", "heads"), **kw)
+    self.key = _dense(width, width, ("embed", "heads"), **kw)
+    self.value = _dense(width, width, ("embed", "heads"), **kw)
+    self.out = _dense(width, width, ("heads", "embed"), **kw)
+
+  def __call__(self, x, *, is_causal=False):
+    b, t, w = x.shape
+    split = lambda y: y.reshape(b, t, self.heads, w // self.heads)
+    o = dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)),
+                              is_causal=is_causal, backend=self.backend)
+    return self.out(o.reshape(b, t, w))
+
+
+class MLP(nnx.Module):
+  def __init__(self, width, hidden, activation, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = _dense(width, hidden, ("embed", "mlp"), **kw)
+    self.fc2 = _dense(hidden, width, ("mlp", "embed"), **kw)
+    self.activation = activation
+
+  def __call__(self, x):
+    return self.fc2(_act(self.activation)(self.fc1(x)))
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+  def __init__(self, width, heads, mlp_dim, cfg: CLIPConfig, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ln1 = _layer_norm(width, cfg.layer_norm_eps, **kw)
+    self.attn = Attention(width, heads, backend=cfg.attention_backend, **kw)
+    self.ln2 = _layer_norm(width, cfg.layer_norm_eps, **kw)
+    self.mlp = MLP(width, mlp_dim, cfg.activation, **kw)
+
+  def __call__(self, x, *, is_causal=False):
+    x = x + self.attn(self.ln1(x), is_causal=is_causal)
+    return x + self.mlp(self.ln2(x))
+
+
+def _run_blocks(blocks, x, *, is_causal, remat):
+  for block in blocks:
+    if remat:
+      x = nnx.remat(lambda blk, y: blk(y, is_causal=is_causal))(block, x)
+    else:
+      x = block(x, is_causal=is_causal)
+  return x
+
+
+class VisionTransformer(nnx.Module):
+  def __init__(self, cfg: CLIPConfig, *, dtype, param_dtype, rngs):
+    w, p = cfg.vision_width, cfg.patch_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.cfg = cfg
+    self.dtype = dtype
+    self.patch_embed = nnx.Conv(3, w, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=False,
+                                kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
+                                                                  (None, None, None, "embed")), **kw)
+    scale = w ** -0.5
+    self.class_embedding = nnx.Param(
+        nnx.with_partitioning(nnx.initializers.normal(scale), ("embed",))(rngs.params(), (w,), param_dtype))
+    self.pos_embedding = nnx.Param(
+        nnx.with_partitioning(nnx.initializers.normal(scale), (None, "embed"))(
+            rngs.params(), (cfg.num_patches + 1, w), param_dtype))
+    self.ln_pre = _layer_norm(w, cfg.layer_norm_eps, **kw)
+    self.blocks = nnx.List([Block(w, cfg.vision_heads, cfg.vision_mlp_dim, cfg, **kw)
+                            for _ in range(cfg.vision_layers)])
+    self.ln_post = _layer_norm(w, cfg.layer_norm_eps, **kw)
+    self.proj = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(scale), ("embed", "proj"))(
+        rngs.params(), (w, cfg.embed_dim), param_dtype))
+
+  def __call__(self, images):
+    """images: (B, H, W, 3) normalized; returns (B, embed_dim) unnormalized image embeddings."""
+    cfg = self.cfg
+    if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+      raise ValueError(f"expected images of shape (B, {cfg.image_size}, {cfg.image_size}, 3), got {images.shape}")
+    x = self.patch_embed(images.astype(self.dtype))
+    b = x.shape[0]
+    x = x.reshape(b, -1, cfg.vision_width)
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.vision_width))
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding[...].astype(self.dtype)
+    x = self.ln_pre(x)
+    x = _run_blocks(self.blocks, x, is_causal=False, remat=cfg.remat)
+    pooled = self.ln_post(x[:, 0])
+    return pooled.astype(jnp.float32) @ self.proj[...].astype(jnp.float32)
+
+
+class TextTransformer(nnx.Module):
+  def __init__(self, cfg: CLIPConfig, *, dtype, param_dtype, rngs):
+    w = cfg.text_width
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.cfg = cfg
+    self.dtype = dtype
+    self.token_embedding = nnx.Embed(cfg.vocab_size, w, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                     embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
+                                                                          ("vocab", "embed")))
+    self.pos_embedding = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(0.01), (None, "embed"))(
+        rngs.params(), (cfg.context_length, w), param_dtype))
+    self.blocks = nnx.List([Block(w, cfg.text_heads, cfg.text_mlp_dim, cfg, **kw) for _ in range(cfg.text_layers)])
+    self.ln_final = _layer_norm(w, cfg.layer_norm_eps, **kw)
+    self.proj = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(w ** -0.5), ("embed", "proj"))(
+        rngs.params(), (w, cfg.embed_dim), param_dtype))
+
+  def __call__(self, token_ids):
+    """token_ids: (B, T) int with T <= context_length; returns (B, embed_dim) unnormalized text embeddings."""
+    t = token_ids.shape[1]
+    if t > self.cfg.context_length:
+      raise ValueError(f"token sequences of length {t} exceed the context length {self.cfg.context_length}")
+    x = self.token_embedding(token_ids) + self.pos_embedding[:t].astype(self.dtype)
+    x = _run_blocks(self.blocks, x, is_causal=True, remat=self.cfg.remat)
+    x = self.ln_final(x)
+    eot = jnp.argmax(token_ids, axis=-1)
+    pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+    return pooled.astype(jnp.float32) @ self.proj[...].astype(jnp.float32)
+
+
+class CLIP(nnx.Module):
+  """CLIP with `encode_image`, `encode_text` and `__call__` -> (image_emb, text_emb, logit_scale)."""
+
+  def __init__(self, cfg: CLIPConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.config = cfg
+    with nnx.use_eager_sharding(False):
+      self.vision = VisionTransformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      self.text = TextTransformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, dtype=jnp.float32))
+
+  def encode_image(self, images):
+    return self.vision(images)
+
+  def encode_text(self, token_ids):
+    return self.text(token_ids)
+
+  def __call__(self, images, token_ids):
+    return self.encode_image(images), self.encode_text(token_ids), self.logit_scale[...]
+
+
+def normalize(x, eps: float = 1e-12):
+  """L2-normalizes the last axis (in float32)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
