@@ -117,6 +117,14 @@ def _count_layers(sd, pattern):
   return max(idx) + 1
 
 
+def _heads(width: int) -> int:
+  """State dicts do not store the head count; OpenAI and open_clip use 64-wide heads."""
+  if width % 64:
+    raise CheckpointError(f"cannot infer the attention heads of a {width}-wide tower (not a multiple of 64): pass "
+                          "an explicit config")
+  return width // 64
+
+
 def default_activation(vision_width: int) -> str:
   """OpenAI released ViT-B and ViT-L (QuickGELU); wider towers (ViT-H, g, bigG) exist only as LAION/open_clip
   models trained with GELU."""
@@ -136,10 +144,10 @@ def infer_openai_config(sd, activation: str | None = None, fmt: str = "auto") ->
   return CLIPConfig(
       embed_dim=sd["text_projection"].shape[1], image_size=p * grid, patch_size=p, vision_width=vw,
       vision_layers=_count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
-      vision_heads=vw // 64, vision_mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+      vision_heads=_heads(vw), vision_mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
       vocab_size=sd["token_embedding.weight"].shape[0], context_length=sd["positional_embedding"].shape[0],
       text_width=tw, text_layers=_count_layers(sd, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
-      text_heads=tw // 64, text_mlp_dim=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+      text_heads=_heads(tw), text_mlp_dim=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
       activation=activation)
 
 
@@ -191,11 +199,11 @@ def infer_hf_config(sd, activation: str | None = None) -> CLIPConfig:
   return CLIPConfig(
       embed_dim=sd["text_projection.weight"].shape[0], image_size=p * grid, patch_size=p, vision_width=vw,
       vision_layers=_count_layers(sd, r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
-      vision_heads=vw // 64, vision_mlp_dim=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+      vision_heads=_heads(vw), vision_mlp_dim=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
       vocab_size=sd["text_model.embeddings.token_embedding.weight"].shape[0],
       context_length=sd["text_model.embeddings.position_embedding.weight"].shape[0], text_width=tw,
       text_layers=_count_layers(sd, r"text_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
-      text_heads=tw // 64, text_mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+      text_heads=_heads(tw), text_mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
       activation=activation or default_activation(vw))
 
 

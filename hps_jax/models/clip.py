@@ -101,9 +101,10 @@ class CLIPConfig:
   @classmethod
   def tiny(cls, **kw) -> "CLIPConfig":
     """A few-layer model for tests and the offline demo (full CLIP vocabulary so the real tokenizer works)."""
-    return cls(**{**dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=4,
-                         vision_heads=4, vision_mlp_dim=128, text_width=48, text_layers=3, text_heads=4,
-                         text_mlp_dim=96, activation="quick_gelu"), **kw})
+    # 64-wide heads as in every released CLIP, so the architecture can be inferred back from a state dict.
+    return cls(**{**dict(embed_dim=32, image_size=32, patch_size=8, vision_width=128, vision_layers=4,
+                         vision_heads=2, vision_mlp_dim=512, text_width=128, text_layers=3, text_heads=2,
+                         text_mlp_dim=512, activation="quick_gelu"), **kw})
 
   @classmethod
   def small(cls, **kw) -> "CLIPConfig":

@@ -1,0 +1,54 @@
+"""Builders for the PyTorch reference models the parity tests compare against (random weights, offline)."""
+from __future__ import annotations
+
+import numpy as np
+
+from hps_jax.convert.clip import config_to_hf
+from hps_jax.models.clip import CLIPConfig
+
+
+def randomize_(module, seed: int = 0, std: float = 0.05):
+  """Overwrites every parameter with seeded random values (norm scales around 1), so biases and norms are
+  exercised by the comparison instead of sitting at their zero/one initial values."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+      if name.endswith("logit_scale"):
+        p.copy_(torch.full_like(p, 4.2))
+      elif ("norm" in name or "ln" in name) and name.endswith("weight") and p.ndim == 1:
+        p.copy_(1.0 + 0.1 * noise)
+      else:
+        p.copy_(std * noise)
+  return module
+
+
+def hf_clip(cfg: CLIPConfig, seed: int = 0):
+  import transformers
+  hf_cfg = transformers.CLIPConfig.from_dict(config_to_hf(cfg))
+  model = transformers.CLIPModel(hf_cfg).eval()
+  return randomize_(model, seed)
+
+
+def open_clip_model(cfg: CLIPConfig, seed: int = 0):
+  import open_clip
+  from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+  vision = CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width,
+                         head_width=cfg.vision_width // cfg.vision_heads,
+                         mlp_ratio=cfg.vision_mlp_dim / cfg.vision_width, patch_size=cfg.patch_size,
+                         image_size=cfg.image_size)
+  text = CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
+                     heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.text_mlp_dim / cfg.text_width)
+  model = open_clip.model.CLIP(cfg.embed_dim, vision, text, quick_gelu=cfg.activation == "quick_gelu").eval()
+  return randomize_(model, seed)
+
+
+def features(out):
+  """transformers 5 returns model outputs from get_*_features; older versions return tensors."""
+  out = getattr(out, "pooler_output", out)
+  return out.detach().numpy()
+
+
+def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
