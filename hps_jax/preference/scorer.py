@@ -1,0 +1,302 @@
+"""The scoring API: HPS(img, prompt) = 100 * cos(enc_v(img), enc_t(prompt)), and the LAION aesthetic score.
+
+    from hps_jax import Scorer
+    scorer = Scorer.from_checkpoint("hpc.pt")                    # HPS v1; HF dirs, open_clip files work too
+    hps = scorer.score(["a.png", "b.png"], "a red bicycle")      # np.ndarray, one value per image
+
+HPS values only compare images *of the same prompt*: the text embedding sets an offset that differs per prompt.
+`score` returns 100 * cosine (the paper's scale); `cosine` returns the raw cosine.
+
+Batching: inputs are split into chunks of at most `batch_size`, each padded to the smallest of a few fixed bucket
+sizes, so a long run compiles once per bucket and never per call. Chunks are sharded over all local devices
+(pure data parallelism, parameters replicated).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hps_jax import parallel
+from hps_jax.data.images import ImageError, describe, load_image
+from hps_jax.data.preprocess import PreprocessConfig
+from hps_jax.data.tokenizer import CLIPTokenizer
+from hps_jax.models.clip import CLIP, normalize
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def as_dtype(d):
+  if d is None:
+    return jnp.float32
+  if isinstance(d, str):
+    if d not in _DTYPES:
+      raise ValueError(f"unknown dtype {d!r}; choose from {sorted(_DTYPES)}")
+    return _DTYPES[d]
+  return d
+
+
+def make_buckets(batch_size: int, divisor: int) -> tuple[int, ...]:
+  """Bucket sizes: batch_size and its quarters down to the device count, all multiples of `divisor`."""
+  top = -(-batch_size // divisor) * divisor
+  sizes, b = {top}, top
+  while b // 4 >= divisor:
+    b //= 4
+    sizes.add(-(-b // divisor) * divisor)
+  sizes.add(divisor)
+  return tuple(sorted(sizes))
+
+
+class BucketedRunner:
+  """Runs a jitted function over the leading axis of host arrays in fixed-size, sharded, padded chunks."""
+
+  def __init__(self, fn: Callable, state, *, batch_size: int = 32, mesh=None, buckets: Sequence[int] | None = None):
+    self.mesh = mesh if mesh is not None else parallel.local_mesh()
+    div = parallel.batch_divisor(self.mesh)
+    self.buckets = tuple(sorted(buckets)) if buckets else make_buckets(batch_size, div)
+    if any(b % div for b in self.buckets):
+      raise ValueError(f"bucket sizes {self.buckets} must be multiples of the {div} batch shards")
+    self.batch_size = self.buckets[-1]
+    self.state = parallel.shard_state(state, self.mesh)
+    self.fn = jax.jit(fn)
+
+  def bucket(self, n: int) -> int:
+    return next(b for b in self.buckets if b >= n)
+
+  def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+    n = len(arrays[0])
+    outs = []
+    for start in range(0, n, self.batch_size):
+      chunk = [a[start:start + self.batch_size] for a in arrays]
+      m = len(chunk[0])
+      b = self.bucket(m)
+      padded = [np.concatenate([c, np.zeros((b - m,) + c.shape[1:], c.dtype)]) if b > m else c for c in chunk]
+      out = self.fn(self.state, *parallel.put_batch(self.mesh, padded))
+      outs.append(jax.tree.map(lambda o: np.asarray(o)[:m], out))
+    if not outs:
+      return None
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+  def compiled_variants(self) -> int:
+    """How many shapes the function has been compiled for (one per bucket used)."""
+    return self.fn._cache_size()
+
+
+def _load_preprocessed(sources, preprocess: PreprocessConfig, workers: int):
+  """Decodes and preprocesses images on host threads (PIL releases the GIL while decoding and resizing).
+  Returns (array or None, error or None) per source, in order."""
+  def one(src):
+    try:
+      return preprocess.apply(load_image(src)), None
+    except ImageError as e:
+      return None, e
+  if workers <= 1 or len(sources) <= 1:
+    return [one(s) for s in sources]
+  with cf.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(one, sources))
+
+
+def _stream(items, batch_size, preprocess, workers, compute):
+  """Shared streaming loop of the scorers: chunks of `batch_size` (source, extra) items are decoded on host
+  threads, the readable ones go through `compute(pixels, extras)`; yields (source, extra, value, error)."""
+  chunk = []
+  def flush(chunk):
+    loaded = _load_preprocessed([src for src, _ in chunk], preprocess, workers)
+    ok = [i for i, (_, err) in enumerate(loaded) if err is None]
+    values = {}
+    if ok:
+      out = compute(np.stack([loaded[i][0] for i in ok]), [chunk[i][1] for i in ok])
+      values = dict(zip(ok, np.asarray(out).tolist()))
+    for i, (src, extra) in enumerate(chunk):
+      yield src, extra, values.get(i), loaded[i][1]
+  for item in items:
+    chunk.append(item)
+    if len(chunk) == batch_size:
+      yield from flush(chunk)
+      chunk = []
+  if chunk:
+    yield from flush(chunk)
+
+
+def _default_workers() -> int:
+  return max(1, min(8, os.cpu_count() or 1))
+
+
+class Scorer:
+  """HPS scorer around a CLIP model. See the module docstring."""
+
+  def __init__(self, model: CLIP, tokenizer: CLIPTokenizer, preprocess: PreprocessConfig | str = "pad", *,
+               batch_size: int = 32, mesh=None, buckets: Sequence[int] | None = None, workers: int | None = None):
+    self.config = model.config
+    self.tokenizer = tokenizer
+    self.preprocess = (preprocess if isinstance(preprocess, PreprocessConfig)
+                       else PreprocessConfig(mode=preprocess, size=model.config.image_size))
+    if self.preprocess.size != model.config.image_size:
+      raise ValueError(f"preprocess size {self.preprocess.size} != model image size {model.config.image_size}")
+    self.workers = workers or _default_workers()
+    graphdef, state = nnx.split(model)
+
+    def cos_fn(state, pixels, ids):
+      m = nnx.merge(graphdef, state)
+      img, txt = normalize(m.encode_image(pixels)), normalize(m.encode_text(ids))
+      return jnp.sum(img * txt, axis=-1)
+
+    def image_fn(state, pixels):
+      return normalize(nnx.merge(graphdef, state).encode_image(pixels))
+
+    def text_fn(state, ids):
+      return normalize(nnx.merge(graphdef, state).encode_text(ids))
+
+    kw = dict(batch_size=batch_size, mesh=mesh, buckets=buckets)
+    self._cos = BucketedRunner(cos_fn, state, **kw)
+    self._img = BucketedRunner(image_fn, state, **kw)
+    self._txt = BucketedRunner(text_fn, state, **kw)
+
+  # construction ----------------------------------------------------------------------------------------------
+  @classmethod
+  def from_checkpoint(cls, path, format: str = "auto", preprocess: str | PreprocessConfig = "pad", dtype=None, *,
+                      tokenizer=None, activation: str | None = None, batch_size: int = 32, param_dtype=None,
+                      mesh=None, buckets=None) -> "Scorer":
+    """Loads a CLIP/HPS checkpoint (HF dir, OpenAI-layout `hpc.pt`, open_clip `HPS_v2*.pt`, safetensors).
+    `tokenizer`: a CLIPTokenizer, a BPE file / HF tokenizer dir path, or None (the checkpoint dir's own
+    vocab.json + merges.txt if it has them, else the default CLIP BPE file)."""
+    from hps_jax.convert.clip import load_clip
+    model = load_clip(path, format, activation=activation, dtype=as_dtype(dtype),
+                      param_dtype=as_dtype(param_dtype))
+    return cls(model, resolve_tokenizer(tokenizer, path), preprocess, batch_size=batch_size, mesh=mesh,
+               buckets=buckets)
+
+  # scoring ---------------------------------------------------------------------------------------------------
+  def prepare_images(self, images) -> np.ndarray:
+    """Paths / bytes / PIL images / uint8 arrays -> preprocessed (N, S, S, 3) float32. Raises ImageError."""
+    out = list(_checked(_load_preprocessed(list(images), self.preprocess, self.workers)))
+    return np.stack(out) if out else np.zeros((0, self.preprocess.size, self.preprocess.size, 3), np.float32)
+
+  def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    return np.asarray(self.tokenizer(list(prompts), context_length=self.config.context_length), np.int32)
+
+  def cosine(self, images, prompts) -> np.ndarray:
+    images = _as_list(images)
+    prompts = _broadcast_prompts(prompts, len(images))
+    if not images:
+      return np.zeros((0,), np.float32)
+    return self.cosine_arrays(self.prepare_images(images), self.tokenize(prompts))
+
+  def score(self, images, prompts) -> np.ndarray:
+    """HPS = 100 * cosine, one value per image."""
+    return 100.0 * self.cosine(images, prompts)
+
+  def cosine_arrays(self, pixels: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """Cosine for already preprocessed pixels (N, S, S, 3) and token ids (N, T)."""
+    return self._cos(np.asarray(pixels, np.float32), np.asarray(token_ids, np.int32))
+
+  def embed_images(self, images) -> np.ndarray:
+    """L2-normalized image embeddings."""
+    return self._img(self.prepare_images(_as_list(images)))
+
+  def embed_texts(self, prompts) -> np.ndarray:
+    """L2-normalized text embeddings."""
+    return self._txt(self.tokenize(_broadcast_prompts(prompts, None)))
+
+  def iter_scores(self, items: Iterable[tuple[object, str]]) -> Iterator[dict]:
+    """Streams (image, prompt) pairs; yields one dict per pair, in order: {'image', 'prompt', 'hps', 'cosine'}
+    or {'image', 'prompt', 'error'} for an image that could not be read (the run goes on)."""
+    def compute(pixels, prompts):
+      return self.cosine_arrays(pixels, self.tokenize(prompts))
+    for src, prompt, cos, err in _stream(items, self._cos.batch_size, self.preprocess, self.workers, compute):
+      if err is None:
+        yield {"image": describe(src), "prompt": prompt, "hps": 100.0 * float(cos), "cosine": float(cos)}
+      else:
+        yield {"image": describe(src), "prompt": prompt, "error": str(err)}
+
+  @property
+  def compiled_variants(self) -> int:
+    return self._cos.compiled_variants()
+
+
+class AestheticScorer:
+  """LAION aesthetic predictor: an MLP on the L2-normalized image embedding of OpenAI CLIP ViT-L/14.
+  Uses CLIP's own preprocessing (`clip`: short-side resize + center crop) by default, as the predictor was fit."""
+
+  def __init__(self, clip_model: CLIP, mlp, preprocess: PreprocessConfig | str = "clip", *, batch_size: int = 32,
+               mesh=None, buckets=None, workers: int | None = None):
+    if mlp.dims[0] != clip_model.config.embed_dim:
+      raise ValueError(f"aesthetic MLP expects {mlp.dims[0]}-d embeddings, the CLIP model gives "
+                       f"{clip_model.config.embed_dim}-d (the published heads need ViT-L/14)")
+    self.preprocess = (preprocess if isinstance(preprocess, PreprocessConfig)
+                       else PreprocessConfig(mode=preprocess, size=clip_model.config.image_size))
+    self.workers = workers or _default_workers()
+    graphdef, state = nnx.split((clip_model, mlp))
+
+    def fn(state, pixels):
+      clip, head = nnx.merge(graphdef, state)
+      return head(normalize(clip.encode_image(pixels)))
+
+    self._run = BucketedRunner(fn, state, batch_size=batch_size, mesh=mesh, buckets=buckets)
+
+  @classmethod
+  def from_checkpoint(cls, mlp_path, clip_path, clip_format: str = "auto", dtype=None, **kw) -> "AestheticScorer":
+    from hps_jax.convert.aesthetic import load_aesthetic
+    from hps_jax.convert.clip import load_clip
+    return cls(load_clip(clip_path, clip_format, dtype=as_dtype(dtype)), load_aesthetic(mlp_path), **kw)
+
+  def score(self, images) -> np.ndarray:
+    """Aesthetic rating (about 1-10) per image. Raises ImageError for an unreadable image."""
+    images = _as_list(images)
+    pixels = [arr for arr in _checked(_load_preprocessed(images, self.preprocess, self.workers))]
+    if not pixels:
+      return np.zeros((0,), np.float32)
+    return self._run(np.stack(pixels))
+
+  def iter_scores(self, images: Iterable) -> Iterator[dict]:
+    """Yields {'image', 'aesthetic'} or {'image', 'error'} per image, in order."""
+    for src, _, value, err in _stream(((img, None) for img in images), self._run.batch_size, self.preprocess,
+                                      self.workers, lambda pixels, _: self._run(pixels)):
+      yield ({"image": describe(src), "aesthetic": float(value)} if err is None
+             else {"image": describe(src), "error": str(err)})
+
+
+def _checked(loaded):
+  for arr, err in loaded:
+    if err is not None:
+      raise err
+    yield arr
+
+
+def resolve_tokenizer(tokenizer, checkpoint=None) -> CLIPTokenizer:
+  if isinstance(tokenizer, CLIPTokenizer):
+    return tokenizer
+  if tokenizer is not None:
+    return CLIPTokenizer.from_path(tokenizer)
+  if checkpoint is not None:
+    d = Path(checkpoint)
+    if d.is_dir() and (d / "vocab.json").exists() and (d / "merges.txt").exists():
+      return CLIPTokenizer.from_hf_dir(d)
+  return CLIPTokenizer.default()
+
+
+def _as_list(images) -> list:
+  if isinstance(images, np.ndarray) and images.ndim == 4:
+    return list(images)
+  if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
+    return [images]
+  return list(images)
+
+
+def _broadcast_prompts(prompts, n: int | None) -> list[str]:
+  if isinstance(prompts, str):
+    return [prompts] * (1 if n is None else n)
+  prompts = list(prompts)
+  if n is not None and len(prompts) != n:
+    raise ValueError(f"got {len(prompts)} prompts for {n} images: pass one prompt, or one per image")
+  bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+  if bad:
+    raise TypeError(f"prompts must be strings; entries {bad[:5]} are not")
+  return prompts
