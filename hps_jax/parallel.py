@@ -68,12 +68,26 @@ def logical_to_mesh_spec(spec, rules: Mapping[str, object] | Iterable = DEFAULT_
   return P(*out)
 
 
-def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for an nnx.State whose variables carry logical-axis metadata."""
+def state_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a pytree of nnx Variables (an nnx.State, an optax state over one) and plain arrays.
+  Variables are sharded by their logical-axis metadata through `rules`; plain arrays are replicated. A dimension
+  that the mesh axis does not divide is replicated instead (e.g. a 77-row position table on 2 shards)."""
   from flax import nnx
-  specs = nnx.get_partition_spec(state)
-  return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), specs,
-                      is_leaf=lambda x: isinstance(x, P) or x is None)
+  specs = nnx.get_partition_spec(tree)
+
+  def one(spec, x):
+    if spec is None:
+      return None
+    mesh_spec = logical_to_mesh_spec(spec, rules)
+    shape = getattr(x, "shape", ())
+    fixed = []
+    for dim, axes in zip(shape, tuple(mesh_spec) + (None,) * (len(shape) - len(mesh_spec))):
+      names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+      size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      fixed.append(axes if size > 1 and dim % size == 0 else None)
+    return NamedSharding(mesh, P(*fixed))
+
+  return jax.tree.map(one, specs, tree, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
 def shard_state(state, mesh: Mesh, rules=DEFAULT_RULES):
