@@ -62,9 +62,11 @@ def load_torch_pickle(path: str | os.PathLike):
         "safetensors first") from e
   try:
     return torch.load(str(path), map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises pickle/zip/runtime errors of many kinds
+  except Exception as e:  # torch raises pickle/zip/runtime errors of many kinds, often with long messages
+    first = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
+    reason = first if len(first) <= 200 else first[:197] + "..."
     raise CheckpointError(
-        f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: {e}). TorchScript archives (the "
+        f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: {reason}). TorchScript archives (the "
         "OpenAI CLIP release .pt) are not plain state dicts: load them with torch.jit.load(...).state_dict() "
         "and save that") from e
 

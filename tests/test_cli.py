@@ -1,0 +1,111 @@
+"""`hps-jax score` on a corrupt-input corpus: every bad input is named in the summary, nothing crashes, exit codes
+tell the story; unusual-but-valid images (CMYK, 16-bit, RGBA) are converted and scored."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hps_jax.convert.clip import save_hf
+from hps_jax.models.clip import CLIP, CLIPConfig
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  from flax import nnx
+  d = tmp_path_factory.mktemp("cli") / "tiny_hf"
+  save_hf(CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(0)), d)
+  return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  d = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+  Image.fromarray(rgb).save(d / "ok.png")
+  (d / "zero.jpg").write_bytes(b"")
+  Image.fromarray(rgb).save(d / "full.jpg", quality=90)
+  data = (d / "full.jpg").read_bytes()
+  (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
+  Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
+  Image.fromarray(rng.integers(0, 65536, (20, 50), dtype=np.uint16)).save(d / "deep16.png")
+  assert Image.open(d / "deep16.png").mode.startswith("I")
+  Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (40, 30), dtype=np.uint8)])).save(d / "rgba.png")
+  (d / "text.png").write_text("this is not an image")
+  lines = [json.dumps({"image": n, "prompt": f"prompt for {n}"}) for n in
+           ["ok.png", "zero.jpg", "truncated.jpg", "cmyk.jpg", "deep16.png", "rgba.png", "missing.png", "text.png"]]
+  lines.insert(3, '{"image": "ok.png", "prompt": ')          # line 4: broken JSON
+  lines.insert(5, json.dumps({"image": "ok.png"}))           # line 6: no prompt
+  lines.insert(6, "")                                          # blank lines are ignored
+  (d / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+  return d
+
+
+GOOD = ["ok.png", "cmyk.jpg", "deep16.png", "rgba.png"]
+BAD = {"zero.jpg": "", "truncated.jpg": "", "missing.png": "", "text.png": "", "pairs.jsonl:4": "not valid JSON",
+       "pairs.jsonl:6": '"prompt"'}
+
+
+def _cli(*args, cwd=None):
+  exe = Path(sys.executable).with_name("hps-jax")
+  cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "hps_jax.cli"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def test_corrupt_corpus_pairs(checkpoint, corpus, tmp_path):
+  out = tmp_path / "scores.jsonl"
+  res = _cli("score", "--checkpoint", checkpoint, "--pairs", corpus / "pairs.jsonl", "--output", out,
+             "--batch-size", "4")
+  assert res.returncode == 1, res.stderr
+  assert "Traceback" not in res.stderr
+  summary = res.stderr[res.stderr.index("done:"):]
+  assert summary.splitlines()[0] == f"done: {len(GOOD)} images processed, {len(BAD)} skipped"
+  for name, why in BAD.items():
+    line = next((l for l in summary.splitlines() if name in l), None)
+    assert line is not None and line.strip().startswith("skipped"), (name, summary)
+    assert why in line
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [Path(r["image"]).name for r in rows] == GOOD
+  for r in rows:
+    assert set(r) == {"image", "prompt", "hps", "cosine"}
+    assert r["prompt"] == f"prompt for {Path(r['image']).name}"
+    assert np.isfinite(r["hps"]) and r["hps"] == pytest.approx(100 * r["cosine"], rel=1e-9)
+    assert "img/s" in res.stderr  # the progress bar reports a rate
+
+  # the CLI's numbers are the library's numbers
+  from hps_jax.preference.scorer import Scorer
+  want = Scorer.from_checkpoint(checkpoint, batch_size=4).score([corpus / n for n in GOOD],
+                                                                [f"prompt for {n}" for n in GOOD])
+  np.testing.assert_allclose([r["hps"] for r in rows], want, rtol=1e-5, atol=1e-4)
+
+
+def test_prompt_mode_stdout_and_clean_exit(checkpoint, corpus):
+  res = _cli("score", "--checkpoint", checkpoint, "--prompt", "a cat", corpus / "ok.png", corpus / "rgba.png",
+             "--preprocess", "clip")
+  assert res.returncode == 0, res.stderr
+  rows = [json.loads(l) for l in res.stdout.splitlines()]
+  assert [r["prompt"] for r in rows] == ["a cat", "a cat"]
+  assert "done: 2 images processed, 0 skipped" in res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "{tmp}/nope", "--prompt", "x", "a.png"], "nope"),
+    (["--checkpoint", "{ckpt}", "--prompt", "x"], "--prompt needs at least one IMAGE"),
+    (["--checkpoint", "{ckpt}", "--pairs", "{tmp}/absent.jsonl"], "cannot read pairs file"),
+    (["--checkpoint", "{tmp}/garbage.pt", "--prompt", "x", "a.png"], "garbage.pt"),
+    (["--checkpoint", "{ckpt}", "--prompt", "x", "a.png", "--batch-size", "0"], "--batch-size"),
+])
+def test_usage_errors_are_one_line(checkpoint, tmp_path, args, message):
+  (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint")
+  args = [a.format(tmp=tmp_path, ckpt=checkpoint) for a in args]
+  res = _cli("score", *args)
+  assert res.returncode == 2, res.stderr
+  assert "Traceback" not in res.stderr
+  errors = [l for l in res.stderr.splitlines() if "error" in l]
+  assert len(errors) == 1 and message in errors[0], res.stderr
