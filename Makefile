@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 PY     := $(VENV)/bin/python
 # The PyTorch references the parity tests compare against (open_clip needs torchvision).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto --dist loadscope
 
 .PHONY: demo test venv venv-test bench clean
 

@@ -35,7 +35,7 @@ def _hps(img, txt):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_hf_dir_parity(name, tmp_path):
+def test_hf_dir_parity(name, tmp_path, parity):
   cfg = CONFIGS[name]
   ref = hf_clip(cfg, seed=1)
   ref.save_pretrained(tmp_path / "hf")
@@ -46,9 +46,9 @@ def test_hf_dir_parity(name, tmp_path):
     ri = features(ref.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))))
     rt = features(ref.get_text_features(input_ids=torch.from_numpy(ids).long()))
   oi, ot = _ours(model, images, ids)
-  assert np.abs(oi - ri).max() <= TOL, np.abs(oi - ri).max()
-  assert np.abs(ot - rt).max() <= TOL, np.abs(ot - rt).max()
-  assert np.abs(_hps(oi, ot) - _hps(ri, rt)).max() <= 1e-3
+  parity(f"transformers CLIPModel {name}: image embedding", np.abs(oi - ri).max(), TOL)
+  parity(f"transformers CLIPModel {name}: text embedding", np.abs(ot - rt).max(), TOL)
+  parity(f"transformers CLIPModel {name}: HPS", np.abs(_hps(oi, ot) - _hps(ri, rt)).max(), 1e-3)
   np.testing.assert_allclose(float(model.logit_scale[...]), float(ref.logit_scale.detach()), rtol=0, atol=0)
 
 
@@ -87,7 +87,7 @@ def test_hf_round_trip_bit_identical(name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_open_clip_parity(name, tmp_path):
+def test_open_clip_parity(name, tmp_path, parity):
   """HPS v2 layout: {'state_dict': open_clip state dict}, loaded as open_clip (and as auto with the activation)."""
   cfg = CONFIGS[name]
   ref = open_clip_model(cfg, seed=6)
@@ -100,12 +100,12 @@ def test_open_clip_parity(name, tmp_path):
   model = cc.load_clip(path, "open_clip", activation=cfg.activation)
   assert model.config.activation == cfg.activation
   oi, ot = _ours(model, images, ids)
-  assert np.abs(oi - ri).max() <= TOL, np.abs(oi - ri).max()
-  assert np.abs(ot - rt).max() <= TOL, np.abs(ot - rt).max()
-  assert np.abs(_hps(oi, ot) - _hps(ri, rt)).max() <= 1e-3
+  parity(f"open_clip CLIP (HPS v2 layout) {name}: image embedding", np.abs(oi - ri).max(), TOL)
+  parity(f"open_clip CLIP (HPS v2 layout) {name}: text embedding", np.abs(ot - rt).max(), TOL)
+  parity(f"open_clip CLIP (HPS v2 layout) {name}: HPS", np.abs(_hps(oi, ot) - _hps(ri, rt)).max(), 1e-3)
 
 
-def test_openai_layout_hpc_pt(tmp_path):
+def test_openai_layout_hpc_pt(tmp_path, parity):
   """HPS v1 `hpc.pt`: {'state_dict': OpenAI CLIP keys with a DDP `module.` prefix}; the reference is open_clip's
   builder for OpenAI state dicts (QuickGELU), i.e. the OpenAI architecture."""
   cfg = CONFIGS["tiny_quickgelu"]  # OpenAI layout implies heads = width // 64
@@ -121,7 +121,9 @@ def test_openai_layout_hpc_pt(tmp_path):
     model = cc.load_clip(tmp_path / "hpc.pt", fmt)
     assert model.config.activation == "quick_gelu"
     oi, ot = _ours(model, images, ids)
-    assert np.abs(oi - ri).max() <= TOL and np.abs(ot - rt).max() <= TOL
+    parity(f"OpenAI layout hpc.pt ({fmt}): image embedding", np.abs(oi - ri).max(), TOL)
+    parity(f"OpenAI layout hpc.pt ({fmt}): text embedding", np.abs(ot - rt).max(), TOL)
+    parity(f"OpenAI layout hpc.pt ({fmt}): HPS", np.abs(_hps(oi, ot) - _hps(ri, rt)).max(), 1e-3)
   # the inverse map reproduces the OpenAI state dict exactly
   flat = cc.params_from_openai({k: v.numpy() for k, v in src.items()}, cfg)
   back = cc.params_to_openai(flat, cfg)
