@@ -157,9 +157,147 @@ def run_aesthetic(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# train-preference
+# ------------------------------------------------------------------------------------------------------------
+def add_train_preference(sub):
+  p = sub.add_parser("train-preference", help="train the preference classifier (HPS) from a config",
+                     description="Trains CLIP on human choices (n-way choice loss). Every hyperparameter is in the "
+                                 "config; override any with --config.KEY=VALUE (e.g. --config.optim.lr=3e-5). "
+                                 "Re-running with the same --workdir resumes from its last checkpoint.")
+  p.add_argument("--config", required=True, help="configs/hps_classifier.py:tiny or :paper")
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/, export/ go here")
+  p.set_defaults(run=run_train_preference, accepts_config_overrides=True)
+
+
+def load_config(spec: str, overrides: list[str]):
+  """An ml_collections config from 'path.py[:arg]' with --config.key=value overrides (absl flag syntax)."""
+  from absl import flags
+  from ml_collections import config_flags
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    raise UsageError(f"unrecognized arguments: {' '.join(bad)}")
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True)
+  try:
+    fv(["hps-jax", f"--config={spec}", *overrides])
+  except (flags.Error, KeyError, ValueError, AttributeError, OSError, TypeError) as e:
+    raise UsageError(f"config {spec}: {e}") from e
+  return fv.config
+
+
+def run_train_preference(args) -> int:
+  import json as _json
+  from hps_jax.preference.train import run
+  config = load_config(args.config, args.overrides)
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    result = run(config, workdir)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  summary = {"status": result.status, "step": result.step, "trainable_params": result.trainable_params,
+             "frozen_params": result.frozen_params, "eval": result.eval, "export": result.export_path}
+  print(_json.dumps(summary))
+  return 0 if result.status == "done" else 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# eval-preference
+# ------------------------------------------------------------------------------------------------------------
+def add_eval_preference(sub):
+  p = sub.add_parser("eval-preference", help="preference accuracy of a scorer on a dataset (the paper's Table 2)",
+                     description="For every prompt, scores its images and checks whether the human-chosen one scores "
+                                 "highest (n-way accuracy); also the random-guess expectation, pairwise accuracy and a "
+                                 "per-n breakdown. Writes JSON and a markdown table.")
+  who = p.add_mutually_exclusive_group(required=True)
+  who.add_argument("--checkpoint", help="an HPS / CLIP checkpoint (any supported format): HPS = cos(image, prompt)")
+  who.add_argument("--aesthetic", metavar="MLP", help="the LAION aesthetic head (needs --clip-checkpoint)")
+  who.add_argument("--random", action="store_true", help="uniform random scores (the chance baseline)")
+  p.add_argument("--clip-checkpoint", help="CLIP ViT-L/14 for --aesthetic")
+  p.add_argument("--format", default="auto", choices=["auto", "hf", "openai", "open_clip"])
+  p.add_argument("--tokenizer")
+  p.add_argument("--dataset", required=True, help="synthetic, hpd_v1, hpd_v2, pickapic or preference_jsonl")
+  p.add_argument("--split", default="test")
+  p.add_argument("--manual-dir", default="", help="the dataset's local download (not for synthetic)")
+  p.add_argument("--data-dir", default="", help="where the prepared TFDS files go (default MANUAL_DIR/tfds_prepared)")
+  p.add_argument("--builder-config", default="")
+  p.add_argument("--preprocess", choices=["pad", "clip"], help="default: pad for HPS, clip for aesthetic")
+  p.add_argument("--max-images", type=int, default=4, help="image slots per prompt (more are truncated, chosen kept)")
+  p.add_argument("--max-prompts", type=int, default=0, help="evaluate only the first N prompts (0 = all)")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--seed", type=int, default=0, help="seeds --random and the synthetic set")
+  p.add_argument("--synthetic-size", type=int, default=200)
+  p.add_argument("--synthetic-image-size", type=int, default=48)
+  p.add_argument("--output", help="JSON report (a .md table is written next to it)")
+  p.set_defaults(run=run_eval_preference)
+
+
+def run_eval_preference(args) -> int:
+  from hps_jax.preference import train as tr
+  from hps_jax.preference.evaluate import markdown_table, preference_report
+  if args.aesthetic and not args.clip_checkpoint:
+    raise UsageError("--aesthetic needs --clip-checkpoint (the CLIP ViT-L/14 whose embedding it reads)")
+  if args.batch_size < 1 or args.max_images < 2:
+    raise UsageError("--batch-size must be >= 1 and --max-images >= 2")
+  try:
+    source = tr.limit(tr.open_source(args.dataset, args.split, manual_dir=args.manual_dir, data_dir=args.data_dir,
+                                     builder_config=args.builder_config, seed=args.seed,
+                                     synthetic_size=args.synthetic_size,
+                                     synthetic_image_size=args.synthetic_image_size), args.max_prompts)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  score_fn, image_size, name = _eval_scorer(args)
+  from hps_jax.data.pipeline import RecordTransform
+  from hps_jax.data.preprocess import PreprocessConfig
+  from hps_jax.preference.scorer import resolve_tokenizer
+  mode = args.preprocess or ("clip" if args.aesthetic else "pad")
+  tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint or args.clip_checkpoint)
+  transform = RecordTransform(tokenizer, PreprocessConfig(mode=mode, size=image_size), max_images=args.max_images)
+  scores, ranks = tr.slot_scores(score_fn, source, transform, args.batch_size, progress=True)
+  report = preference_report(scores, ranks)
+  report.update({"scorer": name, "dataset": args.dataset, "split": args.split, "preprocess": mode})
+  title = f"{name} on {args.dataset}/{args.split}"
+  table = markdown_table(report, title)
+  print(table)
+  if args.output:
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+  return 0
+
+
+def _eval_scorer(args):
+  """-> (batch -> (B, K) scores, model input size, a name for the report)."""
+  import numpy as np
+  if args.random:
+    rng = np.random.default_rng(args.seed)
+    return (lambda batch: rng.random(batch["mask"].shape)), 32, "random"  # images are still decoded (and checked)
+  from hps_jax.convert.clip import load_clip
+  from hps_jax.preference import train as tr
+  if args.checkpoint:
+    model = load_clip(args.checkpoint, args.format)
+    return tr.clip_score_fn(model, batch_size=_eval_batch(args)), model.config.image_size, f"HPS ({args.checkpoint})"
+  from hps_jax.convert.aesthetic import load_aesthetic
+  clip_model = load_clip(args.clip_checkpoint, args.format)
+  return (tr.aesthetic_score_fn(clip_model, load_aesthetic(args.aesthetic), batch_size=_eval_batch(args)),
+          clip_model.config.image_size, f"aesthetic ({Path(args.aesthetic).name})")
+
+
+def _eval_batch(args) -> int:
+  from hps_jax import parallel
+  div = parallel.batch_divisor(parallel.local_mesh())
+  if args.batch_size % div:
+    args.batch_size = -(-args.batch_size // div) * div  # round up to a multiple of the local devices
+  return args.batch_size
+
+
+# ------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_score, add_aesthetic]
+COMMANDS = [add_score, add_aesthetic, add_train_preference, add_eval_preference]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   from hps_jax.convert.io import CheckpointError
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if extra and not getattr(args, "accepts_config_overrides", False):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.overrides = extra
   try:
     return args.run(args)
   except (UsageError, CheckpointError, FileNotFoundError) as e:

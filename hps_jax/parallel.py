@@ -116,3 +116,15 @@ def put_batch(mesh: Mesh, tree):
       return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, x)
   return jax.tree.map(put, tree)
+
+
+def put_global(mesh: Mesh, tree):
+  """Host numpy arrays holding the WHOLE global batch (identical on every process, e.g. evaluation batches) ->
+  global arrays sharded over the batch axes; each process keeps only its devices' slices."""
+  def put(x):
+    x = np.asarray(x)
+    sharding = batch_sharding(mesh, x.ndim)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(put, tree)
