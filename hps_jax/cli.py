@@ -166,6 +166,8 @@ def add_train_preference(sub):
                                  "Re-running with the same --workdir resumes from its last checkpoint.")
   p.add_argument("--config", required=True, help="configs/hps_classifier.py:tiny or :paper")
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/, export/ go here")
+  p.add_argument("--dry-run", action="store_true",
+                 help="print the trainable / frozen parameter counts and the config, then exit")
   p.set_defaults(run=run_train_preference, accepts_config_overrides=True)
 
 
@@ -187,8 +189,12 @@ def load_config(spec: str, overrides: list[str]):
 
 def run_train_preference(args) -> int:
   import json as _json
-  from hps_jax.preference.train import run
+  from hps_jax.preference.train import describe_counts, parameter_counts, run
   config = load_config(args.config, args.overrides)
+  if args.dry_run:
+    print(describe_counts(parameter_counts(config)))
+    print(config)
+    return 0
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   try:

@@ -237,3 +237,28 @@ def export_model(model: CLIP, directory, tokenizer_source=None) -> Path:
 
 def run(config, workdir) -> TrainResult:
   return train(build_task(config, workdir), config, workdir)
+
+
+def parameter_counts(config) -> dict:
+  """Trainable / frozen parameter counts and optimizer-state size of the configured model, computed on abstract
+  shapes (no weights are read or allocated; a checkpoint-initialized config counts its architecture preset)."""
+  from hps_jax.train_loop import count_params, make_optimizer
+  mcfg = config.model
+  if mcfg.init == "checkpoint" and mcfg.checkpoint:
+    from hps_jax.convert.clip import load_clip_params
+    cfg = load_clip_params(mcfg.checkpoint, mcfg.format)[0]
+  else:
+    cfg = CLIPConfig.preset(mcfg.preset)
+  model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
+  _, trainable, frozen = nnx.split(model, regex_filter(list(config.trainable)), ...)
+  tx, _ = make_optimizer(config.optim, max(int(config.num_steps), 1))
+  opt = jax.eval_shape(tx.init, trainable)
+  opt_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(opt) if len(x.shape))  # moments, not step counts
+  return {"trainable": count_params(trainable), "frozen": count_params(frozen), "optimizer_state": opt_params,
+          "architecture": cfg}
+
+
+def describe_counts(counts: dict) -> str:
+  t, f = counts["trainable"], counts["frozen"]
+  return (f"parameters: {t:,} trainable, {f:,} frozen ({100 * t / (t + f):.1f}% of {t + f:,}); "
+          f"optimizer state: {counts['optimizer_state']:,} values (trainable parameters only)")
