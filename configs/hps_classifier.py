@@ -102,13 +102,13 @@ def get_config(arg: str = "tiny"):
     c.data.dataset = "synthetic"
     c.batch_size = 16
     c.eval_batch_size = 32
-    c.num_steps = 400
+    c.num_steps = 150
     c.optim.lr = 1e-3
     c.optim.weight_decay = 1e-4
     c.optim.warmup_steps = 20
     c.optim.grad_clip = 1.0
     c.log_every = 10
-    c.eval_every = 100
-    c.checkpoint_every = 100
+    c.eval_every = 50
+    c.checkpoint_every = 50
     return c
   raise ValueError(f"unknown preset {arg!r}: tiny or paper")
