@@ -62,15 +62,21 @@ def build_source(config, split: str, workdir=None):
                      synthetic_image_size=d.synthetic_image_size)
 
 
+DATASETS = ("hpd_v1", "hpd_v2", "pickapic", "preference_jsonl")  # TFDS builders in hps_jax.data.datasets
+
+
 def open_source(dataset: str, split: str, *, manual_dir: str = "", data_dir: str = "", builder_config: str = "",
                 seed: int = 0, synthetic_size: int = 200, synthetic_image_size: int = 48):
   """`synthetic` (generated on the fly; the split name seeds it) or a TFDS builder prepared from `manual_dir`."""
   if dataset == "synthetic":
     from hps_jax.data.synthetic import SyntheticPreference
     return SyntheticPreference(synthetic_size, seed=seed, split=split, image_size=synthetic_image_size)
-  from hps_jax.data.datasets import BUILDERS, data_source
-  if dataset not in BUILDERS:
-    raise ValueError(f"unknown dataset {dataset!r}: synthetic or one of {sorted(BUILDERS)}")
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}: synthetic or one of {sorted(DATASETS)}")
+  try:
+    from hps_jax.data.datasets import data_source
+  except ImportError as e:
+    raise ValueError(f"dataset {dataset!r} is read through TFDS: pip install 'hps_jax[data]' ({e})") from e
   if not manual_dir:
     raise ValueError(f"dataset {dataset!r} needs its local download directory (manual_dir)")
   return data_source(dataset, split, manual_dir, data_dir or str(Path(manual_dir) / "tfds_prepared"), builder_config)

@@ -1,0 +1,109 @@
+"""The Table 2 metric on a hand-computed fixture, the choice loss, and `hps-jax eval-preference` end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hps_jax.preference.evaluate import markdown_table, preference_report
+from hps_jax.preference.loss import choice_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Four prompts. ranks: lower = better.
+FIXTURE_SCORES = [
+    [0.9, 0.1],             # n=2, chosen 0 scores highest              -> correct; pair right
+    [0.2, 0.5, 0.4],        # n=3, chosen 0 is lowest                   -> wrong; pairs (0,1) wrong, (0,2) wrong, (1,2) right
+    [0.3, 0.3, 0.1, 0.0],   # n=4, chosen 0 ties for top with image 1   -> wrong (a top tie counts wrong)
+    [0.7, 0.6],             # n=2, both rank 0 (tie): best set {0,1}; 0 scores highest -> correct; no pair with different ranks
+]
+FIXTURE_RANKS = [[0, 1], [0, 1, 2], [0, 1, 1, 2], [0, 0]]
+
+
+def test_hand_computed_report():
+  rep = preference_report([np.array(s) for s in FIXTURE_SCORES], [np.array(r) for r in FIXTURE_RANKS])
+  assert rep["num_prompts"] == 4
+  assert rep["accuracy"] == 2 / 4
+  assert rep["random_expectation"] == (1 / 2 + 1 / 3 + 1 / 4 + 1 / 2) / 4
+  # pairs with different ranks: prompt0 1 (right), prompt1 3 (1 right), prompt2: (0,1) tie in score -> 0.5,
+  # (0,2) right, (0,3) right, (1,3) right, (2,3) right, (1,2) same rank -> not a pair; prompt3 none.
+  # right = 1 + 1 + (0.5 + 4) = 6.5 of 1 + 3 + 5 = 9
+  assert rep["pairwise_accuracy"] == 6.5 / 9
+  assert set(rep["per_n"]) == {"2", "3", "4"}
+  assert rep["per_n"]["2"]["accuracy"] == 1.0 and rep["per_n"]["2"]["num_prompts"] == 2
+  assert rep["per_n"]["3"]["accuracy"] == 0.0 and rep["per_n"]["3"]["pairwise_accuracy"] == 1 / 3
+  assert rep["per_n"]["4"]["accuracy"] == 0.0 and rep["per_n"]["4"]["pairwise_accuracy"] == 4.5 / 5
+  table = markdown_table(rep, "fixture")
+  assert "| all | 4 | 0.5000 | 0.3958 | 0.7222 |" in table
+
+
+def test_report_rejects_bad_groups():
+  with pytest.raises(ValueError, match="score groups"):
+    preference_report([np.zeros(2)], [])
+  with pytest.raises(ValueError, match=">= 2 images"):
+    preference_report([np.zeros(1)], [np.zeros(1)])
+  with pytest.raises(ValueError, match="no prompts"):
+    preference_report([], [])
+
+
+def test_choice_loss_matches_hand_computation():
+  cos = jnp.array([[0.30, 0.29, 0.0, 0.0], [0.20, 0.21, 0.19, 0.215]])
+  mask = jnp.array([[True, True, False, False], [True, True, True, True]])
+  chosen = jnp.array([0, 3])
+  logit_scale = jnp.log(jnp.float32(100.0)) + 1.0  # above the clamp: exp(.) is clamped to 100
+  loss, m = choice_loss(cos, logit_scale, mask, chosen)
+  l0 = -np.log(np.exp(30) / (np.exp(30) + np.exp(29)))   # padded slots take no probability
+  z = np.exp(100 * np.array([0.20, 0.21, 0.19, 0.215]))
+  l1 = -np.log(z[3] / z.sum())
+  np.testing.assert_allclose(float(loss), (l0 + l1) / 2, rtol=1e-5)
+  assert float(m["accuracy"]) == 1.0 and float(m["logit_scale"]) == pytest.approx(100.0)
+  # padded rows (weight 0) do not count
+  loss_w, _ = choice_loss(cos, logit_scale, mask, chosen, weights=jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(float(loss_w), l0, rtol=1e-5)
+
+
+def _eval(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "hps_jax.cli", "eval-preference", *map(str, args)], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_eval_command_on_a_jsonl_dataset(tmp_path):
+  """A checkpoint scored through the command equals the report computed from Scorer scores in-process."""
+  pytest.importorskip("tensorflow_datasets")
+  from flax import nnx
+  from hps_jax.convert.clip import save_hf
+  from hps_jax.data.synthetic import SyntheticPreference, write_jsonl
+  from hps_jax.models.clip import CLIP, CLIPConfig
+  from hps_jax.preference.scorer import Scorer
+  src = SyntheticPreference(12, seed=3, split="test")
+  write_jsonl(src, tmp_path / "data", "test")
+  ckpt = save_hf(CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(1)), tmp_path / "ckpt")
+  res = _eval("--checkpoint", ckpt, "--dataset", "preference_jsonl", "--manual-dir", tmp_path / "data",
+              "--output", tmp_path / "out" / "report.json")
+  assert res.returncode == 0, res.stderr[-3000:]
+  report = json.loads((tmp_path / "out" / "report.json").read_text())
+  for key in ("accuracy", "random_expectation", "pairwise_accuracy", "num_prompts", "per_n"):
+    assert key in report
+  assert (tmp_path / "out" / "report.md").read_text().startswith("### HPS")
+  scorer = Scorer.from_checkpoint(ckpt)
+  scores = [scorer.score(list(src[i]["images"]), src[i]["prompt"]) for i in range(len(src))]
+  want = preference_report(scores, [src[i]["ranks"] for i in range(len(src))])
+  assert report["num_prompts"] == 12
+  assert report["accuracy"] == want["accuracy"] and report["pairwise_accuracy"] == want["pairwise_accuracy"]
+
+
+def test_eval_command_random_baseline_and_errors(tmp_path):
+  res = _eval("--random", "--dataset", "synthetic", "--synthetic-size", "400", "--output", tmp_path / "r.json")
+  assert res.returncode == 0, res.stderr[-3000:]
+  rep = json.loads((tmp_path / "r.json").read_text())
+  assert rep["num_prompts"] == 400 and abs(rep["accuracy"] - rep["random_expectation"]) < 0.07
+  assert abs(rep["pairwise_accuracy"] - 0.5) < 0.07
+  bad = _eval("--random", "--dataset", "nope")
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr and "unknown dataset" in bad.stderr
+  bad = _eval("--aesthetic", "x.pth", "--dataset", "synthetic")
+  assert bad.returncode == 2 and "--clip-checkpoint" in bad.stderr
