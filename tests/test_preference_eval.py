@@ -1,4 +1,4 @@
-"""The Table 2 metric on a hand-computed fixture, the choice loss, and `hps-jax eval-preference` end to end."""
+"""The choice loss by hand, and `hps-jax eval-preference` end to end (the metric itself: tests/test_evaluate.py)."""
 import json
 import os
 import subprocess
@@ -9,46 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hps_jax.preference.evaluate import markdown_table, preference_report
+from hps_jax.preference.evaluate import preference_report
 from hps_jax.preference.loss import choice_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Four prompts. ranks: lower = better.
-FIXTURE_SCORES = [
-    [0.9, 0.1],             # n=2, chosen 0 scores highest              -> correct; pair right
-    [0.2, 0.5, 0.4],        # n=3, chosen 0 is lowest                   -> wrong; pairs (0,1) wrong, (0,2) wrong, (1,2) right
-    [0.3, 0.3, 0.1, 0.0],   # n=4, chosen 0 ties for top with image 1   -> wrong (a top tie counts wrong)
-    [0.7, 0.6],             # n=2, both rank 0 (tie): best set {0,1}; 0 scores highest -> correct; no pair with different ranks
-]
-FIXTURE_RANKS = [[0, 1], [0, 1, 2], [0, 1, 1, 2], [0, 0]]
-
-
-def test_hand_computed_report():
-  rep = preference_report([np.array(s) for s in FIXTURE_SCORES], [np.array(r) for r in FIXTURE_RANKS])
-  assert rep["num_prompts"] == 4
-  assert rep["accuracy"] == 2 / 4
-  assert rep["random_expectation"] == (1 / 2 + 1 / 3 + 1 / 4 + 1 / 2) / 4
-  # pairs with different ranks: prompt0 1 (right), prompt1 3 (1 right), prompt2: (0,1) tie in score -> 0.5,
-  # (0,2) right, (0,3) right, (1,3) right, (2,3) right, (1,2) same rank -> not a pair; prompt3 none.
-  # right = 1 + 1 + (0.5 + 4) = 6.5 of 1 + 3 + 5 = 9
-  assert rep["pairwise_accuracy"] == 6.5 / 9
-  assert set(rep["per_n"]) == {"2", "3", "4"}
-  assert rep["per_n"]["2"]["accuracy"] == 1.0 and rep["per_n"]["2"]["num_prompts"] == 2
-  assert rep["per_n"]["3"]["accuracy"] == 0.0 and rep["per_n"]["3"]["pairwise_accuracy"] == 1 / 3
-  assert rep["per_n"]["4"]["accuracy"] == 0.0 and rep["per_n"]["4"]["pairwise_accuracy"] == 4.5 / 5
-  table = markdown_table(rep, "fixture")
-  assert "| all | 4 | 0.5000 | 0.3958 | 0.7222 |" in table
-
-
-def test_report_rejects_bad_groups():
-  with pytest.raises(ValueError, match="score groups"):
-    preference_report([np.zeros(2)], [])
-  with pytest.raises(ValueError, match=">= 2 images"):
-    preference_report([np.zeros(1)], [np.zeros(1)])
-  with pytest.raises(ValueError, match="no prompts"):
-    preference_report([], [])
-
 
 def test_choice_loss_matches_hand_computation():
   cos = jnp.array([[0.30, 0.29, 0.0, 0.0], [0.20, 0.21, 0.19, 0.215]])

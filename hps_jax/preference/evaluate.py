@@ -20,7 +20,7 @@ def preference_report(scores: Sequence[np.ndarray], ranks: Sequence[np.ndarray])
   per_n = defaultdict(lambda: {"num_prompts": 0, "correct": 0, "inv_n": 0.0, "pairs": 0, "pairs_right": 0.0})
   for s, r in zip(scores, ranks):
     s, r = np.asarray(s, np.float64), np.asarray(r)
-    if s.shape != r.shape or len(s) < 2:
+    if s.ndim != 1 or s.shape != r.shape or len(s) < 2:
       raise ValueError(f"each prompt needs >= 2 images with one score and rank each, got {s.shape} and {r.shape}")
     n = len(s)
     best = np.flatnonzero(r == r.min())
