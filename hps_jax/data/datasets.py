@@ -1,387 +1,735 @@
-"""Human-preference datasets as TFDS builders (ArrayRecord files, images kept as their encoded bytes; TensorFlow
-is not needed), prepared from a local download (`manual_dir`) and read back as random-access sources.
+"""TFDS builders for the human preference datasets, stored as ArrayRecord with images as encoded bytes.
 
-Every builder writes the shared record schema of `hps_jax.data.pipeline`:
-    {"id": str, "prompt": str, "images": [encoded bytes], "ranks": int32 (lower = better), "chosen": int}
+Four builders read a local copy of a dataset (`manual_dir`; nothing is downloaded) and write ArrayRecord files that
+`builder.as_data_source(split)` reads back with random access and without TensorFlow:
 
-Upstream layouts (what `manual_dir` must hold):
-  hpd_v1            preference_train.json, preference_test.json: lists of {"human_preference": int (index of the
-                    chosen image), "prompt", "id", "file_path": [paths], "user_hash", "contain_name"}; images under
-                    preference_images/ (paths are tried relative to manual_dir, then to manual_dir/preference_images).
-  hpd_v2            train.json: [{"human_preference": [1/0 per image], "prompt", "file_path": [...]}], images under
-                    train/; test.json: [{"prompt", "image_path": [...], "rank": [1..n per image], "raw_annotations"}],
-                    images under test/.
-  pickapic          parquet shards named {split}-NNNNN-of-NNNNN*.parquet anywhere below manual_dir (the Hugging Face
-                    layout data/train-00000-of-00645-<hash>.parquet); columns caption, jpg_0, jpg_1 (image bytes),
-                    label_0, label_1, has_label, are_different[, ranking_id]. Configs: `default` drops ties
-                    (0.5/0.5), `with_ties` keeps them as equal ranks.
-  preference_jsonl  {split}.jsonl: one {"prompt", "images": [paths, relative to the file or absolute], "chosen": int,
-                    optional "ranks": [...], optional "id"} per line (our documented generic format).
+* ``hpd_v1``: the Human Preference Dataset of HPS v1 (Wu et al., ICCV 2023).
+* ``hpd_v2``: HPDv2, the dataset of HPS v2 (Wu et al., 2023).
+* ``pickapic``: Pick-a-Pic v1 / v2 (Kirstain et al., NeurIPS 2023) parquet files; configs ``pickapic/default``
+  (ties excluded) and ``pickapic/with_ties``.
+* ``preference_jsonl``: our generic format, ``{split}.jsonl`` files next to the images (see `PreferenceJsonl`).
 
-Bad records are never dropped silently. Each is counted by kind — missing_image, corrupt_image, index_out_of_range,
-bad_label, bad_json, too_few_images — and deliberate skips likewise (pickapic: unlabeled, not_different, tie). The
-counts and the first examples of each kind are logged when a split is written and stored in the prepared dataset's
-metadata: `bad_record_report(builder, split)` returns them.
+Every record follows the shared schema of `hps_jax.data.pipeline`:
+``{"id": str, "prompt": str, "images": [encoded bytes], "ranks": int32 array (lower = better, ties allowed),
+"chosen": int}``. Images are stored exactly as found (PNG / JPEG / WebP bytes); the builders decode them only to
+check that they decode (a full decode with `hps_jax.data.images.load_image`, the loader training uses), so a
+corrupt image is caught when the dataset is prepared, not in the middle of training.
+
+Bad records are never dropped silently. Each one is counted under one kind:
+
+* ``bad_json``: a JSONL line that is not valid JSON or not a JSON object;
+* ``bad_label``: a malformed record: a missing / ill-typed field, or labels that do not identify one chosen image;
+* ``too_few_images``: fewer than two images;
+* ``index_out_of_range``: the chosen index is not an index of the record's images;
+* ``missing_image``: an image file is not found (or cannot be read);
+* ``corrupt_image``: an image does not decode completely;
+
+and for Pick-a-Pic rows that are skipped by design (counted apart, as "skipped"): ``unlabeled`` (``has_label``
+false or no labels), ``not_different`` (``are_different`` false) and ``tie`` (0.5 / 0.5, unless the config
+``with_ties`` keeps them). When a split is written, a warning sums up what was left out and
+``bad_records_<split>.json`` is written next to the prepared data
+(``<data_dir>/<name>[/<config>]/<version>/``): ``{"split", "kept", "bad": {kind: n}, "skipped": {kind: n},
+"examples": {kind: [{"id", "detail"}, ...]}}`` with the first few offending records of each kind;
+`bad_record_report` reads it back. A split in which no record survives is an error.
+
+Records keep the order of the source files (``disable_shuffling``), so index i of a data source is the i-th valid
+record. Entry points: `prepare` (build once, reuse after) and `data_source` (the records of one split).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import itertools
 import json
 import logging
+import math
+import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from hps_jax.data.images import ImageError, load_image
 
-log = logging.getLogger(__name__)
+__all__ = ["BUILDERS", "BAD_KINDS", "SKIP_KINDS", "HpdV1", "HpdV2", "Pickapic", "PickapicConfig", "PreferenceJsonl",
+           "PreferenceSource", "bad_record_report", "data_source", "prepare"]
 
-FEATURES = tfds.features.FeaturesDict({
+logger = logging.getLogger(__name__)
+
+BAD_KINDS = ("bad_json", "bad_label", "too_few_images", "index_out_of_range", "missing_image", "corrupt_image")
+SKIP_KINDS = ("unlabeled", "not_different", "tie")
+MAX_EXAMPLES = 5  # offending records remembered per kind in the report
+REPORT_NAME = "bad_records_{split}.json"
+
+_CHUNK = 32  # records validated together (image decoding runs on a thread pool, in order)
+_THREADS = max(1, min(8, os.cpu_count() or 1))
+_PARQUET_BATCH = 32  # parquet rows read at a time (Pick-a-Pic rows hold two full-size JPEGs)
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
     "id": tfds.features.Text(),
     "prompt": tfds.features.Text(),
+    # A sequence of scalar object tensors is stored as a bytes list and read back, without TensorFlow, as a list of
+    # `bytes` equal to what was written (the encoded file, untouched).
     "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-    "ranks": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.int32)),
-    "chosen": tfds.features.Tensor(shape=(), dtype=np.int32),
-})
-BAD_KINDS = ("missing_image", "corrupt_image", "index_out_of_range", "bad_label", "bad_json", "too_few_images")
-EXAMPLES_PER_KIND = 5
+    "ranks": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+    "chosen": tfds.features.Scalar(dtype=np.int32),
+  })
+
+
+_RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad-record bookkeeping
 
 
 class BadRecord(Exception):
-  def __init__(self, kind: str, what: str):
-    super().__init__(f"{kind}: {what}")
-    self.kind, self.what = kind, what
+  """A record that is left out: its `kind` (one of BAD_KINDS / SKIP_KINDS), what is wrong, and which record."""
+
+  def __init__(self, kind: str, detail: str, record_id: str = ""):
+    if kind not in BAD_KINDS and kind not in SKIP_KINDS:
+      raise ValueError(f"unknown bad-record kind {kind!r}")
+    super().__init__(f"{kind}: {detail}")
+    self.kind, self.detail, self.record_id = kind, detail, record_id
 
 
-class Tally:
-  """Kept / bad / skipped counts of one split, with the first few examples of each kind."""
+@dataclasses.dataclass
+class BadRecordLog:
+  """Per-split counters: records kept, records left out per kind, and the first few of each kind."""
+  split: str
+  kept: int = 0
+  counts: Counter = dataclasses.field(default_factory=Counter)
+  examples: dict = dataclasses.field(default_factory=dict)
 
-  def __init__(self, split: str):
-    self.split, self.kept = split, 0
-    self.bad, self.skipped = Counter(), Counter()
-    self.examples = defaultdict(list)
+  def add(self, bad: BadRecord) -> None:
+    self.counts[bad.kind] += 1
+    seen = self.examples.setdefault(bad.kind, [])
+    if len(seen) < MAX_EXAMPLES:
+      seen.append({"id": bad.record_id, "detail": bad.detail})
+    logger.debug("%s: record %s left out: %s: %s", self.split, bad.record_id, bad.kind, bad.detail)
 
-  def add(self, kind: str, what: str, skipped: bool = False):
-    (self.skipped if skipped else self.bad)[kind] += 1
-    if len(self.examples[kind]) < EXAMPLES_PER_KIND:
-      self.examples[kind].append(what)
+  def to_dict(self) -> dict:
+    return {"split": self.split, "kept": self.kept,
+            "bad": {k: self.counts[k] for k in BAD_KINDS if self.counts[k]},
+            "skipped": {k: self.counts[k] for k in SKIP_KINDS if self.counts[k]},
+            "examples": {k: list(v) for k, v in self.examples.items()}}
 
-  def report(self) -> dict:
-    return {"kept": self.kept, "bad": dict(self.bad), "skipped": dict(self.skipped), "examples": dict(self.examples)}
-
-  def log(self, name: str):
-    if self.bad or self.skipped:
-      log.warning("%s/%s: kept %d records; bad %s; skipped %s; e.g. %s", name, self.split, self.kept,
-                  dict(self.bad), dict(self.skipped), {k: v[:2] for k, v in self.examples.items()})
+  def summary(self) -> str:
+    d = self.to_dict()
+    bad = ", ".join(f"{k}={n}" for k, n in d["bad"].items()) or "none"
+    skipped = ", ".join(f"{k}={n}" for k, n in d["skipped"].items()) or "none"
+    return f"kept {self.kept}; bad: {bad}; skipped: {skipped}"
 
 
-def _read_image(path: Path) -> bytes:
+# ----------------------------------------------------------------------------------------------------------------
+# Candidate records and their validation (shared by all builders)
+
+
+@dataclasses.dataclass
+class _Candidate:
+  """A parsed record before its images are checked. An image is encoded bytes (None: absent) or a tuple of paths
+  tried in order (the first that exists is read). ranks=None: 0 for the chosen image, 1 for the others.
+  where: the record's place in the source (file:line, file[index], file row), prefixed to problem reports."""
+  id: str
+  prompt: str
+  images: list
+  chosen: int
+  ranks: list | None = None
+  where: str = ""
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _read_image(ref, where: str) -> bytes:
+  if ref is None:
+    raise BadRecord("missing_image", f"{where}: no image data")
+  if isinstance(ref, (bytes, bytearray, memoryview)):
+    data = bytes(ref)
+  else:
+    for path in ref:
+      if path.is_file():
+        try:
+          data = path.read_bytes()
+        except OSError as e:
+          raise BadRecord("missing_image", f"{path}: cannot be read ({e})") from None
+        where = str(path)
+        break
+    else:
+      raise BadRecord("missing_image", "not found: " + " or ".join(str(p) for p in ref))
   try:
-    return path.read_bytes()
-  except FileNotFoundError:
-    raise BadRecord("missing_image", str(path)) from None
-  except OSError as e:
-    raise BadRecord("missing_image", f"{path} ({e})") from None
+    load_image(data)
+  except ImageError as e:
+    raise BadRecord("corrupt_image", f"{where}: {e.message}") from None
+  return data
 
 
-class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder):
-  """Shared machinery: validation, tallies, metadata. Subclasses yield raw records from `_raw(split, manual)`."""
+def _to_example(c: _Candidate) -> dict:
+  """Checks a candidate (image count, chosen index, ranks, every image) and returns the TFDS example."""
+  n = len(c.images)
+  if n < 2:
+    raise BadRecord("too_few_images", f"{n} image(s); a preference needs at least 2")
+  if not 0 <= c.chosen < n:
+    raise BadRecord("index_out_of_range", f"chosen index {c.chosen} is not in [0, {n})")
+  if c.ranks is None:
+    ranks = [0 if i == c.chosen else 1 for i in range(n)]
+  else:
+    ranks = list(c.ranks)
+    if len(ranks) != n or not all(_is_int(r) for r in ranks):
+      raise BadRecord("bad_label", f"ranks {c.ranks!r} must be {n} integers, one per image")
+    if ranks[c.chosen] != min(ranks):
+      raise BadRecord("bad_label", f"chosen image {c.chosen} does not have the best (lowest) rank in {ranks}")
+  images = [_read_image(ref, f"image {i}") for i, ref in enumerate(c.images)]
+  return {"id": c.id, "prompt": c.prompt, "images": images, "ranks": np.asarray(ranks, np.int32),
+          "chosen": np.int32(c.chosen)}
+
+
+def _check(item: _Candidate | BadRecord) -> dict | BadRecord:
+  if isinstance(item, BadRecord):
+    return item
+  try:
+    return _to_example(item)
+  except BadRecord as e:
+    return _located(e, item.where, item.id)
+
+
+def _located(e: BadRecord, where: str, record_id: str) -> BadRecord:
+  """Names the record (unless the error already does) and its place in the source."""
+  e.record_id = e.record_id or record_id
+  if where:
+    e.detail = f"{where}: {e.detail}"
+  return e
+
+
+def _chunks(iterable: Iterable, size: int) -> Iterator[list]:
+  it = iter(iterable)
+  while chunk := list(itertools.islice(it, size)):
+    yield chunk
+
+
+# Field parsing helpers: each raises BadRecord("bad_label", ...) naming the field.
+
+def _require(rec: dict, key: str):
+  if key not in rec:
+    raise BadRecord("bad_label", f"missing field {key!r}")
+  return rec[key]
+
+
+def _prompt(rec: dict, key: str) -> str:
+  value = _require(rec, key)
+  if not isinstance(value, str) or not value.strip():
+    raise BadRecord("bad_label", f"{key!r} must be a non-empty string, got {value!r:.80}")
+  return value
+
+
+def _path_list(rec: dict, key: str) -> list[str]:
+  value = _require(rec, key)
+  if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+    raise BadRecord("bad_label", f"{key!r} must be a list of paths, got {value!r:.120}")
+  return value
+
+
+def _int_list(rec: dict, key: str, n: int) -> list[int]:
+  value = _require(rec, key)
+  if not isinstance(value, list) or len(value) != n or not all(_is_int(v) for v in value):
+    raise BadRecord("bad_label", f"{key!r} must be a list of {n} integers (one per image), got {value!r:.120}")
+  return [int(v) for v in value]
+
+
+def _chosen_from_preference(value, n: int) -> int:
+  """HPD `human_preference`: an index, or a 0/1 list with one 1 per image (1 = chosen)."""
+  if _is_int(value):
+    return int(value)
+  if isinstance(value, list) and len(value) == n and all(_is_int(v) and v in (0, 1) for v in value):
+    if sum(value) == 1:
+      return value.index(1)
+    raise BadRecord("bad_label", f"human_preference {value!r} marks {sum(value)} images; exactly one expected")
+  raise BadRecord("bad_label", f"human_preference must be an index or a 0/1 list of {n} entries, got {value!r:.120}")
+
+
+def _record_id(rec: dict, default: str) -> str:
+  value = rec.get("id")
+  if value is None:
+    return default
+  if isinstance(value, str) or _is_int(value):
+    return str(value)
+  raise BadRecord("bad_label", f"'id' must be a string or an integer, got {value!r:.80}", default)
+
+
+def _load_json_list(path: Path) -> list:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(data, list):
+    raise ValueError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+  return data
+
+
+def _missing_error(builder: str, manual_dir: Path, missing: list[str], expected: str) -> ValueError:
+  return ValueError(f"{builder}: manual_dir {manual_dir} lacks {', '.join(missing)}; expected {expected}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Builders
+
+
+class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared machinery: features, manual_dir checks, validation on a thread pool, bad-record bookkeeping.
+
+  Subclasses implement `split_sources(manual_dir)` ({split: what `_records` reads}, raising ValueError when files
+  are missing) and `_records(split, source)` (yields (int key in source order, _Candidate | BadRecord))."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
-  REQUIRED: tuple[str, ...] = ()      # files manual_dir must hold (glob patterns)
-  validate_images = True
+  RELEASE_NOTES = _RELEASE_NOTES
+  HOMEPAGE = ""
+  CITATION = ""
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=FEATURES,
-                                 metadata=tfds.core.MetadataDict())
+  def __init__(self, *, file_format=None, **kwargs):
+    super().__init__(file_format=file_format or "array_record", **kwargs)
+    self.bad_records: dict[str, BadRecordLog] = {}  # split -> log of the last generation in this process
 
-  @classmethod
-  def check_manual_dir(cls, manual: Path):
-    if not manual.is_dir():
-      raise ValueError(f"{cls.name}: manual_dir {manual} is not a directory")
-    missing = [p for p in cls.REQUIRED if not any(manual.glob(p))]
-    if missing:
-      raise ValueError(f"{cls.name}: {manual} lacks {', '.join(missing)}; expected layout:\n"
-                       f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self, description=(type(self).__doc__ or "").strip(),
+      features=_features(),
+      homepage=self.HOMEPAGE, citation=self.CITATION, disable_shuffling=True)
+
+  def split_sources(self, manual_dir) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def _records(self, split: str, source) -> Iterator[tuple[int, _Candidate | BadRecord]]:
+    raise NotImplementedError
 
   def _split_generators(self, dl_manager):
-    manual = Path(dl_manager.manual_dir)
-    self.check_manual_dir(manual)
-    return {split: self._generate_examples(split=split, manual=manual) for split in self._splits(manual)}
+    sources = self.split_sources(Path(os.fspath(dl_manager.manual_dir)))
+    return {split: self._generate_examples(split, source) for split, source in sources.items()}
 
-  def _generate_examples(self, split: str, manual: Path):
-    tally = Tally(split)
-    for n, item in enumerate(self._raw(split, manual, tally)):
-      key, rec = item
-      try:
-        example = self._finish(rec)
-      except BadRecord as e:
-        tally.add(e.kind, f"{key}: {e.what}")
-        continue
-      tally.kept += 1
-      yield f"{n:09d}", example
-    tally.log(self.name)
-    self.info.metadata[f"bad_records/{split}"] = tally.report()
+  def _generate_examples(self, split: str, source):
+    log = BadRecordLog(split)
+    self.bad_records[split] = log
+    with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
+      for chunk in _chunks(self._records(split, source), _CHUNK):
+        for (key, _), result in zip(chunk, pool.map(_check, [item for _, item in chunk])):
+          if isinstance(result, BadRecord):
+            log.add(result)
+          else:
+            log.kept += 1
+            yield key, result
+    self._close_split(log)
 
-  def _finish(self, rec: dict) -> dict:
-    """rec: id, prompt, images (Paths or bytes), chosen, ranks (or None) -> a validated example."""
-    images = rec["images"]
-    if len(images) < 2:
-      raise BadRecord("too_few_images", f"{len(images)} image(s)")
-    chosen = rec["chosen"]
-    if not isinstance(chosen, (int, np.integer)) or isinstance(chosen, bool) or not 0 <= chosen < len(images):
-      raise BadRecord("index_out_of_range", f"chosen {chosen!r} with {len(images)} images")
-    ranks = rec.get("ranks")
-    if ranks is None:
-      ranks = [0 if i == chosen else 1 for i in range(len(images))]
-    ranks = [int(r) for r in ranks]
-    if len(ranks) != len(images) or ranks[chosen] != min(ranks):
-      raise BadRecord("bad_label", f"ranks {ranks} do not fit {len(images)} images with chosen {chosen}")
-    data = [img if isinstance(img, bytes) else _read_image(img) for img in images]
-    if self.validate_images:
-      for img, raw in zip(images, data):
-        try:
-          load_image(raw)
-        except ImageError as e:
-          raise BadRecord("corrupt_image", f"{img if not isinstance(img, bytes) else 'embedded image'} "
-                                           f"({e.message})") from None
-    return {"id": str(rec["id"]), "prompt": str(rec["prompt"]), "images": data, "ranks": ranks, "chosen": int(chosen)}
-
-
-def _load_json_list(path: Path, tally: Tally) -> list:
-  try:
-    rows = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: not a readable JSON file ({e})") from e
-  if not isinstance(rows, list):
-    raise ValueError(f"{path}: expected a JSON list of records")
-  return rows
+  def _close_split(self, log: BadRecordLog) -> None:
+    name = self.info.full_name
+    if log.kept == 0:
+      raise ValueError(f"{name}: split {log.split!r} has no valid record ({log.summary()}); "
+                       f"first problems: {json.dumps(log.examples)[:2000]}")
+    # The generator runs in this process (no Beam), while data_path is TFDS's temporary sibling directory
+    # (<parent>/incomplete.<id>_<version>), renamed to <parent>/<version> once every split is written.
+    tmp = Path(os.fspath(self.data_path))
+    (tmp / REPORT_NAME.format(split=log.split)).write_text(json.dumps(log.to_dict(), indent=1) + "\n",
+                                                          encoding="utf-8")
+    final = tmp.parent / str(self.version) / REPORT_NAME.format(split=log.split)
+    if sum(log.counts.values()):
+      logger.warning("%s split %r: %s (details: %s)", name, log.split, log.summary(), final)
+    else:
+      logger.info("%s split %r: %s", name, log.split, log.summary())
 
 
 class HpdV1(_PreferenceBuilder):
-  """HPD v1, the Human Preference Dataset of the HPS paper (Discord choices among 2-4 Stable Diffusion images)."""
+  """Human Preference Dataset (HPD), the dataset of HPS v1 (Wu et al., "Human Preference Score: Better Aligning
+  Text-to-Image Models with Human Preference", ICCV 2023).
+
+  Upstream layout of manual_dir::
+
+      preference_train.json   JSON list of {"human_preference": int (index of the chosen image in file_path),
+      preference_test.json      "prompt": str, "id": str | int, "file_path": [paths], "user_hash": str,
+                                "contain_name": bool}
+      preference_images/      the images
+
+  Each `file_path` entry is resolved as manual_dir/path, then manual_dir/preference_images/path (entries may or
+  may not start with ``preference_images/``). ranks: 0 for the chosen image, 1 for the others. Splits: train, test.
+  """
 
   name = "hpd_v1"
-  REQUIRED = ("preference_train.json", "preference_test.json")
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """manual_dir/preference_train.json, manual_dir/preference_test.json and the
-  images under manual_dir/preference_images/ (file_path entries resolve against manual_dir or that folder)."""
+  VERSION = tfds.core.Version("1.0.0")
+  HOMEPAGE = "https://github.com/tgxs002/align_sd"
+  CITATION = """@inproceedings{wu2023hps,
+  title={Human Preference Score: Better Aligning Text-to-Image Models with Human Preference},
+  author={Wu, Xiaoshi and Sun, Keqiang and Zhu, Feng and Zhao, Rui and Li, Hongsheng},
+  booktitle={ICCV}, year={2023}}"""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """Download the Human Preference Dataset of HPS v1 (see
+  https://github.com/tgxs002/align_sd) and extract it into manual_dir so that it holds preference_train.json,
+  preference_test.json and the preference_images/ folder."""
+  FILES = {"train": "preference_train.json", "test": "preference_test.json"}
 
-  def _splits(self, manual):
-    return ["train", "test"]
+  def split_sources(self, manual_dir) -> dict[str, Path]:
+    manual_dir = Path(manual_dir)
+    missing = [f for f in self.FILES.values() if not (manual_dir / f).is_file()]
+    if missing:
+      raise _missing_error(self.name, manual_dir, missing,
+                           "preference_train.json, preference_test.json and preference_images/")
+    return {split: manual_dir / f for split, f in self.FILES.items()}
 
-  def _raw(self, split, manual, tally):
-    for i, r in enumerate(_load_json_list(manual / f"preference_{split}.json", tally)):
-      key = f"preference_{split}.json[{i}]"
+  def _records(self, split: str, source: Path):
+    root = source.parent
+    for i, rec in enumerate(_load_json_list(source)):
+      rid = default_id = f"{split}-{i}"
       try:
-        if not isinstance(r, dict) or not isinstance(r.get("file_path"), list) or "prompt" not in r:
-          raise BadRecord("bad_label", "missing prompt / file_path")
-        if not isinstance(r.get("human_preference"), int):
-          raise BadRecord("bad_label", f"human_preference {r.get('human_preference')!r} is not an index")
+        if not isinstance(rec, dict):
+          raise BadRecord("bad_json", "not a JSON object")
+        rid = _record_id(rec, default_id)
+        paths = _path_list(rec, "file_path")
+        yield i, _Candidate(id=rid, prompt=_prompt(rec, "prompt"),
+                            images=[(root / p, root / "preference_images" / p) for p in paths],
+                            chosen=_chosen_from_preference(_require(rec, "human_preference"), len(paths)),
+                            where=f"{source.name}[{i}]")
       except BadRecord as e:
-        tally.add(e.kind, f"{key}: {e.what}")
-        continue
-      yield key, {"id": r.get("id", i), "prompt": r["prompt"], "chosen": r["human_preference"],
-                  "images": [self._resolve(manual, p) for p in r["file_path"]]}
-
-  @staticmethod
-  def _resolve(manual: Path, p: str) -> Path:
-    direct = manual / p
-    return direct if direct.exists() else manual / "preference_images" / p
+        yield i, _located(e, f"{source.name}[{i}]", rid)
 
 
 class HpdV2(_PreferenceBuilder):
-  """HPD v2 (HPS v2's dataset): pairwise choices for training, ranked groups of images for testing."""
+  """HPDv2, the dataset of HPS v2 (Wu et al., "Human Preference Score v2: A Solid Benchmark for Evaluating Human
+  Preferences of Text-to-Image Synthesis", 2023).
+
+  Upstream layout of manual_dir::
+
+      train.json   JSON list of {"human_preference": [0/1 per image, 1 = chosen], "prompt": str,
+                   "file_path": [paths relative to train/], ...}
+      train/       the training images
+      test.json    JSON list of {"prompt": str, "image_path": [paths relative to test/],
+                   "rank": [int per image, lower = better], "raw_annotations": [...], ...}
+      test/        the test images
+
+  train: chosen = the image marked 1 (exactly one must be; an integer index is accepted too), ranks 0 for it and
+  1 for the others. test: ranks = rank, chosen = argmin(rank) (the first on a tie). Paths are tried relative to the
+  split folder, then to manual_dir. ids: the record's "id" when present, else "<split>-<index in the list>".
+  """
 
   name = "hpd_v2"
-  REQUIRED = ("train.json", "test.json")
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """manual_dir/train.json with images under manual_dir/train/, and
-  manual_dir/test.json with images under manual_dir/test/."""
+  VERSION = tfds.core.Version("1.0.0")
+  HOMEPAGE = "https://github.com/tgxs002/HPSv2"
+  CITATION = """@article{wu2023hpsv2,
+  title={Human Preference Score v2: A Solid Benchmark for Evaluating Human Preferences of Text-to-Image Synthesis},
+  author={Wu, Xiaoshi and Hao, Yiming and Sun, Keqiang and Chen, Yixiong and Zhu, Feng and Zhao, Rui and
+  Li, Hongsheng}, journal={arXiv preprint arXiv:2306.09341}, year={2023}}"""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """Download HPDv2 (see https://github.com/tgxs002/HPSv2, the "HPDv2" dataset
+  on Hugging Face) and extract it into manual_dir so that it holds train.json, test.json and the train/ and
+  test/ image folders."""
 
-  def _splits(self, manual):
-    return ["train", "test"]
+  def split_sources(self, manual_dir) -> dict[str, Path]:
+    manual_dir = Path(manual_dir)
+    expected = ["train.json", "test.json", "train/", "test/"]
+    missing = [e for e in expected
+               if not ((manual_dir / e).is_dir() if e.endswith("/") else (manual_dir / e).is_file())]
+    if missing:
+      raise _missing_error(self.name, manual_dir, missing, "train.json, test.json, train/ and test/")
+    return {"train": manual_dir / "train.json", "test": manual_dir / "test.json"}
 
-  def _raw(self, split, manual, tally):
-    for i, r in enumerate(_load_json_list(manual / f"{split}.json", tally)):
-      key = f"{split}.json[{i}]"
+  def _records(self, split: str, source: Path):
+    root, folder = source.parent, source.parent / source.stem
+    for i, rec in enumerate(_load_json_list(source)):
+      rid = default_id = f"{split}-{i}"
       try:
-        yield key, (self._train(r, i, manual) if split == "train" else self._test(r, i, manual))
+        if not isinstance(rec, dict):
+          raise BadRecord("bad_json", "not a JSON object")
+        rid = _record_id(rec, default_id)
+        if "rank" in rec or "image_path" in rec:  # the test layout
+          paths = _path_list(rec, "image_path")
+          ranks = _int_list(rec, "rank", len(paths))
+          chosen = int(np.argmin(ranks)) if ranks else 0
+        else:
+          paths = _path_list(rec, "file_path")
+          ranks, chosen = None, _chosen_from_preference(_require(rec, "human_preference"), len(paths))
+        yield i, _Candidate(id=rid, prompt=_prompt(rec, "prompt"), images=[(folder / p, root / p) for p in paths],
+                            chosen=chosen, ranks=ranks, where=f"{source.name}[{i}]")
       except BadRecord as e:
-        tally.add(e.kind, f"{key}: {e.what}")
-
-  @staticmethod
-  def _train(r, i, manual):
-    if not isinstance(r, dict) or not isinstance(r.get("file_path"), list) or "prompt" not in r:
-      raise BadRecord("bad_label", "missing prompt / file_path")
-    pref = r.get("human_preference")
-    if not isinstance(pref, list) or len(pref) != len(r["file_path"]) or sorted(pref) != [0] * (len(pref) - 1) + [1]:
-      raise BadRecord("bad_label", f"human_preference {pref!r} does not mark exactly one chosen image")
-    chosen = pref.index(1)
-    return {"id": r.get("id", i), "prompt": r["prompt"], "chosen": chosen,
-            "images": [manual / "train" / p for p in r["file_path"]]}
-
-  @staticmethod
-  def _test(r, i, manual):
-    if not isinstance(r, dict) or not isinstance(r.get("image_path"), list) or "prompt" not in r:
-      raise BadRecord("bad_label", "missing prompt / image_path")
-    rank = r.get("rank")
-    if not isinstance(rank, list) or len(rank) != len(r["image_path"]) or not all(isinstance(x, int) for x in rank):
-      raise BadRecord("bad_label", f"rank {rank!r} does not give one integer per image")
-    return {"id": r.get("id", i), "prompt": r["prompt"], "chosen": int(np.argmin(rank)), "ranks": rank,
-            "images": [manual / "test" / p for p in r["image_path"]]}
+        yield i, _located(e, f"{source.name}[{i}]", rid)
 
 
-_SHARD = re.compile(r"^(?P<split>[a-z_]+)-\d{5}-of-\d{5}.*\.parquet$")
+@dataclasses.dataclass(eq=False)
+class PickapicConfig(tfds.core.BuilderConfig):
+  """include_ties: keep 0.5 / 0.5 rows as ties (ranks [0, 0], chosen 0) instead of skipping them."""
+  include_ties: bool = False
 
 
-class PickAPic(_PreferenceBuilder):
-  """Pick-a-Pic: pairwise choices between two generated images, from the Hugging Face parquet release."""
+class Pickapic(_PreferenceBuilder):
+  """Pick-a-Pic (Kirstain et al., "Pick-a-Pic: An Open Dataset of User Preferences for Text-to-Image Generation",
+  NeurIPS 2023), v1 or v2, from its parquet files.
+
+  Layout of manual_dir (a snapshot of the Hugging Face dataset repository, e.g. yuvalkirstain/pickapic_v2)::
+
+      data/train-00000-of-00645-<hash>.parquet
+      data/validation-00000-of-00001-<hash>.parquet
+      data/validation_unique-00000-of-00001-<hash>.parquet
+      data/test-...parquet, data/test_unique-...parquet
+
+  Convention: the parquet files are those in manual_dir/data/ if it holds any, else those directly in manual_dir;
+  a file's split is its name up to the first "-" (``train-00000-of-00645.parquet`` and ``train.parquet`` are
+  both train; ``validation_unique-*`` is the split validation_unique, not validation). Every split found is built;
+  rows keep the order of the sorted file names, then the file's row order.
+
+  Columns read: caption, jpg_0, jpg_1 (image bytes), label_0, label_1 (1/0, 0/1, or 0.5/0.5 for a tie), and when
+  present has_label, are_different and ranking_id (the record id; else "<split>-<row index in the split>").
+  Rows with has_label false (or no labels) are skipped as ``unlabeled``, with are_different false as
+  ``not_different``, and ties as ``tie`` unless the config is ``with_ties``; other label values are ``bad_label``.
+  Rows are read in batches (pyarrow), never a whole file at once.
+  """
 
   name = "pickapic"
-  REQUIRED = ("**/*.parquet",)
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default", description="ties (0.5/0.5) excluded"),
-                     tfds.core.BuilderConfig(name="with_ties", description="ties kept, as equal ranks")]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """parquet shards named {split}-NNNNN-of-NNNNN*.parquet anywhere below manual_dir
-  (e.g. the Hugging Face layout data/train-00000-of-00645-<hash>.parquet)."""
-  COLUMNS = ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different"]
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [
+    PickapicConfig(name="default", include_ties=False, description="ties (0.5 / 0.5) are skipped"),
+    PickapicConfig(name="with_ties", include_ties=True,
+                   description="ties are kept with ranks [0, 0] and chosen 0"),
+  ]
+  DEFAULT_BUILDER_CONFIG_NAME = "default"
+  HOMEPAGE = "https://huggingface.co/datasets/yuvalkirstain/pickapic_v2"
+  CITATION = """@inproceedings{kirstain2023pickapic,
+  title={Pick-a-Pic: An Open Dataset of User Preferences for Text-to-Image Generation},
+  author={Kirstain, Yuval and Polyak, Adam and Singer, Uriel and Matiana, Shahbuland and Penna, Joe and
+  Levy, Omer}, booktitle={NeurIPS}, year={2023}}"""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """Download the Pick-a-Pic parquet files (e.g. `huggingface-cli download
+  yuvalkirstain/pickapic_v2 --repo-type dataset --local-dir MANUAL_DIR`): manual_dir/data/ (or manual_dir itself)
+  must hold files named <split>-*.parquet or <split>.parquet."""
+  REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+  OPTIONAL_COLUMNS = ("has_label", "are_different", "ranking_id")
+
+  def split_sources(self, manual_dir) -> dict[str, list[Path]]:
+    import pyarrow.parquet as pq
+    manual_dir = Path(manual_dir)
+    folder = manual_dir / "data"
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+      files = sorted(manual_dir.glob("*.parquet")) if manual_dir.is_dir() else []
+    if not files:
+      raise _missing_error(self.name, manual_dir, ["parquet files"],
+                           "<split>-*.parquet or <split>.parquet files in manual_dir/data/ or manual_dir")
+    splits: dict[str, list[Path]] = {}
+    for f in files:
+      split = f.name[: -len(".parquet")].split("-", 1)[0]
+      if not _SPLIT_NAME.match(split):
+        raise ValueError(f"{self.name}: cannot tell the split of {f}: the name must start with <split>- "
+                         f"(letters, digits, underscores)")
+      columns = set(pq.read_schema(f).names)
+      missing = [c for c in self.REQUIRED_COLUMNS if c not in columns]
+      if missing:
+        raise ValueError(f"{self.name}: {f} lacks the columns {missing}; expected {list(self.REQUIRED_COLUMNS)}")
+      splits.setdefault(split, []).append(f)
+    return splits
+
+  def _records(self, split: str, source: list[Path]):
+    import pyarrow.parquet as pq
+    include_ties = bool(getattr(self.builder_config, "include_ties", False))
+    row = 0
+    for path in source:
+      first = row
+      pf = pq.ParquetFile(path)
+      columns = [c for c in self.REQUIRED_COLUMNS + self.OPTIONAL_COLUMNS if c in pf.schema_arrow.names]
+      for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
+        for rec in batch.to_pylist():
+          item = self._row(rec, f"{split}-{row}", include_ties)
+          where = f"{path.name} row {row - first}"
+          if isinstance(item, BadRecord):
+            item = _located(item, where, item.record_id)
+          else:
+            item.where = where
+          yield row, item
+          row += 1
 
   @staticmethod
-  def _shards(manual: Path) -> dict[str, list[Path]]:
-    out = defaultdict(list)
-    for p in sorted(manual.rglob("*.parquet")):
-      m = _SHARD.match(p.name)
-      if m:
-        out[m["split"]].append(p)
-    return out
-
-  def _splits(self, manual):
-    shards = self._shards(manual)
-    if not shards:
-      raise ValueError(f"pickapic: no parquet shard named {{split}}-NNNNN-of-NNNNN*.parquet below {manual}")
-    return sorted(shards)
-
-  def _raw(self, split, manual, tally):
-    import pyarrow.parquet as pq
-    keep_ties = self.builder_config.name == "with_ties"
-    for path in self._shards(manual)[split]:
-      f = pq.ParquetFile(path)
-      names = set(f.schema_arrow.names)
-      missing = [c for c in self.COLUMNS if c not in names]
-      if missing:
-        raise ValueError(f"{path}: parquet lacks columns {missing}")
-      cols = self.COLUMNS + (["ranking_id"] if "ranking_id" in names else [])
-      row = 0
-      for batch in f.iter_batches(batch_size=256, columns=cols):
-        for r in batch.to_pylist():
-          key = f"{path.name}[{row}]"
-          rid = r.get("ranking_id", key)
-          row += 1
-          if not r["has_label"]:
-            tally.add("unlabeled", key, skipped=True)
-            continue
-          if not r["are_different"]:
-            tally.add("not_different", key, skipped=True)
-            continue
-          l0, l1 = r["label_0"], r["label_1"]
-          if l0 is None or l1 is None or {float(l0), float(l1)} not in ({0.0, 1.0}, {0.5}):
-            tally.add("bad_label", f"{key}: labels {l0!r}, {l1!r}")
-            continue
-          if l0 == l1:
-            if not keep_ties:
-              tally.add("tie", key, skipped=True)
-              continue
-            chosen, ranks = 0, [0, 0]
-          else:
-            chosen = 0 if l0 > l1 else 1
-            ranks = [0, 1] if chosen == 0 else [1, 0]
-          images = [r["jpg_0"], r["jpg_1"]]
-          if any(not isinstance(b, (bytes, bytearray)) or not b for b in images):
-            tally.add("corrupt_image", f"{key}: empty image bytes")
-            continue
-          yield key, {"id": rid, "prompt": r["caption"] or "", "chosen": chosen, "ranks": ranks,
-                      "images": [bytes(b) for b in images]}
+  def _row(rec: dict, default_id: str, include_ties: bool) -> _Candidate | BadRecord:
+    rid = default_id if rec.get("ranking_id") is None else str(rec["ranking_id"])
+    labels = (rec["label_0"], rec["label_1"])
+    if rec.get("has_label") is False or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in labels):
+      return BadRecord("unlabeled", "has_label is false or a label is missing", rid)
+    if rec.get("are_different") is False:
+      return BadRecord("not_different", "are_different is false (the two images are the same)", rid)
+    caption = rec["caption"]
+    if not isinstance(caption, str) or not caption.strip():
+      return BadRecord("bad_label", f"caption must be a non-empty string, got {caption!r:.80}", rid)
+    try:
+      l0, l1 = float(labels[0]), float(labels[1])
+    except (TypeError, ValueError):
+      return BadRecord("bad_label", f"labels {labels!r} are not numbers", rid)
+    close = lambda a, b: abs(a - b) < 1e-6  # noqa: E731
+    if close(l0, 0.5) and close(l1, 0.5):
+      if not include_ties:
+        return BadRecord("tie", "label_0 = label_1 = 0.5", rid)
+      chosen, ranks = 0, [0, 0]
+    elif close(l0, 1.0) and close(l1, 0.0):
+      chosen, ranks = 0, [0, 1]
+    elif close(l0, 0.0) and close(l1, 1.0):
+      chosen, ranks = 1, [1, 0]
+    else:
+      return BadRecord("bad_label", f"labels ({l0}, {l1}) are none of (1, 0), (0, 1), (0.5, 0.5)", rid)
+    return _Candidate(id=rid, prompt=caption, images=[rec["jpg_0"], rec["jpg_1"]], chosen=chosen, ranks=ranks)
 
 
 class PreferenceJsonl(_PreferenceBuilder):
-  """The generic format: {split}.jsonl with prompt, image paths and the chosen index per line."""
+  """Generic preference data in JSONL (our format; `hps_jax.data.synthetic.write_jsonl` writes it).
+
+  Layout of manual_dir: one ``<split>.jsonl`` per split (split names: letters, digits, underscores), one record
+  per line::
+
+      {"prompt": str, "images": [paths, relative to the .jsonl file's folder or absolute], "chosen": int,
+       "ranks": [int per image, lower = better] (optional; default 0 for chosen, 1 for the others),
+       "id": str | int (optional; default "<split>-<line number>")}
+
+  Blank lines are ignored; a line that is not a JSON object is a ``bad_json`` record reported with its line
+  number (1-based). When ranks are given, the chosen image must have the lowest rank.
+  """
 
   name = "preference_jsonl"
-  REQUIRED = ("*.jsonl",)
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """manual_dir/{split}.jsonl (e.g. train.jsonl, test.jsonl), one JSON object per
-  line: {"prompt": str, "images": [paths relative to the file, or absolute], "chosen": int, "ranks": [int] (optional,
-  lower = better), "id": str (optional)}."""
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """Put one <split>.jsonl file per split in manual_dir, each line
+  {"prompt": ..., "images": [paths relative to the file or absolute], "chosen": index, "ranks": [...] (optional),
+  "id": ... (optional)}."""
 
-  def _splits(self, manual):
-    return sorted(p.stem for p in manual.glob("*.jsonl"))
+  def split_sources(self, manual_dir) -> dict[str, Path]:
+    manual_dir = Path(manual_dir)
+    files = sorted(manual_dir.glob("*.jsonl")) if manual_dir.is_dir() else []
+    splits = {}
+    for f in files:
+      if _SPLIT_NAME.match(f.stem):
+        splits[f.stem] = f
+      else:
+        logger.warning("%s: ignoring %s: a split name has only letters, digits and underscores", self.name, f)
+    if not splits:
+      raise _missing_error(self.name, manual_dir, ["<split>.jsonl files"], "e.g. train.jsonl and test.jsonl")
+    return splits
 
-  def _raw(self, split, manual, tally):
-    path = manual / f"{split}.jsonl"
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-      if not line.strip():
-        continue
-      key = f"{path.name}:{n}"
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError as e:
-        tally.add("bad_json", f"{key}: {e.msg}")
-        continue
-      if (not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("images"), list)
-          or "chosen" not in r or not all(isinstance(p, str) for p in r["images"])):
-        tally.add("bad_label", f'{key}: needs "prompt" (str), "images" (list of paths) and "chosen"')
-        continue
-      ranks = r.get("ranks")
-      if ranks is not None and (not isinstance(ranks, list) or not all(isinstance(x, int) for x in ranks)):
-        tally.add("bad_label", f"{key}: ranks must be a list of integers")
-        continue
-      yield key, {"id": r.get("id", f"{split}-{n}"), "prompt": r["prompt"], "chosen": r["chosen"], "ranks": ranks,
-                  "images": [p if Path(p).is_absolute() else manual / p for p in map(Path, r["images"])]}
+  def _records(self, split: str, source: Path):
+    root = source.parent
+    with open(source, encoding="utf-8") as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        rid = default_id = f"{split}-{line_no}"
+        try:
+          try:
+            rec = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise BadRecord("bad_json", f"invalid JSON ({e.msg} at column {e.colno})") from None
+          if not isinstance(rec, dict):
+            raise BadRecord("bad_json", "not a JSON object")
+          rid = _record_id(rec, default_id)
+          paths = _path_list(rec, "images")
+          chosen = _require(rec, "chosen")
+          if not _is_int(chosen):
+            raise BadRecord("bad_label", f"'chosen' must be an integer, got {chosen!r:.80}")
+          ranks = _int_list(rec, "ranks", len(paths)) if rec.get("ranks") is not None else None
+          yield line_no, _Candidate(id=rid, prompt=_prompt(rec, "prompt"), images=[(root / p,) for p in paths],
+                                    chosen=int(chosen), ranks=ranks, where=f"{source.name}:{line_no}")
+        except BadRecord as e:
+          yield line_no, _located(e, f"{source.name}:{line_no}", rid)
 
 
-BUILDERS = {b.name: b for b in (HpdV1, HpdV2, PickAPic, PreferenceJsonl)}
+BUILDERS: dict[str, type[_PreferenceBuilder]] = {
+  "hpd_v1": HpdV1, "hpd_v2": HpdV2, "pickapic": Pickapic, "preference_jsonl": PreferenceJsonl}
 
 
-def prepare(name: str, manual_dir, data_dir, builder_config: str = ""):
-  """The builder, with its ArrayRecord files written under data_dir (once; later calls reuse them)."""
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _builder(name: str, data_dir, builder_config: str = "") -> _PreferenceBuilder:
   if name not in BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; one of {sorted(BUILDERS)}")
   cls = BUILDERS[name]
-  kw = {"config": builder_config} if builder_config else {}
-  builder = cls(data_dir=str(data_dir), file_format="array_record", **kw)
-  if not builder.is_prepared():
-    cls.check_manual_dir(Path(manual_dir))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  configs = [c.name for c in cls.BUILDER_CONFIGS]
+  if builder_config and builder_config not in configs:
+    raise ValueError(f"{name} has no builder config {builder_config!r}; "
+                     + (f"one of {configs}" if configs else "it has none"))
+  return cls(data_dir=os.fspath(data_dir), config=builder_config or None)
+
+
+def _is_prepared(builder: _PreferenceBuilder) -> bool:
+  # (checking for dataset_info.json first spares TFDS's warning about a variant folder that does not exist yet)
+  return (Path(os.fspath(builder.data_path)) / "dataset_info.json").is_file() and builder.is_prepared()
+
+
+def prepare(name: str, manual_dir, data_dir, builder_config: str = "") -> _PreferenceBuilder:
+  """The builder `name` (config `builder_config`, "" = default) over `data_dir`, prepared from `manual_dir` unless
+  it already is (then manual_dir is not read). Raises ValueError naming manual_dir and the expected files when they
+  are missing."""
+  builder = _builder(name, data_dir, builder_config)
+  if _is_prepared(builder):
+    return builder
+  manual_dir = Path(os.fspath(manual_dir)) if manual_dir else None
+  if manual_dir is None or not manual_dir.is_dir():
+    raise ValueError(f"{name}: manual_dir {manual_dir} is not a directory. {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  builder.split_sources(manual_dir)  # fails early with the clear error
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+    manual_dir=os.fspath(manual_dir), try_download_gcs=False))
   return builder
 
 
-def bad_record_report(builder, split: str) -> dict:
-  """{"kept", "bad": {kind: count}, "skipped": {kind: count}, "examples": {kind: [...]}} of a prepared split."""
-  return dict(builder.info.metadata[f"bad_records/{split}"])
+def bad_record_report(builder: _PreferenceBuilder, split: str) -> dict:
+  """The bad-record report written when `split` was prepared: {"split", "kept", "bad", "skipped", "examples"}."""
+  path = Path(os.fspath(builder.data_path)) / REPORT_NAME.format(split=split)
+  if not path.is_file():
+    raise FileNotFoundError(f"no bad-record report for split {split!r} at {path} (is {builder.info.full_name} "
+                            f"prepared, and does it have that split? splits: {sorted(builder.info.splits)})")
+  return json.loads(path.read_text(encoding="utf-8"))
 
 
-class Records:
-  """Random access to a prepared split in the shared schema (decoded from TFDS's numpy values)."""
-
-  def __init__(self, source):
-    self.source = source
-
-  def __len__(self):
-    return len(self.source)
-
-  def __getitem__(self, i):
-    r = self.source[i]
-    text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
-    return {"id": text(r["id"]), "prompt": text(r["prompt"]), "images": [bytes(b) for b in r["images"]],
-            "ranks": np.asarray(r["ranks"], np.int32), "chosen": int(r["chosen"])}
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
-def data_source(name: str, split: str, manual_dir, data_dir, builder_config: str = "") -> Records:
+def to_record(example: dict) -> dict:
+  """A TFDS-decoded example (numpy values) -> the shared record schema."""
+  return {"id": _text(example["id"]), "prompt": _text(example["prompt"]),
+          "images": [bytes(b) for b in example["images"]], "ranks": np.asarray(example["ranks"], np.int32),
+          "chosen": int(example["chosen"])}
+
+
+class PreferenceSource:
+  """Random access to the records of a prepared split, in the shared schema (`len`, `__getitem__`, batched
+  `__getitems__`); `grain.MapDataset.source` accepts it."""
+
+  def __init__(self, source, name: str = ""):
+    self._source = source
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _index(self, index) -> int:
+    n = len(self._source)
+    i = int(index)
+    if i < 0:
+      i += n
+    if not 0 <= i < n:
+      raise IndexError(f"record index {index} out of range for {self.name or 'source'} of {n} records")
+    return i
+
+  def __getitem__(self, index) -> dict:
+    return to_record(self._source[self._index(index)])
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [to_record(ex) for ex in self._source.__getitems__([self._index(i) for i in indices])]
+
+  _getitems = __getitems__  # grain's batched-read protocol
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __repr__(self) -> str:
+    return f"PreferenceSource({self.name!r}, {len(self)} records)"
+
+
+def data_source(name: str, split: str, manual_dir, data_dir, builder_config: str = "") -> PreferenceSource:
+  """The records of `split` (prepared first when needed, see `prepare`) as a random-access source."""
   builder = prepare(name, manual_dir, data_dir, builder_config)
-  if split not in builder.info.splits:
-    raise ValueError(f"{name}: no split {split!r}; the prepared splits are {sorted(builder.info.splits)}")
-  report = bad_record_report(builder, split)
-  if report["bad"] or report["skipped"]:
-    log.warning("%s/%s: %d records; bad %s; skipped %s", name, split, report["kept"], report["bad"],
-                report["skipped"])
-  return Records(builder.as_data_source(split))
+  if split.split("[", 1)[0] not in builder.info.splits:
+    raise ValueError(f"{builder.info.full_name} has no split {split!r}; splits: {sorted(builder.info.splits)}")
+  return PreferenceSource(builder.as_data_source(split), name=f"{builder.info.full_name}/{split}")
