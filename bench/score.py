@@ -30,6 +30,15 @@ def device_name(jax) -> str:
   return getattr(d, "device_kind", d.platform)
 
 
+def emit(result: dict, out: str | None):
+  """Prints the result as one JSON line and, with --out, writes it there too."""
+  line = json.dumps(result)
+  print(line)
+  if out:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(line + "\n")
+
+
 def timed(fn, iters: int) -> list[float]:
   times = []
   for _ in range(iters):
@@ -106,11 +115,7 @@ def main(argv=None):
         "max_abs_diff_hps": float(np.abs(100 * jax_cos - 100 * torch_cos).max()),
     })
     result["ratio_jax_over_torch"] = result["jax_images_per_s"] / result["torch_images_per_s"]
-  line = json.dumps(result)
-  print(line)
-  if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(line + "\n")
+  emit(result, args.out)
 
 
 if __name__ == "__main__":

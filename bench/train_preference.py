@@ -13,7 +13,6 @@ XLA's FLOP count of the compiled step and the device's dense bf16/fp32 peak.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score import device_name, timed  # noqa: E402  (shared bench helpers)
+from score import device_name, emit, timed  # noqa: E402  (shared bench helpers)
 
 # dense peak FLOP/s per device kind (bf16, fp32-without-TF32), for MFU
 PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12},
@@ -156,11 +155,7 @@ def main():
     tstep = statistics.median(tt)
     result.update({"torch_device": tdev, "torch_version": tver, "torch_threads": threads,
                    "torch_step_s": tstep, "torch_samples_per_s": b / tstep, "speedup_jax_over_torch": tstep / jstep})
-  line = json.dumps(result)
-  print(line)
-  if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(line + "\n")
+  emit(result, args.out)
 
 
 if __name__ == "__main__":
