@@ -71,3 +71,24 @@ def test_eval_command_random_baseline_and_errors(tmp_path):
   assert bad.returncode == 2 and "Traceback" not in bad.stderr and "unknown dataset" in bad.stderr
   bad = _eval("--aesthetic", "x.pth", "--dataset", "synthetic")
   assert bad.returncode == 2 and "--clip-checkpoint" in bad.stderr
+
+
+def test_eval_command_aesthetic_baseline(tmp_path, aesthetic_weights):
+  """The aesthetic predictor as a baseline: per-image ratings from the same command, equal to AestheticScorer's."""
+  from flax import nnx
+  from hps_jax.convert.clip import save_hf
+  from hps_jax.data.synthetic import SyntheticPreference
+  from hps_jax.models.clip import CLIP, CLIPConfig
+  from hps_jax.preference.scorer import AestheticScorer
+  clip = save_hf(CLIP(CLIPConfig.tiny().replace(embed_dim=768), rngs=nnx.Rngs(2)), tmp_path / "clip")
+  mlp = aesthetic_weights / "sac+logos+ava1-l14-linearMSE.pth"
+  res = _eval("--aesthetic", mlp, "--clip-checkpoint", clip, "--dataset", "synthetic", "--synthetic-size", "10",
+              "--output", tmp_path / "aes.json")
+  assert res.returncode == 0, res.stderr[-3000:]
+  report = json.loads((tmp_path / "aes.json").read_text())
+  src = SyntheticPreference(10, seed=0, split="test")
+  scorer = AestheticScorer.from_checkpoint(mlp, clip)
+  want = preference_report([scorer.score(list(src[i]["images"])) for i in range(10)],
+                           [src[i]["ranks"] for i in range(10)])
+  assert report["scorer"].startswith("aesthetic") and report["preprocess"] == "clip"
+  assert report["accuracy"] == want["accuracy"] and report["pairwise_accuracy"] == want["pairwise_accuracy"]
