@@ -31,7 +31,8 @@ class Skips:
   def add(self, what: str, why: str):
     self.items.append((what, why))
 
-  def report(self, done: int, noun: str = "images", stream=sys.stderr) -> int:
+  def report(self, done: int, noun: str = "images", stream=None) -> int:
+    stream = stream or sys.stderr  # looked up at call time (redirections after import are honoured)
     print(f"done: {done} {noun} processed, {len(self.items)} skipped", file=stream)
     for what, why in self.items:
       print(f"  skipped {what}: {why}", file=stream)
@@ -301,9 +302,171 @@ def _eval_batch(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# fid / metrics
+# ------------------------------------------------------------------------------------------------------------
+def _add_inception_args(p):
+  p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity); "
+                                             "default $HPS_JAX_INCEPTION_WEIGHTS or the torch hub cache")
+  p.add_argument("--resize", default="tf1", choices=["tf1", "torch"],
+                 help="tf1: the original TF FID / torch-fidelity resize; torch: pytorch-fid's F.interpolate")
+  p.add_argument("--batch-size", type=int, default=50)
+
+
+def add_fid(sub):
+  p = sub.add_parser("fid", help="Frechet Inception Distance between two image sets (or a set and saved stats)",
+                     description="FID between PATH_A and PATH_B, each a directory of images, a JSONL of "
+                                 '{"image": PATH} rows, or (PATH_B only) a .npz of statistics (mu, sigma).')
+  p.add_argument("path_a")
+  p.add_argument("path_b", nargs="?", help="second set or STATS.npz (omit with --save-stats to only save PATH_A's)")
+  _add_inception_args(p)
+  p.add_argument("--save-stats", metavar="OUT.npz", help="also save PATH_A's statistics (pytorch-fid layout)")
+  p.set_defaults(run=run_fid)
+
+
+def _inception(args):
+  from hps_jax.convert.inception import load_inception
+  from hps_jax.metrics.compute import default_inception_weights
+  if args.batch_size < 1:
+    raise UsageError("--batch-size must be >= 1")
+  return load_inception(args.inception_weights or default_inception_weights())
+
+
+def _report_skipped(skipped, done: int) -> int:
+  s = Skips()
+  for what, why in skipped.items:
+    s.add(what, why)
+  return s.report(done)
+
+
+def run_fid(args) -> int:
+  from hps_jax.metrics import compute
+  if args.path_b is None and not args.save_stats:
+    raise UsageError("give PATH_B (a second image set or a stats .npz), or --save-stats OUT.npz")
+  model = _inception(args)
+  skipped = compute.Skipped()
+  try:
+    a = compute.inception_pass(model, compute.list_images(args.path_a, skipped), skipped, resize=args.resize,
+                               batch_size=args.batch_size, desc="set A")
+    if a.count < 2:
+      raise UsageError(f"{args.path_a}: fewer than two readable images")
+    if args.save_stats:
+      a.stats.save(args.save_stats)
+      print(f"saved statistics of {a.count} images to {args.save_stats}", file=sys.stderr)
+    result = {"path_a": args.path_a, "num_a": a.count, "resize": args.resize}
+    if args.path_b is not None:
+      from hps_jax.metrics.fid import frechet_distance
+      mu_b, sigma_b, b = compute.reference_stats(args.path_b, model, skipped, resize=args.resize,
+                                                 batch_size=args.batch_size)
+      mu_a, sigma_a = a.stats.mu_sigma()
+      result.update({"path_b": args.path_b, "num_b": b.count if b is not None else None,
+                     "fid": frechet_distance(mu_a, sigma_a, mu_b, sigma_b)})
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  print(json.dumps(result))
+  return _report_skipped(skipped, result["num_a"] + (result.get("num_b") or 0))
+
+
+METRICS = ("fid", "is", "kid", "clip", "aesthetic", "hps")
+
+
+def add_metrics(sub):
+  p = sub.add_parser("metrics", help="generator metrics of an image set: fid, is, kid, clip, aesthetic, hps",
+                     description="Computes the chosen metrics of one image set. fid/kid need --reference; clip and "
+                                 "hps need prompts (a JSONL of {\"image\", \"prompt\"} rows).")
+  p.add_argument("--images", required=True, help="a directory of images or a JSONL of {image, prompt} rows")
+  p.add_argument("--metrics", default="fid,is", help=f"comma-separated subset of {','.join(METRICS)}")
+  p.add_argument("--reference", help="fid/kid reference: image directory / JSONL (or, for fid only, a stats .npz)")
+  _add_inception_args(p)
+  p.add_argument("--is-splits", type=int, default=10)
+  p.add_argument("--kid-subsets", type=int, default=100)
+  p.add_argument("--kid-subset-size", type=int, default=1000)
+  p.add_argument("--clip-checkpoint", help="CLIP for the clip and aesthetic metrics (ViT-L/14 for aesthetic)")
+  p.add_argument("--aesthetic-mlp", help="LAION aesthetic head (.pth)")
+  p.add_argument("--checkpoint", help="HPS checkpoint for the hps metric")
+  p.add_argument("--output", help="JSON file (default: stdout)")
+  p.set_defaults(run=run_metrics)
+
+
+def run_metrics(args) -> int:
+  import numpy as np
+  from hps_jax.metrics import compute
+  wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
+  bad = [m for m in wanted if m not in METRICS]
+  if bad or not wanted:
+    raise UsageError(f"unknown metrics {bad}; choose from {','.join(METRICS)}")
+  if {"fid", "kid"} & set(wanted) and not args.reference:
+    raise UsageError("fid and kid need --reference")
+  if "kid" in wanted and str(args.reference).endswith(".npz"):
+    raise UsageError("kid needs reference images (features), not saved statistics")
+  if {"clip", "aesthetic"} & set(wanted) and not args.clip_checkpoint:
+    raise UsageError("clip and aesthetic need --clip-checkpoint")
+  if "aesthetic" in wanted and not args.aesthetic_mlp:
+    raise UsageError("aesthetic needs --aesthetic-mlp")
+  if "hps" in wanted and not args.checkpoint:
+    raise UsageError("hps needs --checkpoint")
+  skipped = compute.Skipped()
+  result: dict = {"images": args.images}
+  try:
+    items = compute.list_images(args.images, skipped)
+    if {"clip", "hps"} & set(wanted):
+      missing = [src for src, prompt in items if prompt is None]
+      if missing:
+        raise UsageError(f"clip/hps need a prompt per image: give --images as a JSONL of {{image, prompt}} rows "
+                         f"({len(missing)} images have none, e.g. {missing[0]})")
+    if {"fid", "is", "kid"} & set(wanted):
+      from hps_jax.metrics.fid import frechet_distance
+      from hps_jax.metrics.scores import inception_score, kernel_inception_distance
+      model = _inception(args)
+      keep = tuple(k for m, k in (("is", "logits_unbiased"), ("kid", "pool3")) if m in wanted)
+      run = compute.inception_pass(model, items, skipped, resize=args.resize, batch_size=args.batch_size, keep=keep)
+      result["num_images"] = run.count
+      result["resize"] = args.resize
+      if "is" in wanted:
+        result["is_mean"], result["is_std"] = inception_score(run.kept("logits_unbiased"), splits=args.is_splits)
+      if {"fid", "kid"} & set(wanted):
+        mu_r, sigma_r, ref = compute.reference_stats(args.reference, model, skipped, resize=args.resize,
+                                                     batch_size=args.batch_size, keep=("pool3",) if "kid" in wanted
+                                                     else ())
+        result["reference"] = args.reference
+        if "fid" in wanted:
+          mu, sigma = run.stats.mu_sigma()
+          result["fid"] = frechet_distance(mu, sigma, mu_r, sigma_r)
+        if "kid" in wanted:
+          result["kid_mean"], result["kid_std"] = kernel_inception_distance(
+              run.kept("pool3"), ref.kept("pool3"), subsets=args.kid_subsets, subset_size=args.kid_subset_size)
+    bad_names = {w for w, _ in skipped.items}
+    readable = [(src, p) for src, p in items if src not in bad_names]
+    if {"clip", "hps"} & set(wanted):
+      from hps_jax.metrics.scores import clip_score
+      from hps_jax.preference.scorer import Scorer
+      for metric, ckpt, mode in (("clip", args.clip_checkpoint, "clip"), ("hps", args.checkpoint, "pad")):
+        if metric not in wanted:
+          continue
+        scorer = Scorer.from_checkpoint(ckpt, preprocess=mode)
+        cos = np.array([r["cosine"] for r in scorer.iter_scores(readable) if "cosine" in r])
+        result["clip_score" if metric == "clip" else "hps_mean"] = (
+            clip_score(cos) if metric == "clip" else float(100 * cos.mean()))
+    if "aesthetic" in wanted:
+      from hps_jax.preference.scorer import AestheticScorer
+      aes = AestheticScorer.from_checkpoint(args.aesthetic_mlp, args.clip_checkpoint)
+      vals = [r["aesthetic"] for r in aes.iter_scores([src for src, _ in readable]) if "aesthetic" in r]
+      result["aesthetic_mean"] = float(np.mean(vals))
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  result["skipped"] = len(skipped.items)
+  out = open_output(args.output)
+  try:
+    out.write(json.dumps(result, indent=2) + "\n")
+  finally:
+    if out is not sys.stdout:
+      out.close()
+  return _report_skipped(skipped, result.get("num_images", len(items) - len(skipped.items)))
+
+
+# ------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_score, add_aesthetic, add_train_preference, add_eval_preference]
+COMMANDS = [add_score, add_aesthetic, add_train_preference, add_eval_preference, add_fid, add_metrics]
 
 
 def build_parser() -> argparse.ArgumentParser:

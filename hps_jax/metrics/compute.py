@@ -1,0 +1,168 @@
+"""Generator metrics over image sets: FID, IS, KID (FID Inception-v3), CLIP score, aesthetic score, mean HPS.
+
+An image set is a directory (searched recursively for image files, sorted by path), a JSONL of {"image", "prompt"}
+rows (needed for the prompt-conditioned metrics: CLIP score, HPS), or — as a FID reference only — a `.npz` of
+statistics (`mu`, `sigma`, as pytorch-fid writes them). Unreadable images are skipped, counted and named; the
+metrics are computed on the rest.
+
+Inception features stream through in fixed-size batches grouped by image size (each size compiles the resize once;
+the network compiles once), so memory holds the running FID statistics plus, when IS/KID are asked for, the logits
+and pool3 features (KID needs the features themselves).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from hps_jax.data.images import ImageError, describe, load_image
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE)
+
+
+@dataclass
+class Skipped:
+  """Inputs that could not be used: (what, why) pairs, for the end-of-run summary."""
+  items: list = field(default_factory=list)
+
+  def add(self, what: str, why: str):
+    self.items.append((what, why))
+
+
+def default_inception_weights() -> Path:
+  """$HPS_JAX_INCEPTION_WEIGHTS, else the copy pytorch-fid / torch hub keep in ~/.cache/torch/hub/checkpoints."""
+  env = os.environ.get("HPS_JAX_INCEPTION_WEIGHTS")
+  if env:
+    return Path(env)
+  hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints" / INCEPTION_FILE
+  if hub.exists():
+    return hub
+  raise FileNotFoundError(f"no FID Inception weights: pass --inception-weights PATH or set HPS_JAX_INCEPTION_WEIGHTS "
+                          f"to {INCEPTION_FILE} (from {INCEPTION_URL})")
+
+
+def list_images(path, skipped: Skipped | None = None) -> list[tuple[str, str | None]]:
+  """(image path, prompt or None) for a directory of images or a JSONL of {"image", "prompt"} rows."""
+  p = Path(path)
+  if p.is_dir():
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+      raise ValueError(f"{p}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return [(str(f), None) for f in files]
+  if p.suffix == ".jsonl":
+    out = []
+    try:
+      lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise ValueError(f"cannot read {p}: {e}") from e
+    for n, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        if skipped is not None:
+          skipped.add(f"{p}:{n}", f"not valid JSON ({e.msg})")
+        continue
+      if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+        if skipped is not None:
+          skipped.add(f"{p}:{n}", 'expected an object with a string field "image"')
+        continue
+      img = Path(row["image"])
+      prompt = row.get("prompt")
+      out.append((str(img if img.is_absolute() else p.parent / img), prompt if isinstance(prompt, str) else None))
+    return out
+  if not p.exists():
+    raise FileNotFoundError(f"{p}: no such file or directory")
+  raise ValueError(f"{p}: expected a directory of images or a .jsonl of {{\"image\", \"prompt\"}} rows")
+
+
+def load_images(items: Iterable[tuple[str, str | None]], skipped: Skipped,
+                workers: int = 4) -> Iterator[tuple[str, str | None, np.ndarray]]:
+  """Decodes images on host threads, in order; unreadable ones go to `skipped`."""
+  import concurrent.futures as cf
+  items = list(items)
+
+  def one(item):
+    try:
+      return item, load_image(item[0]), None
+    except ImageError as e:
+      return item, None, e
+  with cf.ThreadPoolExecutor(max(1, workers)) as pool:
+    for (src, prompt), arr, err in pool.map(one, items):
+      if err is not None:
+        skipped.add(describe(src), err.message)
+      else:
+        yield src, prompt, arr
+
+
+class InceptionFeatures:
+  """Streams uint8 images through the FID Inception in fixed-size batches grouped by image size."""
+
+  def __init__(self, model, resize: str = "tf1", batch_size: int = 50, keep: tuple[str, ...] = ()):
+    from hps_jax.metrics.fid import FeatureStats
+    self.model, self.resize, self.batch_size = model, resize, batch_size
+    self.stats = FeatureStats()
+    self.keep = {k: [] for k in keep}       # "pool3" (KID), "logits_unbiased" (IS)
+    self._pending: dict[tuple, list] = {}
+    self.count = 0
+
+  def add(self, image: np.ndarray):
+    group = self._pending.setdefault(image.shape, [])
+    group.append(image)
+    if len(group) == self.batch_size:
+      self._flush(image.shape)
+
+  def _flush(self, shape):
+    from hps_jax.metrics.inception_features import extract
+    group = self._pending.pop(shape, [])
+    if not group:
+      return
+    n = len(group)
+    batch = np.stack(group + [group[-1]] * (self.batch_size - n))  # pad: one network compile for every batch
+    out = extract(self.model, batch, self.resize)
+    pool3 = np.asarray(out["pool3"][:n], np.float64)
+    self.stats.update(pool3)
+    for k in self.keep:
+      self.keep[k].append(np.asarray(out[k][:n], np.float32))
+    self.count += n
+
+  def finish(self) -> "InceptionFeatures":
+    for shape in list(self._pending):
+      self._flush(shape)
+    return self
+
+  def kept(self, key: str) -> np.ndarray:
+    return np.concatenate(self.keep[key]) if self.keep[key] else np.zeros((0, 0), np.float32)
+
+
+def inception_pass(model, items, skipped: Skipped, *, resize: str, batch_size: int, keep=(), desc: str = "inception",
+                   progress: bool = True) -> InceptionFeatures:
+  from tqdm import tqdm
+  runner = InceptionFeatures(model, resize, batch_size, keep)
+  items = list(items)
+  with tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    for _, _, img in load_images(items, skipped):
+      runner.add(img)
+      bar.update(1)
+  return runner.finish()
+
+
+def reference_stats(path, model, skipped: Skipped, *, resize: str, batch_size: int, keep=(), progress=True):
+  """FID reference: a stats .npz (mu, sigma) or an image set. Returns (mu, sigma, InceptionFeatures or None)."""
+  from hps_jax.metrics.fid import load_stats
+  if str(path).endswith(".npz"):
+    mu, sigma = load_stats(path)
+    return mu, sigma, None
+  run = inception_pass(model, list_images(path, skipped), skipped, resize=resize, batch_size=batch_size, keep=keep,
+                       desc="reference", progress=progress)
+  if run.count < 2:
+    raise ValueError(f"{path}: fewer than two readable images")
+  mu, sigma = run.stats.mu_sigma()
+  return mu, sigma, run
