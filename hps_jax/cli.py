@@ -41,25 +41,11 @@ class Skips:
 
 def read_pairs(path: str, skips: Skips) -> Iterator[tuple[str, str]]:
   """Reads a JSONL of {"image": PATH, "prompt": TEXT} rows; relative image paths are relative to the file."""
-  p = Path(path)
+  from hps_jax.data.pairs import read_image_rows
   try:
-    lines = p.read_text(encoding="utf-8").splitlines()
-  except (OSError, UnicodeDecodeError) as e:
-    raise UsageError(f"cannot read pairs file {p}: {e}") from e
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    where = f"{p}:{n}"
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      skips.add(where, f"not valid JSON ({e.msg})")
-      continue
-    if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("prompt"), str):
-      skips.add(where, 'expected an object with string fields "image" and "prompt"')
-      continue
-    img = Path(row["image"])
-    yield str(img if img.is_absolute() else p.parent / img), row["prompt"]
+    yield from read_image_rows(path, skips.add, require_prompt=True)
+  except ValueError as e:
+    raise UsageError(f"cannot read pairs file {path}: {e.__cause__ or e}") from e
 
 
 def open_output(path: str | None):

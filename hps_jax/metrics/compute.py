@@ -11,7 +11,6 @@ and pool3 features (KID needs the features themselves).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,28 +55,8 @@ def list_images(path, skipped: Skipped | None = None) -> list[tuple[str, str | N
       raise ValueError(f"{p}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return [(str(f), None) for f in files]
   if p.suffix == ".jsonl":
-    out = []
-    try:
-      lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-      raise ValueError(f"cannot read {p}: {e}") from e
-    for n, line in enumerate(lines, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        if skipped is not None:
-          skipped.add(f"{p}:{n}", f"not valid JSON ({e.msg})")
-        continue
-      if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-        if skipped is not None:
-          skipped.add(f"{p}:{n}", 'expected an object with a string field "image"')
-        continue
-      img = Path(row["image"])
-      prompt = row.get("prompt")
-      out.append((str(img if img.is_absolute() else p.parent / img), prompt if isinstance(prompt, str) else None))
-    return out
+    from hps_jax.data.pairs import read_image_rows
+    return list(read_image_rows(p, skipped.add if skipped is not None else (lambda *_: None), require_prompt=False))
   if not p.exists():
     raise FileNotFoundError(f"{p}: no such file or directory")
   raise ValueError(f"{p}: expected a directory of images or a .jsonl of {{\"image\", \"prompt\"}} rows")
