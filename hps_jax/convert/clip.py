@@ -275,14 +275,16 @@ def model_params(model) -> dict[str, np.ndarray]:
   return {"/".join(map(str, path)): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def build_model(cfg: CLIPConfig, flat: dict[str, np.ndarray], *, dtype=None, param_dtype=None, source="checkpoint"):
-  """Creates a CLIP whose parameters are `flat` (shapes checked, every parameter required, nothing left over),
-  without running the random initializers."""
+def build_model(cfg: CLIPConfig, flat: dict[str, np.ndarray], *, dtype=None, param_dtype=None, source="checkpoint",
+                cls=None):
+  """Creates a CLIP (or `cls`, e.g. CLIPTextEncoder) whose parameters are `flat` (shapes checked, every parameter
+  required, nothing left over), without running the random initializers."""
   import jax.numpy as jnp
   from flax import nnx
   dtype = dtype or jnp.float32
   param_dtype = param_dtype or jnp.float32
-  abstract = nnx.eval_shape(lambda: CLIP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  cls = cls or CLIP
+  abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   remaining = dict(flat)
   for path, var in nnx.to_flat_state(params):
@@ -361,3 +363,44 @@ def save_hf(model: CLIP, out_dir) -> Path:
   save_safetensors(sd, out / "model.safetensors", metadata={"format": "pt"})
   (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
   return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The text tower alone: transformers' CLIPTextModel (Stable Diffusion's `text_encoder/`)
+# ------------------------------------------------------------------------------------------------------------
+def text_key_map(cfg: CLIPConfig):
+  """The text half of the HF key map, without the projection (CLIPTextModel has none)."""
+  return [e for e in hf_key_map(cfg) if e[0].startswith("text/") and e[0] != "text/proj"]
+
+
+def text_config_from_hf(tc: dict) -> CLIPConfig:
+  """A CLIPTextConfig dict (`text_encoder/config.json`) -> our config (vision fields unused)."""
+  act, eps = tc.get("hidden_act", "quick_gelu"), tc.get("layer_norm_eps", 1e-5)
+  return config_from_hf({"text_config": tc, "vision_config": {"hidden_act": act, "layer_norm_eps": eps},
+                         "projection_dim": tc.get("projection_dim", 512)})
+
+
+def load_text_encoder(path, *, dtype=None, param_dtype=None):
+  """A transformers CLIPTextModel dir (config.json + model.safetensors / pytorch_model.bin) -> CLIPTextEncoder."""
+  from hps_jax.models.clip import CLIPTextEncoder
+  d = Path(path)
+  if not (d / "config.json").exists():
+    raise CheckpointError(f"{d}: a CLIPTextModel dir needs config.json")
+  tc = json.loads((d / "config.json").read_text())
+  if tc.get("model_type") not in (None, "clip_text_model"):
+    raise CheckpointError(f"{d}/config.json: model_type {tc.get('model_type')!r} is not 'clip_text_model'")
+  cfg = text_config_from_hf(tc)
+  weights = _hf_weights_file(d)
+  sd = load_state_dict(weights)
+  if not any(k.startswith("text_model.") for k in sd):  # transformers >= 5 saves CLIPTextModel without the prefix
+    sd = {f"text_model.{k}": v for k, v in sd.items()}
+  flat, used = _apply_map(sd, text_key_map(cfg), str(weights))
+  _check_unused(sd, used, str(weights))
+  return build_model(cfg, flat, dtype=dtype, param_dtype=param_dtype, source=str(weights), cls=CLIPTextEncoder)
+
+
+def text_encoder_state_dict(model) -> dict[str, np.ndarray]:
+  """Our CLIPTextEncoder -> CLIPTextModel state dict (numpy), with the `text_model.` prefix that the released
+  Stable Diffusion checkpoints use (and every transformers version reads)."""
+  flat = model_params(model)
+  return {theirs: to_theirs(flat[ours]) for ours, theirs, _, to_theirs in text_key_map(model.config)}

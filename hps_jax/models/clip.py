@@ -232,7 +232,10 @@ class VisionTransformer(nnx.Module):
 
 
 class TextTransformer(nnx.Module):
-  def __init__(self, cfg: CLIPConfig, *, dtype, param_dtype, rngs):
+  """CLIP's text tower. `with_projection=False` gives transformers' `CLIPTextModel` (Stable Diffusion's text encoder),
+  which has no projection and is read through `hidden_states`."""
+
+  def __init__(self, cfg: CLIPConfig, *, dtype, param_dtype, rngs, with_projection: bool = True):
     w = cfg.text_width
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.cfg = cfg
@@ -245,16 +248,23 @@ class TextTransformer(nnx.Module):
     self.blocks = nnx.List([Block(w, cfg.text_heads, cfg.text_mlp_dim, cfg, **kw) for _ in range(cfg.text_layers)])
     self.ln_final = _layer_norm(w, cfg.layer_norm_eps, **kw)
     self.proj = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(w ** -0.5), ("embed", "proj"))(
-        rngs.params(), (w, cfg.embed_dim), param_dtype))
+        rngs.params(), (w, cfg.embed_dim), param_dtype)) if with_projection else None
 
-  def __call__(self, token_ids):
-    """token_ids: (B, T) int with T <= context_length; returns (B, embed_dim) unnormalized text embeddings."""
+  def hidden_states(self, token_ids):
+    """(B, T) token ids -> (B, T, width) after the final LayerNorm (transformers' `last_hidden_state`; what Stable
+    Diffusion's UNet attends to)."""
     t = token_ids.shape[1]
     if t > self.cfg.context_length:
       raise ValueError(f"token sequences of length {t} exceed the context length {self.cfg.context_length}")
     x = self.token_embedding(token_ids) + self.pos_embedding[:t].astype(self.dtype)
     x = _run_blocks(self.blocks, x, is_causal=True, remat=self.cfg.remat)
-    x = self.ln_final(x)
+    return self.ln_final(x)
+
+  def __call__(self, token_ids):
+    """token_ids: (B, T) int with T <= context_length; returns (B, embed_dim) unnormalized text embeddings."""
+    if self.proj is None:
+      raise ValueError("this text tower has no projection (a CLIPTextModel): use hidden_states()")
+    x = self.hidden_states(token_ids)
     eot = jnp.argmax(token_ids, axis=-1)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
     return pooled.astype(jnp.float32) @ self.proj[...].astype(jnp.float32)
@@ -279,6 +289,21 @@ class CLIP(nnx.Module):
 
   def __call__(self, images, token_ids):
     return self.encode_image(images), self.encode_text(token_ids), self.logit_scale[...]
+
+
+class CLIPTextEncoder(nnx.Module):
+  """The text tower alone, without projection: transformers' `CLIPTextModel`, Stable Diffusion's text encoder.
+  Parameter paths are those of `CLIP` (`text/...`), so the same key maps load it."""
+
+  def __init__(self, cfg: CLIPConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.config = cfg
+    with nnx.use_eager_sharding(False):
+      self.text = TextTransformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, with_projection=False)
+
+  def __call__(self, token_ids):
+    """(B, T) token ids -> (B, T, width) hidden states."""
+    return self.text.hidden_states(token_ids)
 
 
 def normalize(x, eps: float = 1e-12):
