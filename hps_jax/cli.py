@@ -450,9 +450,83 @@ def run_metrics(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# sample
+# ------------------------------------------------------------------------------------------------------------
+def add_sample(sub):
+  p = sub.add_parser("sample", help="Stable Diffusion v1.x text-to-image (CFG with a negative prompt)",
+                     description="Samples a diffusers-layout Stable Diffusion dir (unet/ vae/ text_encoder/ tokenizer/ "
+                                 "scheduler/). Writes PNGs and samples.jsonl (file, prompt, seed, settings).")
+  p.add_argument("--model", required=True, help="diffusers-layout model dir")
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument("--prompt")
+  g.add_argument("--prompts", help="text file, one prompt per line")
+  p.add_argument("--negative-prompt", default="", help='e.g. "Weird image." for the HPS-adapted model')
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--guidance", type=float, default=7.5)
+  p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim"])
+  p.add_argument("--seed", type=int, default=0, help="image k of prompt j gets seed + j * num_images + k")
+  p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+  p.add_argument("--height", type=int, default=512)
+  p.add_argument("--width", type=int, default=512)
+  p.add_argument("--batch-size", type=int, default=4)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--grid", action="store_true", help="also write grid.png, a contact sheet")
+  p.add_argument("--outdir", required=True)
+  p.set_defaults(run=run_sample)
+
+
+def run_sample(args) -> int:
+  import numpy as np
+  from PIL import Image
+  from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
+  from hps_jax.preference.scorer import as_dtype
+  if args.prompts:
+    try:
+      prompts = [l.strip() for l in Path(args.prompts).read_text(encoding="utf-8").splitlines() if l.strip()]
+    except OSError as e:
+      raise UsageError(f"cannot read {args.prompts}: {e}") from e
+  else:
+    prompts = [args.prompt]
+  if not prompts or args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
+    raise UsageError("need at least one prompt, and --num-images, --batch-size, --steps >= 1")
+  jobs = [(p, args.seed + j * args.num_images + k, j) for j, p in enumerate(prompts) for k in range(args.num_images)]
+  sd = StableDiffusion.from_pretrained(args.model, dtype=as_dtype(args.dtype))
+  cfg = SampleConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
+                     width=args.width)
+  out = Path(args.outdir)
+  out.mkdir(parents=True, exist_ok=True)
+  settings = {"model": str(args.model), "negative_prompt": args.negative_prompt, "steps": args.steps,
+              "guidance": args.guidance, "scheduler": args.scheduler, "height": args.height, "width": args.width}
+  images = []
+  with open(out / "samples.jsonl", "w", encoding="utf-8") as log, progress(len(jobs), "sampling") as bar:
+    for start in range(0, len(jobs), args.batch_size):
+      chunk = jobs[start:start + args.batch_size]
+      n = len(chunk)
+      pad = chunk + [chunk[-1]] * (args.batch_size - n)  # one compiled batch shape for every chunk
+      imgs = sd.sample([p for p, _, _ in pad], [s for _, s, _ in pad], cfg, negative_prompt=args.negative_prompt)[:n]
+      for (prompt, seed, j), img in zip(chunk, imgs):
+        name = f"{j:04d}_{seed}.png"
+        Image.fromarray(img).save(out / name)
+        log.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, **settings}) + "\n")
+        images.append(img)
+      bar.update(n)
+  if args.grid:
+    cols = args.num_images if len(prompts) > 1 else min(len(images), 8)
+    rows = -(-len(images) // cols)
+    h, w = images[0].shape[:2]
+    sheet = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, img in enumerate(images):
+      r, c = divmod(i, cols)
+      sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    Image.fromarray(sheet).save(out / "grid.png")
+  print(f"wrote {len(images)} images and samples.jsonl to {out}", file=sys.stderr)
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_score, add_aesthetic, add_train_preference, add_eval_preference, add_fid, add_metrics]
+COMMANDS = [add_score, add_aesthetic, add_train_preference, add_eval_preference, add_fid, add_metrics, add_sample]
 
 
 def build_parser() -> argparse.ArgumentParser:

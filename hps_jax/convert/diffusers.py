@@ -1,0 +1,211 @@
+"""diffusers' folder layout (`model_index.json`, `vae/`, `unet/`, `text_encoder/`, ...) <-> hps_jax NNX models.
+
+The mapping is generic: every NNX model converted here has parameter paths that mirror diffusers' module names
+(`hps_jax.models.sd_blocks`), so a parameter path and a state-dict key differ only in separators and leaf names:
+
+  NNX path            torch key            value
+  a/b/0/c/kernel      a.b.0.c.weight       conv: HWIO <-> OIHW; linear: (in, out) <-> (out, in)
+  a/b/0/c/scale       a.b.0.c.weight       identity (GroupNorm / LayerNorm)
+  a/b/0/c/embedding   a.b.0.c.weight       identity (nnx.Embed)
+  a/b/0/c/bias        a.b.0.c.bias         identity
+  a/b/other           a.b.other            identity (any other nnx.Param)
+
+A kernel is a conv when it has 4 dims, a linear when it has 2. A 1x1 conv weight (O, I, 1, 1) is accepted for a
+linear kernel and a linear weight for a 1x1 conv kernel (old checkpoints store attention projections either way).
+Loading is strict: a parameter without a key, a key without a parameter, or a shape that does not fit raises
+`CheckpointError` naming the weights file. The pre-0.14 names of the VAE's attention (`query`, `key`, `value`,
+`proj_attn`) are read as `to_q`, `to_k`, `to_v`, `to_out.0`, as diffusers itself does.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensors
+
+# Weights file names in the order diffusers / transformers prefer them.
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
+                "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# Leaf names of NNX parameters that torch calls `weight`.
+_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+# Current attention sub-module name -> its pre-0.14 diffusers name.
+_LEGACY_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------------------
+def _variant_name(name: str, variant: str | None) -> str:
+  if not variant:
+    return name
+  stem, _, rest = name.partition(".")
+  return f"{stem}.{variant}.{rest}"
+
+
+def component_files(model_dir, subfolder: str | None = None, variant: str | None = None) -> tuple[Path, Path]:
+  """(config.json, weights file) of one component of a diffusers model dir (or of a component dir itself when
+  `subfolder` is None). `variant` selects e.g. `diffusion_pytorch_model.fp16.safetensors`."""
+  d = Path(model_dir) / subfolder if subfolder else Path(model_dir)
+  if not d.is_dir():
+    raise CheckpointError(f"{d}: no such directory (expected a diffusers component folder)")
+  config = d / "config.json"
+  if not config.exists():
+    raise CheckpointError(f"{d}: a diffusers component folder needs config.json")
+  for name in WEIGHT_NAMES:
+    if (d / _variant_name(name, variant)).exists():
+      return config, d / _variant_name(name, variant)
+  raise CheckpointError(f"{d}: no weights file; expected one of {[_variant_name(n, variant) for n in WEIGHT_NAMES]}")
+
+
+def load_component(model_dir, subfolder: str | None = None, variant: str | None = None) -> tuple[dict, dict]:
+  """Reads `model_dir/subfolder/config.json` and its weights -> (config dict, {key: np.ndarray} state dict)."""
+  config_path, weights = component_files(model_dir, subfolder, variant)
+  try:
+    config = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+  return config, load_state_dict(weights)
+
+
+def save_component(out_dir, config: Mapping, state_dict: Mapping[str, np.ndarray]) -> Path:
+  """Writes config.json + diffusion_pytorch_model.safetensors (float32) into `out_dir`."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  save_safetensors({k: np.asarray(v, np.float32) for k, v in state_dict.items()},
+                   out / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+  (out / "config.json").write_text(json.dumps(dict(config), indent=2))
+  return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The generic key / value mapping
+# ------------------------------------------------------------------------------------------------------------
+def torch_key(path: str) -> str:
+  """'down_blocks/0/resnets/1/conv1/kernel' -> 'down_blocks.0.resnets.1.conv1.weight'."""
+  *module, leaf = path.split("/")
+  leaf = "weight" if leaf in _WEIGHT_LEAVES else leaf
+  return ".".join([*module, leaf])
+
+
+def to_nnx_value(path: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """A torch tensor -> the layout of the NNX parameter at `path` with `shape` (no shape check here)."""
+  a = np.asarray(value)
+  if not path.endswith("/kernel"):
+    return a
+  if len(shape) == 4:
+    if a.ndim == 2:  # linear weight stored for a 1x1 conv
+      a = a[:, :, None, None]
+    return np.ascontiguousarray(a.transpose(2, 3, 1, 0)) if a.ndim == 4 else a
+  if len(shape) == 2:
+    if a.ndim == 4 and a.shape[2:] == (1, 1):  # 1x1 conv weight stored for a linear
+      a = a[:, :, 0, 0]
+    return np.ascontiguousarray(a.T) if a.ndim == 2 else a
+  return a
+
+
+def to_torch_value(path: str, value: np.ndarray) -> np.ndarray:
+  a = np.asarray(value)
+  if path.endswith("/kernel"):
+    if a.ndim == 4:
+      return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+    if a.ndim == 2:
+      return np.ascontiguousarray(a.T)
+  return a
+
+
+def model_params(model) -> dict[str, np.ndarray]:
+  """{'encoder/conv_in/kernel': np.ndarray, ...} for every nnx.Param of `model`."""
+  from flax import nnx
+  return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _legacy_alias(key: str) -> str | None:
+  for new, old in _LEGACY_ATTENTION.items():
+    for leaf in ("weight", "bias"):
+      suffix = f".{new}.{leaf}"
+      if key.endswith(suffix):
+        return key[:-len(suffix)] + f".{old}.{leaf}"
+  return None
+
+
+def params_from_diffusers(model, state_dict: Mapping[str, np.ndarray], source: str = "state dict", *,
+                          ignore: Callable[[str], bool] | None = None):
+  """Returns `model` (concrete or from `nnx.eval_shape`) with every nnx.Param replaced by its value from the
+  diffusers `state_dict`, cast to the parameter's dtype. Keys for which `ignore(key)` is true may be left over.
+  Raises CheckpointError (naming `source`) on missing keys, unexpected keys and shape mismatches."""
+  import jax.numpy as jnp
+  from flax import nnx
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  remaining = dict(state_dict)
+  missing, mismatched = [], []
+  for path, var in nnx.to_flat_state(params):
+    p = "/".join(map(str, path))
+    key = torch_key(p)
+    if key not in remaining:
+      alias = _legacy_alias(key)
+      if alias is None or alias not in remaining:
+        missing.append(key)
+        continue
+      key = alias
+    shape = tuple(var.shape)
+    arr = to_nnx_value(p, remaining.pop(key), shape)
+    if arr.shape != shape:
+      mismatched.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))} -> {arr.shape}, model {shape} ({p})")
+      continue
+    var.set_value(jnp.asarray(arr, dtype=var.dtype))
+  unexpected = sorted(k for k in remaining if not (ignore and ignore(k)))
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} missing keys {missing[:8]}")
+  if unexpected:
+    problems.append(f"{len(unexpected)} unexpected keys {unexpected[:8]}")
+  if mismatched:
+    problems.append(f"{len(mismatched)} shape mismatches {mismatched[:4]}")
+  if problems:
+    raise CheckpointError(f"{source}: state dict does not fit {type(model).__name__}: " + "; ".join(problems))
+  return nnx.merge(graphdef, params, rest)
+
+
+def build_from_diffusers(constructor: Callable[[], object], state_dict: Mapping[str, np.ndarray],
+                         source: str = "state dict", **kw):
+  """Builds `constructor()` abstractly (no random initialization) and fills it from `state_dict`."""
+  from flax import nnx
+  return params_from_diffusers(nnx.eval_shape(constructor), state_dict, source, **kw)
+
+
+def params_to_diffusers(model) -> dict[str, np.ndarray]:
+  """The inverse mapping: `model`'s parameters as a diffusers state dict of numpy arrays (parameter dtype)."""
+  return {torch_key(p): to_torch_value(p, v) for p, v in model_params(model).items()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Components
+# ------------------------------------------------------------------------------------------------------------
+def load_vae(model_dir, subfolder: str | None = "vae", *, dtype=None, param_dtype=None, variant: str | None = None,
+             attention_backend: str = "auto"):
+  """A diffusers AutoencoderKL folder (`model_dir/vae`, or `model_dir` itself with subfolder=None; falls back to
+  it when `model_dir/vae` does not exist) -> `hps_jax.models.vae.AutoencoderKL`."""
+  import jax.numpy as jnp
+  from hps_jax.models.vae import AutoencoderKL, VAEConfig
+  if subfolder and not (Path(model_dir) / subfolder).is_dir() and (Path(model_dir) / "config.json").exists():
+    subfolder = None
+  config_path, weights = component_files(model_dir, subfolder, variant)
+  config, sd = load_component(model_dir, subfolder, variant)
+  if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+    raise CheckpointError(f"{config_path}: _class_name {config['_class_name']!r} is not 'AutoencoderKL'")
+  try:
+    cfg = VAEConfig.from_diffusers(config, attention_backend=attention_backend)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{config_path}: unsupported VAE config ({e})") from e
+  dtype, param_dtype = dtype or jnp.float32, param_dtype or jnp.float32
+  return build_from_diffusers(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype), sd, str(weights))
+
+
+def save_vae(model, out_dir) -> Path:
+  """Writes `model` as a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors)."""
+  return save_component(out_dir, model.config.to_diffusers(), params_to_diffusers(model))
