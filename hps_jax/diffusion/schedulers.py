@@ -25,9 +25,9 @@ The numerics follow diffusers (PyTorch) to the bit where that is possible:
   NumPy float32 in diffusers' operation order and gathered by timestep at run time. Computing them under `jit`
   instead would let XLA rewrite `x / sqrt(a)` into `x * rsqrt(a)` and contract `a * b + c` into FMAs.
   The host square root is IEEE's correctly rounded one. PyTorch's CPU `sqrt` (and `** 0.5`, which dispatches to
-  it) is not: in an MKL build it is off by one ulp for about a fifth of float32 inputs (and some float64 ones), so
-  diffusers on the CPU gets slightly different scalars than diffusers on a GPU, whose sqrt is correctly rounded.
-  That, not operation order, is what separates this module from diffusers-on-CPU: with torch's sqrt substituted for
+  it) is not: in the x86 (AVX2) build tested it is one ulp off for about a fifth of float32 inputs (and for some
+  float64 ones). diffusers keeps `alphas_cumprod` on the CPU, so its scalars carry this even when sampling on a GPU.
+  That, not operation order, is what separates this module from diffusers: with torch's sqrt substituted for
   `_host_sqrt` (the tests do), the op-by-op results are bit-identical.
 - XLA's algebraic simplifier rewrites `x / broadcast(c)`, a tensor divided by a scalar, into `x * (1 / c)`, even
   op by op outside `jit`; that is one ulp off in about half the entries. PyTorch's CPU kernels divide (its CUDA
@@ -64,8 +64,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
-# Keys of diffusers' scheduler_config.json that carry no numerics here (or only their default value is supported).
-_IGNORED_KEYS = ("_class_name", "_diffusers_version")
+# diffusers options left unimplemented: a config may carry them only at these (default) values.
 _UNSUPPORTED_IF_SET = {"thresholding": False, "rescale_betas_zero_snr": False}
 
 
@@ -285,7 +284,8 @@ class PNDMState(NamedTuple):
 
 
 def pndm_init_state(shape, dtype=jnp.float32) -> PNDMState:
-  """The state before the first `pndm_step`, for samples of the given shape and dtype."""
+  """The state before the first `pndm_step`, for samples of the given shape and dtype (keep the dtype equal to
+  the sample's so that the state is a fixed-type `lax.scan` carry)."""
   shape = tuple(shape)
   return PNDMState(ets=jnp.zeros((4,) + shape, dtype), counter=jnp.zeros((), jnp.int32),
                    cur_sample=jnp.zeros(shape, dtype))
@@ -385,7 +385,8 @@ def _ddim_tables(config: SchedulerConfig, num_inference_steps: int, eta: float |
   if eta is not None:
     std = np.float32(eta) * tab["sqrt_variance"]
     tab["std"] = std
-    tab["direction"] = _host_sqrt(one - a_prev - std * std)
+    with np.errstate(invalid="ignore"):  # eta > 1 can make this NaN, as in diffusers
+      tab["direction"] = _host_sqrt(one - a_prev - std * std)
   return tab
 
 
