@@ -52,3 +52,20 @@ def features(out):
 
 def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+def randomize_fan_in_(module, seed=0):
+  """Seeded values for every parameter, scaled for deep conv nets: weights ~ N(0, 1/fan_in), norm scales
+  ~ 1 + N(0, 0.2^2), biases N(0, 0.1^2); returns the module in eval mode."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      noise = torch.randn(p.shape, generator=g)
+      if p.ndim > 1:
+        p.copy_(noise / np.sqrt(p[0].numel()))
+      elif "norm" in name and name.endswith("weight"):
+        p.copy_(1.0 + 0.2 * noise)
+      else:
+        p.copy_(0.1 * noise)
+  return module.eval()

@@ -10,22 +10,8 @@ from hps_jax.convert import diffusers as cd
 from hps_jax.models import sd_blocks as sb
 
 torch = pytest.importorskip("torch")
+from tests.refs import randomize_fan_in_ as randomize_  # noqa: E402
 pytest.importorskip("diffusers")
-
-
-def randomize_(module, seed=0):
-  """Seeded values for every parameter: weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.2^2), biases N(0, 0.1^2)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=g)
-      if p.ndim > 1:
-        p.copy_(noise / np.sqrt(p[0].numel()))
-      elif "norm" in name and name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * noise)
-      else:
-        p.copy_(0.1 * noise)
-  return module.eval()
 
 
 def _load(constructor, ref):

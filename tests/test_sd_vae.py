@@ -14,27 +14,13 @@ from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensor
 from hps_jax.models.vae import AutoencoderKL, VAEConfig
 
 torch = pytest.importorskip("torch")
+from tests.refs import randomize_fan_in_ as randomize_  # noqa: E402
 diffusers = pytest.importorskip("diffusers")
 
 # Three levels (two down/upsamplers), shortcut convs (32 -> 64) and identity shortcuts, the mid-block attention.
 TINY = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
             up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64], layers_per_block=1,
             latent_channels=4, norm_num_groups=8, sample_size=32)
-
-
-def randomize_(module, seed=0):
-  """Seeded values for every parameter: weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.2^2), biases N(0, 0.1^2)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=g)
-      if p.ndim > 1:
-        p.copy_(noise / np.sqrt(p[0].numel()))
-      elif "norm" in name and name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * noise)
-      else:
-        p.copy_(0.1 * noise)
-  return module.eval()
 
 
 @pytest.fixture(scope="module")
