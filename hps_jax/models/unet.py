@@ -25,14 +25,16 @@ diffusers' naming quirk: its config key `attention_head_dim` holds the NUMBER of
 (SD 1.x: 8); the width of a head is the block's channel count divided by it. `UNetConfig` keeps the diffusers
 name and exposes `num_heads(i)`.
 
-Dropout is not implemented (SD checkpoints use 0.0); only the configuration keys SD 1.x/2.x-style UNets need are
-supported, anything else that would change the architecture raises in `UNetConfig.from_diffusers`.
+Supported configuration: the SD 1.x keys, plus per-block head counts / cross-attention widths / transformer depths,
+`use_linear_projection` (SD 2.x), `time_embedding_dim`, `conv_in_kernel` / `conv_out_kernel`, `center_input_sample`,
+`mid_block_type=None`. Not supported (raises in `UNetConfig.from_diffusers`): `upcast_attention` (SD 2.1-v), class /
+addition embeddings (SDXL), other block types. Dropout is not implemented (SD checkpoints use 0.0).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +136,8 @@ class UNetConfig:
     if self.mid_block_type not in MID_BLOCK_TYPES:
       raise ValueError(f"unsupported mid block {self.mid_block_type!r}; supported: {MID_BLOCK_TYPES}")
     for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim"):
-      _per_block(getattr(self, name), n, name)
+      if not all(isinstance(v, int) and v > 0 for v in _per_block(getattr(self, name), n, name)):
+        raise ValueError(f"{name} must be a positive int or one per block, got {getattr(self, name)!r}")
     if not isinstance(self.norm_num_groups, int):
       raise ValueError("norm_num_groups must be an int (the UNet without norms is not supported)")
     if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
