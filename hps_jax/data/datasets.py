@@ -37,6 +37,8 @@ record. Entry points: `prepare` (build once, reuse after) and `data_source` (the
 """
 from __future__ import annotations
 
+import abc
+
 import concurrent.futures
 import dataclasses
 import itertools
@@ -303,11 +305,13 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
       features=_features(),
       homepage=self.HOMEPAGE, citation=self.CITATION, disable_shuffling=True)
 
+  @abc.abstractmethod
   def split_sources(self, manual_dir) -> dict[str, Any]:
-    raise NotImplementedError
+    """split name -> what `_records` reads for it (a file, a list of shards); checks manual_dir's layout."""
 
+  @abc.abstractmethod
   def _records(self, split: str, source) -> Iterator[tuple[int, _Candidate | BadRecord]]:
-    raise NotImplementedError
+    """(position, candidate record or the BadRecord it turned out to be) for every record of one split."""
 
   def _split_generators(self, dl_manager):
     sources = self.split_sources(Path(os.fspath(dl_manager.manual_dir)))
