@@ -399,6 +399,17 @@ def load_text_encoder(path, *, dtype=None, param_dtype=None):
   return build_model(cfg, flat, dtype=dtype, param_dtype=param_dtype, source=str(weights), cls=CLIPTextEncoder)
 
 
+def save_text_encoder(model, out_dir) -> Path:
+  """Writes our CLIPTextEncoder as a transformers CLIPTextModel dir (Stable Diffusion's `text_encoder/`)."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  save_safetensors({k: v.astype(np.float32) for k, v in text_encoder_state_dict(model).items()},
+                   out / "model.safetensors", metadata={"format": "pt"})
+  tc = {"architectures": ["CLIPTextModel"], **config_to_hf(model.config)["text_config"]}
+  (out / "config.json").write_text(json.dumps(tc, indent=2))
+  return out
+
+
 def text_encoder_state_dict(model) -> dict[str, np.ndarray]:
   """Our CLIPTextEncoder -> CLIPTextModel state dict (numpy), with the `text_model.` prefix that the released
   Stable Diffusion checkpoints use (and every transformers version reads)."""

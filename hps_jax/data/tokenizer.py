@@ -138,6 +138,25 @@ class CLIPTokenizer:
     kw.setdefault("clean", "hf")
     return cls(vocab, merges, start_token=start, end_token=end, **kw)
 
+  def save_hf_dir(self, path: str | os.PathLike) -> Path:
+    """Writes vocab.json + merges.txt + the two token configs (the layout of Stable Diffusion's `tokenizer/`),
+    naming the special tokens as Hugging Face does; `from_hf_dir` reads it back to identical ids."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {hf_names.get(k, k): v for k, v in self.vocab.items()}
+    inverse = {v: k for k, v in vocab.items()}
+    merges = [" ".join(m) for m, _ in sorted(self.ranks.items(), key=lambda kv: kv[1])]
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": inverse[self.start_id], "eos_token": inverse[self.end_id], "pad_token": inverse[self.pad_id],
+               "unk_token": inverse[self.end_id]}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length, "do_lower_case": True,
+              **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out
+
   @classmethod
   def from_path(cls, path: str | os.PathLike, **kw) -> "CLIPTokenizer":
     """A BPE merges file, or a Hugging Face tokenizer dir (or a file inside one)."""
