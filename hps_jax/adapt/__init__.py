@@ -1,0 +1,1 @@
+"""Adapting Stable Diffusion with human preference: HPS labelling of generated images."""
