@@ -145,3 +145,65 @@ def reference_stats(path, model, skipped: Skipped, *, resize: str, batch_size: i
     raise ValueError(f"{path}: fewer than two readable images")
   mu, sigma = run.stats.mu_sigma()
   return mu, sigma, run
+
+
+def generator_metrics(items, wanted, skipped: Skipped, *, reference=None, inception=None, resize: str = "tf1",
+                      batch_size: int = 50, is_splits: int = 10, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                      clip_checkpoint=None, aesthetic_mlp=None, hps_checkpoint=None) -> dict:
+  """The `wanted` metrics (fid, is, kid, clip, aesthetic, hps) of one image set: `items` are (image, prompt or
+  None) pairs; fid/kid compare with `reference` (images, or saved statistics for fid) through the `inception`
+  model; clip uses `clip_checkpoint` (CLIP preprocessing), hps `hps_checkpoint` (the paper's pad preprocessing),
+  aesthetic the LAION head `aesthetic_mlp` on `clip_checkpoint`. Unreadable images are skipped into `skipped`.
+  Raises ValueError for a missing input a metric needs."""
+  wanted = set(wanted)
+  result: dict = {}
+  if {"clip", "hps"} & wanted:
+    missing = [src for src, prompt in items if prompt is None]
+    if missing:
+      raise ValueError(f"clip/hps need a prompt per image: give the images as a JSONL of {{image, prompt}} rows "
+                       f"({len(missing)} images have none, e.g. {missing[0]})")
+  if {"fid", "is", "kid"} & wanted:
+    from hps_jax.metrics.fid import frechet_distance
+    from hps_jax.metrics.scores import inception_score, kernel_inception_distance
+    if inception is None:
+      raise ValueError("fid / is / kid need the Inception model")
+    keep = tuple(k for m, k in (("is", "logits_unbiased"), ("kid", "pool3")) if m in wanted)
+    run = inception_pass(inception, items, skipped, resize=resize, batch_size=batch_size, keep=keep)
+    result["num_images"] = run.count
+    result["resize"] = resize
+    if "is" in wanted:
+      result["is_mean"], result["is_std"] = inception_score(run.kept("logits_unbiased"), splits=is_splits)
+    if {"fid", "kid"} & wanted:
+      if reference is None:
+        raise ValueError("fid and kid need a reference (images, or saved statistics for fid)")
+      mu_r, sigma_r, ref = reference_stats(reference, inception, skipped, resize=resize, batch_size=batch_size,
+                                           keep=("pool3",) if "kid" in wanted else ())
+      result["reference"] = str(reference)
+      if "fid" in wanted:
+        mu, sigma = run.stats.mu_sigma()
+        result["fid"] = frechet_distance(mu, sigma, mu_r, sigma_r)
+      if "kid" in wanted:
+        result["kid_mean"], result["kid_std"] = kernel_inception_distance(
+            run.kept("pool3"), ref.kept("pool3"), subsets=kid_subsets, subset_size=kid_subset_size)
+  bad_names = {w for w, _ in skipped.items}
+  readable = [(src, p) for src, p in items if src not in bad_names]
+  if {"clip", "hps"} & wanted:
+    from hps_jax.metrics.scores import clip_score
+    from hps_jax.preference.scorer import Scorer
+    for metric, ckpt, mode in (("clip", clip_checkpoint, "clip"), ("hps", hps_checkpoint, "pad")):
+      if metric not in wanted:
+        continue
+      if not ckpt:
+        raise ValueError(f"the {metric} metric needs a checkpoint")
+      scorer = Scorer.from_checkpoint(ckpt, preprocess=mode)
+      cos = np.array([r["cosine"] for r in scorer.iter_scores(readable) if "cosine" in r])
+      result["clip_score" if metric == "clip" else "hps_mean"] = (
+          clip_score(cos) if metric == "clip" else float(100 * cos.mean()))
+  if "aesthetic" in wanted:
+    if not (aesthetic_mlp and clip_checkpoint):
+      raise ValueError("the aesthetic metric needs the aesthetic head and a CLIP ViT-L/14 checkpoint")
+    from hps_jax.preference.scorer import AestheticScorer
+    aes = AestheticScorer.from_checkpoint(aesthetic_mlp, clip_checkpoint)
+    vals = [r["aesthetic"] for r in aes.iter_scores([src for src, _ in readable]) if "aesthetic" in r]
+    result["aesthetic_mean"] = float(np.mean(vals))
+  return result
