@@ -54,24 +54,32 @@ class RecordTransform:
 
 
 def process_shard(ds: grain.MapDataset, process_index: int | None = None, process_count: int | None = None):
-  """This process's disjoint slice of the (already shuffled) records: every process_count-th from its index."""
+  """This process's disjoint slice of a dataset: every process_count-th element from its index. `train_dataset`
+  applies it to per-process batches, so global batch g is process 0's g-th batch, then process 1's, ..."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   return ds[pi::pc]
 
 
-def train_dataset(source, transform: RecordTransform, *, global_batch_size: int, seed: int, num_epochs: int | None = 1,
-                  process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
-  """Shuffled (a new order every epoch), repeated, process-sharded, transformed, batched (drop remainder).
-  The per-process batch is global_batch_size / process_count."""
+def train_dataset(source, transform, *, global_batch_size: int, seed: int, num_epochs: int | None = 1,
+                  process_index: int | None = None, process_count: int | None = None,
+                  random: bool = False) -> grain.MapDataset:
+  """Shuffled (a new order every epoch), repeated, transformed, batched (drop remainder), process-sharded.
+  The per-process batch is global_batch_size / process_count: global batch g is records [g*B, (g+1)*B) of the
+  shuffled stream, process p holding rows [p*B/P, (p+1)*B/P) of it — in the row order of a global array whose batch
+  shards are laid out process after process (`parallel.put_batch`), the same batch one process would read. Only
+  whole global batches are kept, so every process gets the same number of steps. With `random=True` the transform
+  is called as `transform(record, rng)` with a numpy Generator that depends only on (seed, position in the global
+  stream), so crops and noise seeds are the same whatever the number of processes and whenever a run resumes."""
   pc = jax.process_count() if process_count is None else process_count
   if global_batch_size % pc:
     raise ValueError(f"global batch {global_batch_size} is not divisible by {pc} processes")
   ds = grain.MapDataset.source(source).shuffle(seed=seed)  # each repetition gets its own permutation
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = process_shard(ds, process_index, pc)
-  return ds.map(transform).batch(global_batch_size // pc, drop_remainder=True)
+  ds = ds.random_map(transform, seed=seed) if random else ds.map(transform)   # lazy: only this shard's are computed
+  ds = ds[: len(ds) // global_batch_size * global_batch_size]
+  return process_shard(ds.batch(global_batch_size // pc, drop_remainder=True), process_index, pc)
 
 
 def eval_dataset(source, transform: RecordTransform, *, batch_size: int) -> grain.MapDataset:

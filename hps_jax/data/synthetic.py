@@ -123,3 +123,38 @@ def write_jsonl(source, out_dir, split: str) -> Path:
       f.write(json.dumps({"id": rec["id"], "prompt": rec["prompt"], "images": names, "chosen": int(rec["chosen"]),
                           "ranks": [int(r) for r in rec["ranks"]]}) + "\n")
   return path
+
+
+def write_generated(source, out_dir, name: str = "generated") -> Path:
+  """Every record's images as PNG files plus `{name}.jsonl` rows {"image", "prompt"} (paths relative to out_dir):
+  a stand-in for a generator's outputs, the input `hps-jax label` scores (several images per prompt)."""
+  out = Path(out_dir)
+  (out / name).mkdir(parents=True, exist_ok=True)
+  path = out / f"{name}.jsonl"
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(len(source)):
+      rec = source[i]
+      for j, data in enumerate(rec["images"]):
+        file = f"{name}/{i:06d}_{j}.png"
+        (out / file).write_bytes(data)
+        f.write(json.dumps({"image": file, "prompt": rec["prompt"]}) + "\n")
+  return path
+
+
+def write_lora_manifest(source, out_dir, negative_prefix: str = "Weird image. ") -> Path:
+  """A LoRA training manifest labelled by the records' ground truth instead of a scorer: per record the chosen
+  image as `preferred` and the worst-ranked one as `non_preferred` (caption prefixed), rows {"image", "caption",
+  "kind"} in `manifest.jsonl` under out_dir (the layout `hps-jax label` writes)."""
+  out = Path(out_dir)
+  (out / "images").mkdir(parents=True, exist_ok=True)
+  path = out / "manifest.jsonl"
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(len(source)):
+      rec = source[i]
+      worst = int(np.argmax(rec["ranks"]))
+      for j, kind, caption in ((rec["chosen"], "preferred", rec["prompt"]),
+                               (worst, "non_preferred", negative_prefix + rec["prompt"])):
+        file = f"images/{i:06d}_{j}.png"
+        (out / file).write_bytes(rec["images"][j])
+        f.write(json.dumps({"image": file, "caption": caption, "kind": kind}) + "\n")
+  return path

@@ -1,0 +1,131 @@
+"""LoRA training of the tiny SD (configs/lora_sd14.py:tiny): the loss falls over 200 steps, only adapters train and
+the export reloads; SIGKILL + resume reproduces the uninterrupted trajectory bit for bit; the latent cache holds what
+the encoders compute. Training runs in subprocesses sharing one XLA compilation cache."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = f"{ROOT}/configs/lora_sd14.py:tiny"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  e.pop("XLA_FLAGS", None)
+  return e
+
+
+def _cmd(workdir, *overrides):
+  return [sys.executable, "-m", "hps_jax.cli", "train-lora", "--config", TINY, "--workdir", str(workdir),
+          "--config.progress=False", *overrides]
+
+
+def _train(env, workdir, *overrides, timeout=900):
+  res = subprocess.run(_cmd(workdir, *overrides), env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-4000:]
+  return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
+
+
+def _metrics(workdir) -> dict[int, dict]:
+  rows = {}
+  path = Path(workdir) / "metrics.jsonl"
+  for line in (path.read_text().splitlines() if path.exists() else []):
+    row = json.loads(line)
+    if "loss" in row:
+      rows[row["step"]] = row
+  return rows
+
+
+@pytest.fixture(scope="module")
+def straight(env, tmp_path_factory):
+  """The uninterrupted 200-step run (constant LR: its first steps are any shorter run's steps too)."""
+  wd = tmp_path_factory.mktemp("straight")
+  summary, _ = _train(env, wd, "--config.log_every=1")
+  return wd, summary, _metrics(wd)
+
+
+def test_loss_falls_only_adapters_train_and_export_reloads(straight):
+  wd, summary, rows = straight
+  assert summary["status"] == "done" and summary["step"] == 200
+  losses = np.array([rows[s]["loss"] for s in range(1, 201)])
+  first, last = losses[:20].mean(), losses[-20:].mean()
+  assert last < 0.85 * first, (first, last)
+  # trainable = the adapters alone: 4 transformer blocks x 8 projections at rank 4 (tests/test_lora.py counts)
+  assert summary["trainable_params"] == 9984
+  from hps_jax import lora
+  from hps_jax.convert.lora import load_lora
+  from hps_jax.models.unet import load_unet
+  adapters, info = load_lora(summary["export"])
+  assert len(adapters) == 32 and {a.down.shape[1] for a in adapters.values()} == {4}
+  assert all(np.abs(a.up).max() > 0 for a in adapters.values())   # every adapter moved away from B = 0
+  unet = load_unet(wd / "base_model")                              # the base stays what it was
+  lora.set_adapters(unet, adapters)
+  assert len(lora.lora_layers(unet)) == 32
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(env, straight, tmp_path):
+  _, _, reference = straight
+  common = ["--config.num_steps=30", "--config.log_every=1", "--config.checkpoint_every=10"]
+  wd = tmp_path / "killed"
+  proc = subprocess.Popen(_cmd(wd, *common), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  deadline = time.time() + 600
+  try:
+    while not (wd / "checkpoints" / "10").exists() or len(_metrics(wd)) < 13:
+      assert proc.poll() is None, "training ended before it could be killed"
+      assert time.time() < deadline, "no checkpoint appeared"
+      time.sleep(0.05)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  killed_at = max(_metrics(wd))
+  assert 10 < killed_at < 30 and not (wd / "checkpoints" / "30").exists()
+
+  summary, log = _train(env, wd, *common)
+  assert "resumed from" in log and summary["step"] == 30
+  resumed = _metrics(wd)
+  assert sorted(resumed) == list(range(1, 31))
+  for step in range(1, 31):
+    assert resumed[step]["loss"] == reference[step]["loss"], step                    # bit-identical trajectory
+    assert resumed[step]["data_checksum"] == reference[step]["data_checksum"], step  # same examples and noise
+
+
+def test_latent_cache_holds_the_encoders_outputs(tmp_path, parity):
+  """data.cache: the stored VAE moments and text embeddings are what the step would compute from the images."""
+  from flax import nnx
+  from hps_jax.adapt import train_lora as tl
+  from hps_jax.cli import load_config
+  config = load_config(TINY, [])
+  model_dir = tl.base_model_dir(config, tmp_path)
+  rows = tl.read_manifest(tl.manifest_path(config, tmp_path))[:5]
+  model, tok, _ = tl.build_model(config, model_dir)
+  tf = tl.ExampleTransform(tok, config.data.resolution, random_crop=False)
+  cache = tl.build_cache(model, rows, tf, tmp_path / "cache.npz", batch_size=3)   # 2 batches, the last one short
+  assert cache.moments.shape == (5, 8, 8, 8) and cache.context.shape == (5, 77, 32)
+  enc = [tf.encode_row(r) for r in rows]
+  mean, logvar = nnx.jit(lambda v, x: v.encode(x))(model.vae, np.stack([e["pixels"] for e in enc]))
+  context = nnx.jit(lambda t, i: t(i))(model.text_encoder, np.stack([e["ids"] for e in enc]))
+  want = np.concatenate([np.asarray(mean), np.asarray(logvar)], -1)
+  parity("LoRA latent cache vs VAE encode (moments)", np.abs(cache.moments - want).max(), 1e-5)
+  parity("LoRA latent cache vs text encoder", np.abs(cache.context - np.asarray(context)).max(), 1e-5)
+  again = tl.build_cache(model, rows, tf, tmp_path / "cache.npz")   # reused from the file
+  np.testing.assert_array_equal(again.moments, cache.moments)
+  other = tl.build_cache(model, rows[:4], tf, tmp_path / "cache.npz")   # other rows: rebuilt, not reused
+  assert len(other) == 4
+
+
+def test_dry_run_counts_adapters(tmp_path):
+  res = subprocess.run([sys.executable, "-m", "hps_jax.cli", "train-lora", "--config", TINY, "--workdir",
+                        str(tmp_path), "--dry-run", "--config.lora.rank=8"], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert res.returncode == 0, res.stderr
+  assert json.loads(res.stdout.splitlines()[0]) == {"lora_layers": 32, "lora_params": 2 * 9984}
