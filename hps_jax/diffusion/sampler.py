@@ -40,8 +40,7 @@ class StableDiffusion:
     self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
     self.scheduler_config = scheduler_config
     self.mesh = mesh if mesh is not None else parallel.local_mesh()
-    self._graph, self._state = nnx.split((unet, vae, text_encoder))
-    self._state = parallel.shard_state(self._state, self.mesh)
+    self._refresh()
 
   @classmethod
   def from_pretrained(cls, model_dir, *, dtype=jnp.float32, mesh=None) -> "StableDiffusion":
@@ -53,6 +52,25 @@ class StableDiffusion:
     return cls(load_unet(d, dtype=dtype), load_vae(d, dtype=dtype), load_text_encoder(d / "text_encoder", dtype=dtype),
                CLIPTokenizer.from_hf_dir(d / "tokenizer"),
                sch.SchedulerConfig.from_json(d / "scheduler" / "scheduler_config.json"), mesh=mesh)
+
+  def load_lora(self, path, scale: float = 1.0) -> dict:
+    """Adapts the UNet with a LoRA file (PEFT / diffusers, kohya / A1111 or the HPS v1 release; see
+    `hps_jax.convert.lora.load_lora`) at `scale`; returns what was loaded."""
+    from hps_jax.convert.lora import apply_lora_file
+    info = apply_lora_file(self.unet, path, multiplier=scale)
+    self._refresh()
+    return info
+
+  def set_lora_scale(self, scale: float):
+    """Scale of the loaded adapters (0 = the base model, 1 = as trained)."""
+    from hps_jax import lora
+    lora.set_lora_scale(self.unet, scale)
+    self._refresh()
+
+  def _refresh(self):
+    """Re-splits after the module graph changed (adapters added, scale changed: both are static)."""
+    self._graph, self._state = nnx.split((self.unet, self.vae, self.text_encoder))
+    self._state = parallel.shard_state(self._state, self.mesh)
 
   @property
   def latent_channels(self) -> int:
