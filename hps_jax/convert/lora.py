@@ -1,0 +1,468 @@
+"""LoRA files <-> the adapters of `hps_jax.lora` (`{our layer path: Adapter}`), for the SD UNet.
+
+Our layer paths are diffusers' module names with slashes (`down_blocks/0/attentions/0/transformer_blocks/0/attn1/
+to_out/0` <-> `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`). Every format stores a torch
+`down` (r, in) and `up` (out, r); ours are their transposes, down (in, r) and up (r, out). The adapter adds
+`alpha / r * up(down(x))`.
+
+Formats `load_lora` recognizes (key by key, so prefixes may vary):
+
+  attn_procs  the HPS v1 release and diffusers <= 0.13 `save_attn_procs` (`pytorch_lora_weights.bin`):
+              `<attention>.processor.to_q_lora.down.weight` / `.up.weight` (to_q, to_k, to_v, to_out -> to_out.0).
+              No alpha: scale 1.
+  diffusers   diffusers 0.14 - 0.2x (`LoRACompatibleLinear`, and what today's training scripts write through
+              `convert_state_dict_to_diffusers`): `unet.<module>.lora.down.weight` / `.lora.up.weight`
+              (also `.lora_linear_layer.`).
+  peft        today's diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (also unprefixed,
+              `base_model.model.` prefixed, or with an adapter name `lora_A.<name>.weight`).
+  kohya       kohya-ss sd-scripts / A1111: `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight` and a
+              scalar `.alpha`.
+
+Alpha, in order: a per-module `.alpha` tensor (kohya; also honoured in the other layouts); the `LoraConfig` that
+diffusers (>= 0.34) stores as JSON under the safetensors metadata key `lora_adapter_metadata` (`r`, `lora_alpha`,
+`rank_pattern`, `alpha_pattern`, `use_rslora`; keys prefixed `unet.` when the pipeline wrote the file); PEFT's
+`adapter_config.json` next to the file; else alpha = rank (scale 1, the diffusers convention without metadata).
+
+Text-encoder keys (`text_encoder.`, `text_encoder_2.`, `lora_te_`, `lora_te1_`, `lora_te2_`) are skipped and
+counted (`info["skipped_text_encoder"]`): this package adapts the UNet only. Any other key, DoRA keys and LoRA
+biases raise `CheckpointError` naming the file and the key.
+
+Writers: `save_peft` (what `pipe.load_lora_weights` reads, alpha in the metadata), `save_kohya` (A1111, ComfyUI and
+diffusers' kohya conversion), `save_legacy` (the attn-procs layout; scale folded into `up`), and
+`save_merged_unet` (a plain diffusers `unet/` folder with W + scale * down @ up). torch is needed only to read or
+write `.bin` pickles and is imported lazily.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from hps_jax.convert.io import CheckpointError, _is_safetensors, load_state_dict, save_safetensors
+from hps_jax.lora import Adapter
+
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin", "adapter_model.safetensors",
+                     "adapter_model.bin")
+METADATA_KEY = "lora_adapter_metadata"     # diffusers' safetensors metadata entry (a JSON LoraConfig)
+_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
+_STRIP_PREFIXES = ("base_model.model.", "unet.")
+_LEGACY_TARGETS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+
+_KOHYA = re.compile(r"^lora_unet_(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_ATTN_PROCS = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
+_DIFFUSERS = re.compile(r"^(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<part>down|up)\.weight$")
+_PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_MODULE_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
+_UNSUPPORTED = re.compile(r"(lora_magnitude_vector|dora_scale|lora_B(\.[^.]+)?\.bias|lora_up\.bias|hada_|lokr_"
+                          r"|lora_mid\.)")
+
+# diffusers UNet module names that contain underscores, as token tuples (for kohya names, where every `.` became
+# `_`). Longest first: the greedy parse must prefer conv_norm_out to conv_out.
+_COMPOUNDS = sorted((tuple(w.split("_")) for w in (
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
+    "proj_out", "conv_in", "conv_out", "conv_norm_out", "conv_shortcut", "time_emb_proj", "time_embedding",
+    "linear_1", "linear_2", "add_embedding", "add_time_proj", "encoder_hid_proj")), key=len, reverse=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# names
+# ------------------------------------------------------------------------------------------------------------
+def module_name(path: str) -> str:
+  """Our layer path -> the diffusers module name ('a/b/0/to_out/0' -> 'a.b.0.to_out.0')."""
+  return path.replace("/", ".")
+
+
+def layer_path(module: str) -> str:
+  return module.replace(".", "/")
+
+
+def kohya_name(path: str) -> str:
+  """Our layer path -> the kohya LoRA name ('lora_unet_down_blocks_0_..._attn1_to_q')."""
+  return "lora_unet_" + path.replace("/", "_")
+
+
+def _parse_kohya(name: str) -> str:
+  """'down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0' -> 'down_blocks.0....attn1.to_out.0'."""
+  tokens, parts, i = name.split("_"), [], 0
+  while i < len(tokens):
+    for c in _COMPOUNDS:
+      if tuple(tokens[i:i + len(c)]) == c:
+        parts.append("_".join(c))
+        i += len(c)
+        break
+    else:
+      parts.append(tokens[i])
+      i += 1
+  return ".".join(parts)
+
+
+def _model_kohya_names(model) -> dict[str, str]:
+  """{kohya name without 'lora_unet_': module name} for every linear layer of `model` (exact resolution)."""
+  from hps_jax.lora import _linears
+  return {p.replace("/", "_"): module_name(p) for p, _ in _linears(model)}
+
+
+def _strip(key: str) -> str:
+  changed = True
+  while changed:
+    changed = False
+    for p in _STRIP_PREFIXES:
+      if key.startswith(p):
+        key, changed = key[len(p):], True
+  return key
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------------------
+def resolve_lora_file(path) -> Path:
+  """A LoRA weights file, or a folder holding one (diffusers / PEFT names first, else its only .safetensors)."""
+  p = Path(path)
+  if p.is_dir():
+    for name in LORA_WEIGHT_NAMES:
+      if (p / name).exists():
+        return p / name
+    found = sorted(p.glob("*.safetensors"))
+    if len(found) == 1:
+      return found[0]
+    raise CheckpointError(f"{p}: no LoRA weights file; expected one of {list(LORA_WEIGHT_NAMES)} or a single "
+                          f".safetensors file (found {[f.name for f in found]})")
+  if not p.exists():
+    raise CheckpointError(f"{p}: no such file")
+  return p
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+  if not _is_safetensors(path):
+    return {}
+  from safetensors import safe_open
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      return dict(f.metadata() or {})
+  except Exception:  # unreadable metadata: load_state_dict already reported real problems
+    return {}
+
+
+def _peft_config(path: Path, metadata: Mapping[str, str]) -> tuple[dict | None, str | None]:
+  """The UNet's LoraConfig dict from diffusers' safetensors metadata or a PEFT adapter_config.json, and where from."""
+  raw = metadata.get(METADATA_KEY)
+  if raw:
+    try:
+      conf = json.loads(raw)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from e
+    if any(k.startswith("unet.") for k in conf):
+      conf = {k[len("unet."):]: v for k, v in conf.items() if k.startswith("unet.")}
+    elif any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in conf):
+      conf = {}
+    if conf:
+      return conf, f"safetensors metadata {METADATA_KEY!r}"
+  side = path.parent / "adapter_config.json"
+  if side.exists():
+    try:
+      return json.loads(side.read_text()), str(side)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{side}: not valid JSON ({e})") from e
+  return None, None
+
+
+def _pattern_value(patterns: Mapping[str, float], module: str):
+  """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
+  for key, value in patterns.items():
+    if re.match(rf"(.*\.)?({key})$", module):
+      return value
+  return None
+
+
+def _config_alpha(conf: Mapping, module: str, rank: int) -> float:
+  alpha = _pattern_value(conf.get("alpha_pattern") or {}, module)
+  if alpha is None:
+    alpha = conf.get("lora_alpha", rank)
+  alpha = float(alpha)
+  if conf.get("use_rslora"):     # PEFT's rsLoRA scale alpha / sqrt(r), in our alpha / r convention
+    alpha *= math.sqrt(rank)
+  return alpha
+
+
+def _as_matrix(a: np.ndarray, key: str, source) -> np.ndarray:
+  a = np.asarray(a, np.float32)
+  if a.ndim == 4 and a.shape[2:] == (1, 1):   # 1x1-conv LoRA (kohya's proj_in / proj_out on SD 1.x)
+    a = a[:, :, 0, 0]
+  if a.ndim != 2:
+    raise CheckpointError(f"{source}: {key} has shape {a.shape}; only linear (and 1x1-conv) LoRA is supported")
+  return a
+
+
+def load_lora(path, model=None) -> tuple[dict[str, Adapter], dict]:
+  """Reads a LoRA file (or a folder holding one) in any format above -> ({our layer path: Adapter}, info).
+
+  info: format ('attn_procs' | 'diffusers' | 'peft' | 'kohya', '+'-joined if a file mixes them), file, layers,
+  rank (int, or None when ranks differ), ranks (sorted), alpha (float or None), alphas, alpha_source,
+  skipped_text_encoder (number of text-encoder keys skipped). With `model`, kohya names are resolved against the
+  model's own linear layers (otherwise through the known diffusers UNet module names)."""
+  path = resolve_lora_file(path)
+  sd = load_state_dict(path)
+  source = str(path)
+  known = _model_kohya_names(model) if model is not None else None
+
+  downs: dict[str, tuple[str, np.ndarray]] = {}
+  ups: dict[str, tuple[str, np.ndarray]] = {}
+  alphas: dict[str, float] = {}
+  formats: collections.Counter = collections.Counter()
+  skipped = 0
+  for key in sd:
+    if key.startswith(_TEXT_PREFIXES) or _strip(key).startswith(_TEXT_PREFIXES):
+      skipped += 1
+      continue
+    if _UNSUPPORTED.search(key):
+      raise CheckpointError(f"{source}: key {key!r} belongs to an unsupported adapter type (DoRA, LoRA bias, LyCORIS "
+                            "LoHa / LoKr / LoCon-mid); only plain LoRA is supported")
+    k = _strip(key)
+    value = sd[key]
+    if m := _KOHYA.match(k):
+      fmt, name = "kohya", m["name"]
+      module = known.get(name) if known is not None else None
+      module = module or _parse_kohya(name)
+      part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]
+    elif m := _ATTN_PROCS.match(k):
+      fmt, module, part = "attn_procs", f"{m['attn']}.{_LEGACY_TARGETS[m['proj']]}", m["part"]
+    elif m := _DIFFUSERS.match(k):
+      fmt, module, part = "diffusers", m["module"], m["part"]
+    elif m := _PEFT.match(k):
+      fmt, module, part = "peft", m["module"], {"A": "down", "B": "up"}[m["part"]]
+    elif m := _MODULE_ALPHA.match(k):
+      fmt, module, part = None, m["module"], "alpha"
+    else:
+      raise CheckpointError(f"{source}: unrecognized LoRA key {key!r} (expected the attn-procs, diffusers, PEFT or "
+                            "kohya layout of a UNet LoRA)")
+    if fmt:
+      formats[fmt] += 1
+    if part == "alpha":
+      alphas[module] = float(np.asarray(value, np.float64).reshape(-1)[0])
+    else:
+      (downs if part == "down" else ups)[module] = (key, _as_matrix(value, key, source))
+
+  if not downs and not ups:
+    what = f" (skipped {skipped} text-encoder keys)" if skipped else ""
+    raise CheckpointError(f"{source}: holds no UNet LoRA weights{what}")
+  lonely = sorted(set(downs) ^ set(ups))
+  if lonely:
+    raise CheckpointError(f"{source}: {len(lonely)} modules have only one of the down / up matrices: {lonely[:4]}")
+  stray = sorted(set(alphas) - set(downs))
+  if stray:
+    raise CheckpointError(f"{source}: alpha without LoRA weights for {stray[:4]}")
+
+  conf, conf_source = (None, None)
+  if set(formats) - {"kohya", "attn_procs"}:
+    conf, conf_source = _peft_config(path, _file_metadata(path))
+  if conf and conf.get("use_dora"):
+    raise CheckpointError(f"{source}: {conf_source} says use_dora; DoRA is not supported")
+
+  adapters: dict[str, Adapter] = {}
+  for module, (dkey, down) in downs.items():
+    ukey, up = ups[module]
+    rank = down.shape[0]
+    if up.shape[1] != rank:
+      raise CheckpointError(f"{source}: {dkey} {down.shape} and {ukey} {up.shape} disagree on the rank")
+    if module in alphas:
+      alpha = alphas[module]
+    elif conf is not None:
+      alpha = _config_alpha(conf, module, rank)
+    else:
+      alpha = float(rank)
+    adapters[layer_path(module)] = Adapter(np.ascontiguousarray(down.T), np.ascontiguousarray(up.T), alpha)
+
+  ranks = sorted({a.rank for a in adapters.values()})
+  alpha_values = sorted({a.alpha for a in adapters.values()})
+  info = {
+      "format": "+".join(sorted(formats)) or "unknown",
+      "file": source,
+      "layers": len(adapters),
+      "rank": ranks[0] if len(ranks) == 1 else None,
+      "ranks": ranks,
+      "alpha": alpha_values[0] if len(alpha_values) == 1 else None,
+      "alphas": alpha_values,
+      "alpha_source": ("alpha keys" if alphas else conf_source if conf is not None else "rank (no alpha stored)"),
+      "skipped_text_encoder": skipped,
+  }
+  return adapters, info
+
+
+# ------------------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------------------
+def _adapters(model_or_adapters) -> dict[str, Adapter]:
+  if isinstance(model_or_adapters, Mapping):
+    out = dict(model_or_adapters)
+  else:
+    from hps_jax.lora import get_adapters
+    out = get_adapters(model_or_adapters)
+  if not out:
+    raise ValueError("no LoRA adapters to save")
+  return out
+
+
+def _out_file(path, default_name: str) -> Path:
+  p = Path(path)
+  if p.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+  p.mkdir(parents=True, exist_ok=True)
+  return p / default_name
+
+
+def _number(x: float):
+  return int(x) if float(x).is_integer() else float(x)
+
+
+def _dtype(fp16: bool):
+  return np.float16 if fp16 else np.float32
+
+
+def peft_config(adapters: Mapping[str, Adapter]) -> dict:
+  """The PEFT `LoraConfig` kwargs describing `adapters`: the most common rank / alpha, the others as patterns."""
+  modules = {module_name(p): a for p, a in adapters.items()}
+  r = collections.Counter(a.rank for a in modules.values()).most_common(1)[0][0]
+  alpha = collections.Counter(a.alpha for a in modules.values()).most_common(1)[0][0]
+  return {
+      "r": r,
+      "lora_alpha": _number(alpha),
+      "rank_pattern": {m: a.rank for m, a in modules.items() if a.rank != r},
+      "alpha_pattern": {m: _number(a.alpha) for m, a in modules.items() if a.alpha != alpha},
+      "target_modules": sorted(modules),
+      "init_lora_weights": True,
+      "use_dora": False,
+      "use_rslora": False,
+      "lora_bias": False,
+  }
+
+
+def save_peft(model_or_adapters, path, *, prefix: str | None = "unet", fp16: bool = False) -> Path:
+  """Writes the adapters of a model (or an `{path: Adapter}` dict) as today's diffusers LoRA file:
+  `unet.<module>.lora_A.weight` (r, in), `.lora_B.weight` (out, r), the LoraConfig (rank / alpha, per-module
+  patterns where they differ) as JSON under the safetensors metadata key `lora_adapter_metadata`. `path` is a
+  .safetensors file or a folder (-> folder/pytorch_lora_weights.safetensors). `pipe.load_lora_weights(path)` reads
+  it. Returns the file written."""
+  adapters = _adapters(model_or_adapters)
+  out = _out_file(path, "pytorch_lora_weights.safetensors")
+  if out.suffix != ".safetensors":
+    raise ValueError(f"{out}: save_peft writes safetensors (the alpha lives in its metadata)")
+  pre = f"{prefix}." if prefix else ""
+  dt = _dtype(fp16)
+  tensors = {}
+  for p, a in adapters.items():
+    m = module_name(p)
+    tensors[f"{pre}{m}.lora_A.weight"] = np.asarray(a.down, np.float32).T.astype(dt)
+    tensors[f"{pre}{m}.lora_B.weight"] = np.asarray(a.up, np.float32).T.astype(dt)
+  conf = peft_config(adapters)
+  meta = {f"{pre}{k}": v for k, v in conf.items()}
+  save_safetensors(tensors, out, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
+  return out
+
+
+def save_kohya(model_or_adapters, path, *, fp16: bool = False) -> Path:
+  """Writes the adapters in the kohya-ss / A1111 layout: `lora_unet_<module with _>.lora_down.weight` (r, in),
+  `.lora_up.weight` (out, r) and a 0-d float32 `.alpha` per layer. `path` is a .safetensors file or a folder
+  (-> folder/lora.safetensors). Returns the file written."""
+  adapters = _adapters(model_or_adapters)
+  out = _out_file(path, "lora.safetensors")
+  if out.suffix != ".safetensors":
+    raise ValueError(f"{out}: save_kohya writes safetensors")
+  dt = _dtype(fp16)
+  tensors = {}
+  for p, a in adapters.items():
+    name = kohya_name(p)
+    tensors[f"{name}.lora_down.weight"] = np.asarray(a.down, np.float32).T.astype(dt)
+    tensors[f"{name}.lora_up.weight"] = np.asarray(a.up, np.float32).T.astype(dt)
+    tensors[f"{name}.alpha"] = np.asarray(a.alpha, np.float32)
+  ranks = sorted({a.rank for a in adapters.values()})
+  alphas = sorted({a.alpha for a in adapters.values()})
+  meta = {"ss_network_module": "networks.lora",
+          "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
+          "ss_network_alpha": str(_number(alphas[0])) if len(alphas) == 1 else "Dynamic"}
+  save_safetensors(tensors, out, metadata=meta)
+  return out
+
+
+def save_legacy(model_or_adapters, path) -> Path:
+  """Writes the attn-procs layout of diffusers <= 0.13 / the HPS v1 release
+  (`<attention>.processor.to_q_lora.down.weight`, ...). It has no alpha, so each scale alpha / r is folded into
+  `up` (reading it back gives alpha = r and the same delta). Only to_q / to_k / to_v / to_out.0 of attention
+  modules fit. `path`: a .bin (torch.save; needs torch) or .safetensors file, or a folder
+  (-> folder/pytorch_lora_weights.bin). Returns the file written."""
+  adapters = _adapters(model_or_adapters)
+  out = _out_file(path, "pytorch_lora_weights.bin")
+  inverse = {v: k for k, v in _LEGACY_TARGETS.items()}
+  tensors = {}
+  for p, a in adapters.items():
+    m = module_name(p)
+    attn, proj = None, None
+    for target, name in inverse.items():
+      if m.endswith("." + target):
+        attn, proj = m[:-len(target) - 1], name
+        break
+    if attn is None:
+      raise ValueError(f"{p}: the legacy attn-procs layout holds only to_q / to_k / to_v / to_out.0 adapters")
+    tensors[f"{attn}.processor.{proj}_lora.down.weight"] = np.ascontiguousarray(np.asarray(a.down, np.float32).T)
+    tensors[f"{attn}.processor.{proj}_lora.up.weight"] = np.ascontiguousarray(
+        (np.asarray(a.up, np.float32) * (a.alpha / a.rank)).T)
+  if out.suffix == ".safetensors":
+    save_safetensors(tensors, out, metadata={"format": "pt"})
+  else:
+    try:
+      import torch
+    except ImportError as e:
+      raise CheckpointError(f"{out}: writing a .bin pickle needs torch; write .safetensors instead") from e
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, str(out))
+  return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------------------
+def apply_lora_file(model, path, multiplier: float = 1.0, *, replace: bool = True) -> dict:
+  """Loads a LoRA file into `model` (any format `load_lora` reads): adapters are created or rebuilt at the file's
+  ranks, then every adapter's scale is alpha / r * `multiplier`. With `replace`, adapters on layers the file does
+  not name are removed, so the model runs exactly the file's LoRA. Returns load_lora's info."""
+  from hps_jax.lora import _linears, lora_layers, remove_lora_at, set_adapters, set_lora_scale
+  adapters, info = load_lora(path, model=model)
+  linear = {p for p, _ in _linears(model)}
+  other = sorted(p for p in adapters if p not in linear)
+  if other:    # before touching the model
+    raise CheckpointError(f"{info['file']}: {len(other)} adapters target layers that are not linear layers of "
+                          f"{type(model).__name__} (LoRA on convolutions, LoCon, is not supported): {other[:4]}")
+  if replace:
+    for p, m in list(lora_layers(model).items()):
+      if p not in adapters:
+        remove_lora_at(model, p)
+  set_adapters(model, adapters, source=info["file"])
+  set_lora_scale(model, multiplier)
+  return info
+
+
+def merged_state_dict(model) -> dict[str, np.ndarray]:
+  """`model`'s diffusers state dict with every unmerged adapter folded in (W + scale * down @ up, in float32),
+  computed on a copy: the model is left as it is."""
+  from hps_jax.convert.diffusers import params_to_diffusers
+  from hps_jax.lora import lora_layers
+  sd = params_to_diffusers(model)
+  for p, m in lora_layers(model).items():
+    if m.merged:          # already in the kernel
+      continue
+    key = f"{module_name(p)}.weight"
+    sd[key] = np.asarray(sd[key], np.float32) + np.asarray(m.delta(), np.float32).T
+  return sd
+
+
+def save_merged_unet(model, out_dir) -> Path:
+  """Writes `model` (a UNet2DConditionModel with adapters) as a plain diffusers UNet folder (config.json +
+  diffusion_pytorch_model.safetensors, float32) with the adapters merged at their current scale; loadable by
+  `load_unet` and diffusers without any LoRA support. The model itself is not modified."""
+  from hps_jax.convert.diffusers import save_component
+  config = {"_class_name": "UNet2DConditionModel", **model.config.to_diffusers()}
+  return save_component(out_dir, config, merged_state_dict(model))
