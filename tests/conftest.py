@@ -5,6 +5,11 @@ import pytest
 # Tests run on the CPU with deterministic single-device defaults; tests that need several devices start a
 # subprocess with XLA_FLAGS set (the device count is fixed when JAX initializes).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole run, shared by the xdist workers and every subprocess they
+# start: the tiny UNet / VAE / CLIP programs that many tests compile are compiled once.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """LoRA training of the tiny SD (configs/lora_sd14.py:tiny): the loss falls over 200 steps, only adapters train and
 the export reloads; SIGKILL + resume reproduces the uninterrupted trajectory bit for bit; the latent cache holds what
-the encoders compute. Training runs in subprocesses sharing one XLA compilation cache."""
+the encoders compute. Training runs in subprocesses (sharing the test run's XLA compilation cache)."""
 import json
 import os
 import signal
@@ -17,9 +17,8 @@ TINY = f"{ROOT}/configs/lora_sd14.py:tiny"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+  e = dict(os.environ, JAX_PLATFORMS="cpu")   # with conftest's shared compilation cache: one compile for all runs
   e.pop("XLA_FLAGS", None)
   return e
 
