@@ -49,3 +49,23 @@ def test_variants_differ_and_bad_files(aesthetic_weights, tmp_path):
   assert np.abs(a - b).max() > 1e-3
   with pytest.raises(CheckpointError, match="not a LAION aesthetic MLP"):
     aesthetic_params({"layers.1.weight": np.zeros((2, 2)), "layers.1.bias": np.zeros(2)}, "x.pth")
+
+
+@pytest.mark.parametrize("variant", ["linear", "relu"])
+def test_save_round_trip_into_the_torch_head(variant, tmp_path, parity):
+  """save_aesthetic writes the LAION layout: the torch head loads it strictly and rates like ours."""
+  torch = pytest.importorskip("torch")
+  from safetensors.torch import load_file
+  from flax import nnx
+  from hps_jax.convert.aesthetic import save_aesthetic
+  from hps_jax.models.aesthetic import AestheticMLP
+  ours = AestheticMLP(variant=variant, rngs=nnx.Rngs(3))
+  path = save_aesthetic(ours, tmp_path / "head.safetensors")
+  head = reference_mlp(variant)
+  head.load_state_dict(load_file(str(path)), strict=True)
+  emb = np.random.default_rng(1).standard_normal((6, 768)).astype(np.float32)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  with torch.no_grad():
+    want = head.layers(torch.from_numpy(emb))[:, 0].numpy()
+  parity(f"aesthetic head ({variant}) saved by us, rated by torch", np.abs(np.asarray(ours(emb)) - want).max(), 1e-5)
+  np.testing.assert_array_equal(np.asarray(load_aesthetic(path)(emb)), np.asarray(ours(emb)))

@@ -47,6 +47,21 @@ def load_aesthetic(path):
   return model
 
 
+def save_aesthetic(model, path) -> Path:
+  """Writes an `AestheticMLP` as .safetensors in the LAION state-dict layout (`layers.{i}.weight` (out, in) /
+  `.bias`, Linear indices of its variant) that `load_aesthetic` and the torch reference read."""
+  from safetensors.numpy import save_file
+  idx = next(i for i, v in _INDEX_VARIANT.items() if v == model.variant)
+  sd = {}
+  for i, layer in zip(idx, model.layers):
+    sd[f"layers.{i}.weight"] = np.ascontiguousarray(np.asarray(layer.kernel[...], np.float32).T)
+    sd[f"layers.{i}.bias"] = np.asarray(layer.bias[...], np.float32)
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  save_file(sd, str(path))
+  return path
+
+
 def default_weights_dir() -> Path:
   """Where the real aesthetic heads are looked for: $HPS_JAX_WEIGHTS, else ../shared/weights next to a checkout."""
   import os
