@@ -374,7 +374,6 @@ def add_metrics(sub):
 
 
 def run_metrics(args) -> int:
-  import numpy as np
   from hps_jax.metrics import compute
   wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
   bad = [m for m in wanted if m not in METRICS]
@@ -391,54 +390,16 @@ def run_metrics(args) -> int:
   if "hps" in wanted and not args.checkpoint:
     raise UsageError("hps needs --checkpoint")
   skipped = compute.Skipped()
-  result: dict = {"images": args.images}
   try:
     items = compute.list_images(args.images, skipped)
-    if {"clip", "hps"} & set(wanted):
-      missing = [src for src, prompt in items if prompt is None]
-      if missing:
-        raise UsageError(f"clip/hps need a prompt per image: give --images as a JSONL of {{image, prompt}} rows "
-                         f"({len(missing)} images have none, e.g. {missing[0]})")
-    if {"fid", "is", "kid"} & set(wanted):
-      from hps_jax.metrics.fid import frechet_distance
-      from hps_jax.metrics.scores import inception_score, kernel_inception_distance
-      model = _inception(args)
-      keep = tuple(k for m, k in (("is", "logits_unbiased"), ("kid", "pool3")) if m in wanted)
-      run = compute.inception_pass(model, items, skipped, resize=args.resize, batch_size=args.batch_size, keep=keep)
-      result["num_images"] = run.count
-      result["resize"] = args.resize
-      if "is" in wanted:
-        result["is_mean"], result["is_std"] = inception_score(run.kept("logits_unbiased"), splits=args.is_splits)
-      if {"fid", "kid"} & set(wanted):
-        mu_r, sigma_r, ref = compute.reference_stats(args.reference, model, skipped, resize=args.resize,
-                                                     batch_size=args.batch_size, keep=("pool3",) if "kid" in wanted
-                                                     else ())
-        result["reference"] = args.reference
-        if "fid" in wanted:
-          mu, sigma = run.stats.mu_sigma()
-          result["fid"] = frechet_distance(mu, sigma, mu_r, sigma_r)
-        if "kid" in wanted:
-          result["kid_mean"], result["kid_std"] = kernel_inception_distance(
-              run.kept("pool3"), ref.kept("pool3"), subsets=args.kid_subsets, subset_size=args.kid_subset_size)
-    bad_names = {w for w, _ in skipped.items}
-    readable = [(src, p) for src, p in items if src not in bad_names]
-    if {"clip", "hps"} & set(wanted):
-      from hps_jax.metrics.scores import clip_score
-      from hps_jax.preference.scorer import Scorer
-      for metric, ckpt, mode in (("clip", args.clip_checkpoint, "clip"), ("hps", args.checkpoint, "pad")):
-        if metric not in wanted:
-          continue
-        scorer = Scorer.from_checkpoint(ckpt, preprocess=mode)
-        cos = np.array([r["cosine"] for r in scorer.iter_scores(readable) if "cosine" in r])
-        result["clip_score" if metric == "clip" else "hps_mean"] = (
-            clip_score(cos) if metric == "clip" else float(100 * cos.mean()))
-    if "aesthetic" in wanted:
-      from hps_jax.preference.scorer import AestheticScorer
-      aes = AestheticScorer.from_checkpoint(args.aesthetic_mlp, args.clip_checkpoint)
-      vals = [r["aesthetic"] for r in aes.iter_scores([src for src, _ in readable]) if "aesthetic" in r]
-      result["aesthetic_mean"] = float(np.mean(vals))
+    result = compute.generator_metrics(
+        items, wanted, skipped, reference=args.reference, inception=_inception(args) if {"fid", "is", "kid"} &
+        set(wanted) else None, resize=args.resize, batch_size=args.batch_size, is_splits=args.is_splits,
+        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, clip_checkpoint=args.clip_checkpoint,
+        aesthetic_mlp=args.aesthetic_mlp, hps_checkpoint=args.checkpoint)
   except ValueError as e:
     raise UsageError(str(e)) from e
+  result = {"images": args.images, **result}
   result["skipped"] = len(skipped.items)
   out = open_output(args.output)
   try:
@@ -455,7 +416,9 @@ def run_metrics(args) -> int:
 def add_sample(sub):
   p = sub.add_parser("sample", help="Stable Diffusion v1.x text-to-image (CFG with a negative prompt)",
                      description="Samples a diffusers-layout Stable Diffusion dir (unet/ vae/ text_encoder/ tokenizer/ "
-                                 "scheduler/). Writes PNGs and samples.jsonl (file, prompt, seed, settings).")
+                                 "scheduler/), optionally LoRA-adapted. Writes PNGs and samples.jsonl (file, prompt, "
+                                 "seed, settings). --ab renders base and adapted from the same seeds side by side; "
+                                 "--best-of N keeps the highest-HPS of N candidates per image.")
   p.add_argument("--model", required=True, help="diffusers-layout model dir")
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--prompt")
@@ -470,63 +433,128 @@ def add_sample(sub):
   p.add_argument("--width", type=int, default=512)
   p.add_argument("--batch-size", type=int, default=4)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--lora", help="LoRA file or dir: PEFT/diffusers safetensors, kohya/A1111, or the HPS v1 release .bin")
+  p.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength (0 = base model)")
+  p.add_argument("--ab", action="store_true", help="with --lora: render base and adapted with the same seeds into "
+                                                   "OUTDIR/base and OUTDIR/adapted, and ab_grid.png (base | adapted)")
+  p.add_argument("--base-negative-prompt", default="", help="negative prompt of the base side in --ab (default empty)")
+  p.add_argument("--best-of", type=int, default=1, metavar="N",
+                 help="render N candidates per image and keep the one with the highest HPS (needs --scorer)")
+  p.add_argument("--scorer", help="HPS checkpoint for --best-of")
   p.add_argument("--grid", action="store_true", help="also write grid.png, a contact sheet")
   p.add_argument("--outdir", required=True)
   p.set_defaults(run=run_sample)
 
 
-def run_sample(args) -> int:
+def _read_prompts(args) -> list[str]:
+  if not args.prompts:
+    return [args.prompt]
+  try:
+    return [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise UsageError(f"cannot read {args.prompts}: {e}") from e
+
+
+def contact_sheet(images, cols: int):
+  """uint8 images (all the same size) tiled row-major into one image with `cols` columns."""
   import numpy as np
+  rows = -(-len(images) // cols)
+  h, w = images[0].shape[:2]
+  sheet = np.zeros((rows * h, cols * w, 3), np.uint8)
+  for i, img in enumerate(images):
+    r, c = divmod(i, cols)
+    sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+  return sheet
+
+
+def render(sd, jobs, cfg, negative: str, batch_size: int, bar) -> list:
+  """uint8 images of (prompt, seed) jobs, in one compiled batch shape (the last chunk is padded)."""
+  images = []
+  for start in range(0, len(jobs), batch_size):
+    chunk = jobs[start:start + batch_size]
+    pad = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    images.extend(sd.sample([p for p, _ in pad], [s for _, s in pad], cfg, negative_prompt=negative)[:len(chunk)])
+    bar.update(len(chunk))
+  return images
+
+
+def run_sample(args) -> int:
   from PIL import Image
   from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
   from hps_jax.preference.scorer import as_dtype
-  if args.prompts:
-    try:
-      prompts = [l.strip() for l in Path(args.prompts).read_text(encoding="utf-8").splitlines() if l.strip()]
-    except OSError as e:
-      raise UsageError(f"cannot read {args.prompts}: {e}") from e
-  else:
-    prompts = [args.prompt]
-  if not prompts or args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
-    raise UsageError("need at least one prompt, and --num-images, --batch-size, --steps >= 1")
-  jobs = [(p, args.seed + j * args.num_images + k, j) for j, p in enumerate(prompts) for k in range(args.num_images)]
-  sd = StableDiffusion.from_pretrained(args.model, dtype=as_dtype(args.dtype))
+  prompts = _read_prompts(args)
+  if not prompts or min(args.num_images, args.batch_size, args.steps, args.best_of) < 1:
+    raise UsageError("need at least one prompt, and --num-images, --batch-size, --steps, --best-of >= 1")
+  if args.ab and not args.lora:
+    raise UsageError("--ab compares the base model with its LoRA: give --lora")
+  if args.best_of > 1 and not args.scorer:
+    raise UsageError("--best-of ranks candidates by HPS: give --scorer CKPT")
+  slots = [(p, args.seed + j * args.num_images + k, j) for j, p in enumerate(prompts) for k in range(args.num_images)]
+  try:
+    sd = StableDiffusion.from_pretrained(args.model, dtype=as_dtype(args.dtype))
+    lora_info = sd.load_lora(args.lora, args.lora_scale) if args.lora else None
+  except (ValueError, FileNotFoundError) as e:
+    raise UsageError(str(e)) from e
+  scorer = None
+  if args.best_of > 1:
+    from hps_jax.preference.scorer import Scorer
+    scorer = Scorer.from_checkpoint(args.scorer)
   cfg = SampleConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
                      width=args.width)
   out = Path(args.outdir)
-  out.mkdir(parents=True, exist_ok=True)
-  settings = {"model": str(args.model), "negative_prompt": args.negative_prompt, "steps": args.steps,
-              "guidance": args.guidance, "scheduler": args.scheduler, "height": args.height, "width": args.width}
-  images = []
-  with open(out / "samples.jsonl", "w", encoding="utf-8") as log, progress(len(jobs), "sampling") as bar:
-    for start in range(0, len(jobs), args.batch_size):
-      chunk = jobs[start:start + args.batch_size]
-      n = len(chunk)
-      pad = chunk + [chunk[-1]] * (args.batch_size - n)  # one compiled batch shape for every chunk
-      imgs = sd.sample([p for p, _, _ in pad], [s for _, s, _ in pad], cfg, negative_prompt=args.negative_prompt)[:n]
-      for (prompt, seed, j), img in zip(chunk, imgs):
-        name = f"{j:04d}_{seed}.png"
-        Image.fromarray(img).save(out / name)
-        log.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, **settings}) + "\n")
-        images.append(img)
-      bar.update(n)
-  if args.grid:
-    cols = args.num_images if len(prompts) > 1 else min(len(images), 8)
-    rows = -(-len(images) // cols)
-    h, w = images[0].shape[:2]
-    sheet = np.zeros((rows * h, cols * w, 3), np.uint8)
-    for i, img in enumerate(images):
-      r, c = divmod(i, cols)
-      sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    Image.fromarray(sheet).save(out / "grid.png")
-  print(f"wrote {len(images)} images and samples.jsonl to {out}", file=sys.stderr)
+  settings = {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
+              "height": args.height, "width": args.width}
+  if args.lora:
+    settings.update(lora=str(args.lora), lora_format=lora_info.get("format"))
+  variants = [("adapted", args.lora_scale, args.negative_prompt, out / "adapted"),
+              ("base", 0.0, args.base_negative_prompt, out / "base")] if args.ab else \
+             [(None, args.lora_scale, args.negative_prompt, out)]
+  n = args.best_of
+  rendered = {}
+  with progress(len(slots) * n * len(variants), "sampling") as bar:
+    for name, scale, negative, vdir in variants:
+      if args.lora:
+        sd.set_lora_scale(scale)
+      vdir.mkdir(parents=True, exist_ok=True)
+      # best-of: candidate c of slot i has seed  slot_seed * n + c  (n = 1: the slot's own seed)
+      jobs = [(p, seed * n + c) for p, seed, _ in slots for c in range(n)]
+      images = render(sd, jobs, cfg, negative, args.batch_size, bar)
+      hps = None
+      if scorer is not None:
+        hps = scorer.score(list(images), [p for p, _ in jobs])
+      kept = []
+      with open(vdir / "samples.jsonl", "w", encoding="utf-8") as log:
+        for i, (prompt, seed, j) in enumerate(slots):
+          cand = list(range(i * n, (i + 1) * n))
+          best = cand[0] if hps is None else max(cand, key=lambda c: hps[c])
+          file = f"{j:04d}_{seed}.png"
+          Image.fromarray(images[best]).save(vdir / file)
+          row = {"file": file, "prompt": prompt, "seed": jobs[best][1], "negative_prompt": negative,
+                 "lora_scale": scale if args.lora else None, **settings}
+          if hps is not None:
+            row["hps"] = float(hps[best])
+            row["candidates"] = [{"seed": jobs[c][1], "hps": float(hps[c])} for c in cand]
+          log.write(json.dumps(row) + "\n")
+          kept.append(images[best])
+      rendered[name] = kept
+      if args.grid:
+        cols = args.num_images if len(prompts) > 1 else min(len(kept), 8)
+        Image.fromarray(contact_sheet(kept, cols)).save(vdir / "grid.png")
+  if args.ab:
+    pairs = [img for b, a in zip(rendered["base"], rendered["adapted"]) for img in (b, a)]
+    Image.fromarray(contact_sheet(pairs, 2)).save(out / "ab_grid.png")
+    print(f"wrote {out / 'ab_grid.png'} (left: base, right: adapted; one row per image)", file=sys.stderr)
+  print(f"wrote {len(slots) * len(variants)} images and samples.jsonl to {out}", file=sys.stderr)
   return 0
 
 
 # ------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_score, add_aesthetic, add_train_preference, add_eval_preference, add_fid, add_metrics, add_sample]
+from hps_jax.adapt.label import add_label  # noqa: E402
+from hps_jax.adapt.commands import add_eval_generator, add_train_lora  # noqa: E402
+COMMANDS = [add_score, add_aesthetic, add_train_preference, add_eval_preference, add_fid, add_metrics, add_sample,
+            add_label, add_train_lora, add_eval_generator]
 
 
 def build_parser() -> argparse.ArgumentParser:
