@@ -103,9 +103,11 @@ def test_latent_cache_holds_the_encoders_outputs(tmp_path, parity):
   from flax import nnx
   from hps_jax.adapt import train_lora as tl
   from hps_jax.cli import load_config
-  config = load_config(TINY, [])
+  config = load_config(TINY, ["--config.data.synthetic_size=3"])   # an in-process override (demo, notebooks)
   model_dir = tl.base_model_dir(config, tmp_path)
-  rows = tl.read_manifest(tl.manifest_path(config, tmp_path))[:5]
+  rows = tl.read_manifest(tl.manifest_path(config, tmp_path))
+  assert len(rows) == 6                                              # 3 prompts: a preferred + a non-preferred each
+  rows = rows[:5]
   model, tok, _ = tl.build_model(config, model_dir)
   tf = tl.ExampleTransform(tok, config.data.resolution, random_crop=False)
   cache = tl.build_cache(model, rows, tf, tmp_path / "cache.npz", batch_size=3)   # 2 batches, the last one short
