@@ -167,10 +167,16 @@ def load_config(spec: str, overrides: list[str]):
     raise UsageError(f"unrecognized arguments: {' '.join(bad)}")
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True)
+  argv = ["hps-jax", f"--config={spec}", *overrides]
+  # ml_collections registers the --config.KEY override flags by scanning sys.argv: make it the argv parsed here
+  # (a call from Python, the demo or a notebook, has other arguments in sys.argv or none)
+  saved, sys.argv = sys.argv, argv
   try:
-    fv(["hps-jax", f"--config={spec}", *overrides])
+    fv(argv)
   except (flags.Error, KeyError, ValueError, AttributeError, OSError, TypeError) as e:
     raise UsageError(f"config {spec}: {e}") from e
+  finally:
+    sys.argv = saved
   return fv.config
 
 
@@ -188,7 +194,9 @@ def run_train_preference(args) -> int:
     result = run(config, workdir)
   except ValueError as e:
     raise UsageError(str(e)) from e
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  import jax
+  if jax.process_index() == 0:  # one writer in a multi-process run
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   summary = {"status": result.status, "step": result.step, "trainable_params": result.trainable_params,
              "frozen_params": result.frozen_params, "eval": result.eval, "export": result.export_path}
   print(_json.dumps(summary))
@@ -565,6 +573,22 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _join_distributed_run():
+  """`hps_jax.parallel.initialize()` when the environment may describe a multi-process run (HPS_COORDINATOR /
+  HPS_NUM_PROCESSES / HPS_PROCESS_ID / HPS_DISTRIBUTED, a Slurm job, libtpu installed); otherwise JAX is not even
+  imported here, so a single-process command starts as fast as before."""
+  import importlib.util
+  import os
+  if not (any(k in os.environ for k in ("HPS_COORDINATOR", "HPS_NUM_PROCESSES", "HPS_PROCESS_ID", "HPS_DISTRIBUTED",
+                                        "SLURM_JOB_ID")) or importlib.util.find_spec("libtpu") is not None):
+    return
+  from hps_jax import parallel
+  try:
+    parallel.initialize()
+  except ValueError as e:
+    raise UsageError(f"cannot join the multi-process run: {e}") from e
+
+
 def main(argv=None) -> int:
   from hps_jax.convert.io import CheckpointError
   parser = build_parser()
@@ -573,6 +597,7 @@ def main(argv=None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   args.overrides = extra
   try:
+    _join_distributed_run()
     return args.run(args)
   except (UsageError, CheckpointError, FileNotFoundError) as e:
     print(f"hps-jax {args.command}: error: {e}", file=sys.stderr)

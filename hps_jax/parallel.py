@@ -6,6 +6,8 @@ Parameters carry logical axis names (`nnx.with_partitioning` in the models: 'emb
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Iterable, Mapping, Sequence
 
 import jax
@@ -128,3 +130,119 @@ def put_global(mesh: Mesh, tree):
       return jax.device_put(x, sharding)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
   return jax.tree.map(put, tree)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# joining a multi-process run
+# ------------------------------------------------------------------------------------------------------------
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "HPS_COORDINATOR", "HPS_NUM_PROCESSES", "HPS_PROCESS_ID"
+ENV_DISTRIBUTED = "HPS_DISTRIBUTED"    # "off": never join a run; "auto": let JAX detect one (OpenMPI, k8s, ...)
+# What JAX's own Slurm detection reads (jax/_src/clusters/slurm_cluster.py); it is only trusted inside a job step.
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+# Environment a multi-host Cloud TPU slice sets (GKE / queued resources / multislice), as JAX's TPU detection reads.
+_TPU_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
+_initialized = False
+
+
+def _slurm_job_step(environ) -> bool:
+  """Inside an `srun` step of more than one task (a batch script running one process is not a multi-process run)."""
+  if not all(v in environ for v in _SLURM_VARS):
+    return False
+  try:
+    return int(environ.get("SLURM_STEP_NUM_TASKS", environ["SLURM_NTASKS"])) > 1
+  except ValueError:
+    return False
+
+
+def _cloud_tpu(environ) -> bool:
+  """A Cloud TPU VM, detected as JAX does: libtpu installed, and TPU chips on the PCI bus (JAX's own probe) or a
+  slice's environment set. Not when JAX_PLATFORMS leaves the TPU out (e.g. a CPU-only run on a TPU VM)."""
+  import importlib.util
+  platforms = environ.get("JAX_PLATFORMS", "")
+  if platforms and "tpu" not in platforms.lower().split(","):
+    return False
+  if importlib.util.find_spec("libtpu") is None:
+    return False
+  if any(environ.get(v) for v in _TPU_VARS):
+    return True
+  try:
+    from jax._src import hardware_utils  # reads /sys/bus/pci only; initializes nothing
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except (ImportError, AttributeError):  # moved in another JAX version: HPS_DISTRIBUTED=auto still works
+    return False
+
+
+def launch_settings(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+                    environ: Mapping[str, str] | None = None) -> dict | None:
+  """How this process joins a multi-process run, decided from the arguments and the environment (no device is
+  touched): None for a single process, else the keyword arguments for
+  `jax.distributed.initialize` (an empty dict: JAX detects everything, as under Slurm or on a Cloud TPU slice).
+
+  Precedence: arguments, then HPS_COORDINATOR / HPS_NUM_PROCESSES / HPS_PROCESS_ID, then a Slurm job step or a
+  Cloud TPU VM (which fill whatever was not given). HPS_DISTRIBUTED=off disables all of it; =auto asks JAX to
+  detect any cluster it knows (OpenMPI, Kubernetes, ...). One process in all (HPS_NUM_PROCESSES=1) is no run."""
+  environ = os.environ if environ is None else environ
+  mode = environ.get(ENV_DISTRIBUTED, "").strip().lower()
+  if mode in ("0", "off", "false", "no", "none"):
+    return None
+
+  def pick(value, name, cast):
+    if value is not None:
+      return cast(value)
+    raw = environ.get(name, "").strip()
+    if not raw:
+      return None
+    try:
+      return cast(raw)
+    except ValueError:
+      raise ValueError(f"{name}={raw!r} is not a valid {cast.__name__}") from None
+
+  explicit = {"coordinator_address": pick(coordinator, ENV_COORDINATOR, str),
+              "num_processes": pick(num_processes, ENV_NUM_PROCESSES, int),
+              "process_id": pick(process_id, ENV_PROCESS_ID, int)}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if given.get("num_processes") == 1:
+    if given.get("process_id", 0) != 0:
+      raise ValueError(f"process id {given['process_id']} of a single-process run")
+    return None
+  cluster = mode == "auto" or _slurm_job_step(environ) or _cloud_tpu(environ)
+  if cluster:
+    return given
+  if not given:
+    return None
+  missing = [name for key, name in (("coordinator_address", ENV_COORDINATOR), ("num_processes", ENV_NUM_PROCESSES),
+                                    ("process_id", ENV_PROCESS_ID)) if key not in given]
+  if missing:
+    raise ValueError(f"a multi-process run needs the coordinator address, the number of processes and this process's "
+                     f"id; {', '.join(missing)} not set (and no Slurm step or Cloud TPU slice to detect them from)")
+  if given["num_processes"] < 1 or not 0 <= given["process_id"] < given["num_processes"]:
+    raise ValueError(f"process id {given['process_id']} is not in [0, {given['num_processes']})")
+  if ":" not in given["coordinator_address"]:
+    raise ValueError(f"coordinator {given['coordinator_address']!r} must be HOST:PORT")
+  return given
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               local_device_ids: Sequence[int] | None = None) -> bool:
+  """Joins this process to a multi-process run (`jax.distributed.initialize`) when the arguments or the environment
+  describe one (see `launch_settings`); a lone process with nothing set is left alone. Must run before anything
+  touches a JAX device. A second call does nothing. On the CPU, cross-process collectives go through gloo (unless
+  JAX_CPU_COLLECTIVES_IMPLEMENTATION says otherwise). Returns whether the process is part of a distributed run."""
+  global _initialized
+  if _initialized or jax.distributed.is_initialized():
+    _initialized = True
+    return True
+  settings = launch_settings(coordinator, num_processes, process_id)
+  if settings is None:
+    return False
+  if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if local_device_ids is not None:
+    settings["local_device_ids"] = list(local_device_ids)
+  jax.distributed.initialize(**settings)
+  _initialized = True
+  if jax.process_index() == 0:
+    how = settings.get("coordinator_address") or "auto-detected"
+    print(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
+          f"({jax.local_device_count()} on process 0); coordinator {how}", file=sys.stderr, flush=True)
+  return True

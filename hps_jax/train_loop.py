@@ -234,6 +234,10 @@ def train(task: Task, config, workdir) -> TrainResult:
       if task.evaluate is not None:
         eval_metrics = task.evaluate(model)
         writer.write(final_step, {f"eval/{k}": v for k, v in eval_metrics.items() if np.isscalar(v)})
+      if task.export is not None and jax.process_count() > 1:
+        # weights sharded over other processes' devices cannot be read here: every process takes part in
+        # replicating them (one collective), then process 0 alone writes the export
+        model = nnx.merge(graphdef, *jax.jit(lambda *s: s, out_shardings=repl)(trainable, frozen))
       if task.export is not None and jax.process_index() == 0:
         export_path = str(task.export(model, workdir / "export"))
         log(f"exported the trained model to {export_path}")

@@ -31,14 +31,18 @@ def test_processes_get_disjoint_shards_and_epochs_reshuffle():
   per_proc = [list(pipeline.train_dataset(src, t, global_batch_size=4, seed=3, num_epochs=2, process_index=p,
                                           process_count=2)) for p in (0, 1)]
   assert all(b["pixels"].shape == (2, 4, 16, 16, 3) for proc in per_proc for b in proc)  # 4 global / 2 processes
-  # within an epoch the two processes see disjoint records, together all 24
-  first = [[tuple(r) for r in np.concatenate([b["ids"] for b in proc[:6]]).tolist()] for proc in per_proc]
+  # within an epoch the two processes see disjoint records, together all 24 (a record is known by its noisy
+  # pixels: prompts repeat)
+  first = [[row.tobytes() for b in proc[:6] for row in b["pixels"]] for proc in per_proc]
   assert not set(first[0]) & set(first[1])
-  everything = {tuple(TOK([src[i]["prompt"]])[0].tolist()) for i in range(24)}
-  assert set(first[0]) | set(first[1]) <= everything
+  assert set(first[0]) | set(first[1]) == {t(src[i])["pixels"].tobytes() for i in range(24)}
   # the second epoch is another permutation
   one = list(pipeline.train_dataset(src, t, global_batch_size=4, seed=3, num_epochs=2, process_index=0,
                                     process_count=1))
+  # process 0's rows then process 1's make up the one-process global batch, row for row
+  assert len(per_proc[0]) == len(per_proc[1]) == len(one)
+  for b0, b1, b in zip(*per_proc, one):
+    np.testing.assert_array_equal(np.concatenate([b0["pixels"], b1["pixels"]]), b["pixels"])
   order = np.concatenate([b["chosen"] for b in one])
   assert len(one) == 12
   assert _ids(one[:6]) != _ids(one[6:])
