@@ -40,11 +40,11 @@ Options:
   --dry-run                 print the commands, one per line and shell-quoted, and run nothing
   -h, --help                this help
 
-The job writes to --workdir on every worker: give a path all workers share (e.g. a gs:// bucket).
+The job writes to --workdir on every worker: give a path all workers share (a gcsfuse-mounted bucket or a Filestore / NFS mount; gs:// URLs are not written directly yet).
 
 Example:
   launch/tpu_vm.sh --name hps --zone us-central2-b --accelerator-type v4-32 --create -- \
-      train-preference --config configs/hps_classifier.py:paper --workdir gs://BUCKET/run1
+      train-preference --config configs/hps_classifier.py:paper --workdir /mnt/gcs/BUCKET/run1
 EOF
 }
 
