@@ -1,9 +1,13 @@
-"""`make demo`: the offline tour on a tiny model.
+"""`make demo`: the paper's whole pipeline offline, on tiny random-init models and synthetic data.
 
-Part 1 scores with RANDOM weights: it shows the pipeline works end to end (checkpoint format -> loader -> tokenizer
--> preprocessing -> sharded scoring -> CLI), not what a trained HPS model would say. Part 2 trains that tiny model
-as a preference classifier on the synthetic coloured-shape set (configs/hps_classifier.py:tiny) and shows held-out
-accuracy before and after, through the same `train-preference` / `eval-preference` commands a real run uses."""
+Steps 1-3 score with RANDOM weights: they show the machinery end to end (checkpoint format -> loader -> tokenizer
+-> preprocessing -> sharded scoring -> CLI), not what a trained HPS model would say. Steps 4-5 train that tiny
+model as a preference classifier on the synthetic coloured-shape set (configs/hps_classifier.py:tiny) and show
+held-out accuracy before and after. Steps 6-9 are the adaptation of Stable Diffusion (Sec. 5) on a tiny random SD:
+HPS-label generated images with the trained classifier, train LoRA adapters on the labelled set
+(configs/lora_sd14.py:tiny), render base vs adapted with the same seeds ("Weird image." as the adapted model's
+negative prompt), and compute the Table 4 metrics (FID, aesthetic, CLIP score, HPS; FID's Inception, the CLIP and
+the aesthetic head are random here too). Every step goes through the same commands a real run uses."""
 from __future__ import annotations
 
 import argparse
@@ -66,11 +70,11 @@ def main(argv=None) -> int:
   say(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s)")
   say(BANNER)
 
-  say("\n[1/5] Writing a random-init tiny CLIP as a Hugging Face CLIPModel checkpoint (config.json + safetensors)")
+  say("\n[1/9] Writing a random-init tiny CLIP as a Hugging Face CLIPModel checkpoint (config.json + safetensors)")
   ckpt = save_hf(CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(0)), out / "tiny_clip_random_hf")
   say(f"      -> {ckpt}")
 
-  say("\n[2/5] Scoring drawn images through the public API: Scorer.from_checkpoint(...).score(images, prompts)")
+  say("\n[2/9] Scoring drawn images through the public API: Scorer.from_checkpoint(...).score(images, prompts)")
   pairs = synthetic_images(out / "images")
   scorer = Scorer.from_checkpoint(ckpt, preprocess="pad", batch_size=8)
   prompts = [p for _, p in pairs]
@@ -82,14 +86,14 @@ def main(argv=None) -> int:
   for p, row in zip(prompts, matrix):
     say("      " + p.ljust(width) + "".join(f"{v:16.3f}" for v in row))
 
-  say("\n[3/5] The same through the command line: hps-jax score --pairs pairs.jsonl --output scores.jsonl")
+  say("\n[3/9] The same through the command line: hps-jax score --pairs pairs.jsonl --output scores.jsonl")
   pairs_file = out / "pairs.jsonl"
   pairs_file.write_text("".join(json.dumps({"image": str(i.resolve()), "prompt": p}) + "\n" for i, p in pairs))
   rc = cli_main(["score", "--checkpoint", str(ckpt), "--pairs", str(pairs_file), "--output", str(out / "scores.jsonl")])
   for line in (out / "scores.jsonl").read_text().splitlines():
     say("      " + line)
 
-  say("\n[4/5] Training the tiny CLIP as a preference classifier on the synthetic set (n-way choice loss):")
+  say("\n[4/9] Training the tiny CLIP as a preference classifier on the synthetic set (n-way choice loss):")
   say("      hps-jax train-preference --config configs/hps_classifier.py:tiny --workdir " + str(out / "train"))
   rc_eval_before = cli_main(["eval-preference", "--random", "--dataset", "synthetic", "--split", "test",
                              "--output", str(out / "eval_random.json")])
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
   rc_train = cli_main(["train-preference", "--config", f"{config_path}:tiny", "--workdir", str(out / "train")])
   export = out / "train" / "export"
 
-  say("\n[5/5] Held-out preference accuracy: hps-jax eval-preference --checkpoint " + str(export) +
+  say("\n[5/9] Held-out preference accuracy: hps-jax eval-preference --checkpoint " + str(export) +
       " --dataset synthetic")
   rc_eval = cli_main(["eval-preference", "--checkpoint", str(export), "--dataset", "synthetic", "--split", "test",
                       "--output", str(out / "eval_trained.json")])
@@ -116,14 +120,87 @@ def main(argv=None) -> int:
   say(f"      the drawn images of step 2, rescored by the trained model: the described image wins {wins} of "
       f"{len(prompts)} prompts")
 
+  adapt = adaptation(out, export, cli_main)
+
   say("\n" + BANNER)
   say(f"demo finished in {time.time() - t0:.1f}s. Outputs:")
   for what, path in (("checkpoint", ckpt), ("images", out / "images"), ("pairs", pairs_file),
                      ("scores", out / "scores.jsonl"), ("training", out / "train"), ("trained model", export),
-                     ("evaluation", out / "eval_trained.json")):
-    say(f"  {what:<14} {path}")
+                     ("evaluation", out / "eval_trained.json"), *adapt["outputs"]):
+    say(f"  {what:<18} {path}")
   say(BANNER)
-  return rc or rc_eval_before or rc_train or rc_eval
+  return rc or rc_eval_before or rc_train or rc_eval or adapt["rc"]
+
+
+def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
+  """Steps 6-9: label -> train-lora -> A/B samples -> Table 4 metrics, on a tiny random SD."""
+  from flax import nnx
+  from hps_jax.convert.aesthetic import save_aesthetic
+  from hps_jax.convert.clip import save_hf
+  from hps_jax.convert.inception import save_inception_torch
+  from hps_jax.data.synthetic import SyntheticPreference, write_generated
+  from hps_jax.diffusion.tiny import write_tiny_sd
+  from hps_jax.models.aesthetic import AestheticMLP
+  from hps_jax.models.clip import CLIP, CLIPConfig
+  from hps_jax.models.inception import FIDInception
+  configs = Path(__file__).resolve().parents[1] / "configs"
+  rcs = []
+
+  say("\n[6/9] HPS labelling (paper Sec. 5): 3-4 generated images per prompt, scored by the classifier trained in "
+      "step 4;\n      per prompt the best is kept when softmax(HPS) > 2/n, the worst likewise with the caption "
+      "prefix 'Weird image. '")
+  gen = write_generated(SyntheticPreference(48, seed=5, split="generated", image_size=32, min_images=3), out / "gen")
+  reg = out / "regularization"
+  reg.mkdir(parents=True, exist_ok=True)
+  reg_src = SyntheticPreference(8, seed=6, split="regularization", image_size=32)
+  with open(reg / "metadata.jsonl", "w", encoding="utf-8") as f:
+    for i in range(len(reg_src)):
+      rec = reg_src[i]
+      (reg / f"{i:03d}.png").write_bytes(rec["images"][rec["chosen"]])
+      f.write(json.dumps({"file_name": f"{i:03d}.png", "caption": rec["prompt"]}) + "\n")
+  manifest = out / "labelled" / "manifest.jsonl"
+  say(f"      hps-jax label --scorer {scorer_ckpt} --images {gen} --regularization {reg} --out {manifest}")
+  rcs.append(cli_main(["label", "--scorer", str(scorer_ckpt), "--images", str(gen), "--regularization", str(reg),
+                       "--out", str(manifest)]))
+
+  say("\n[7/9] LoRA on the tiny random SD's attention projections, trained on the labelled manifest:")
+  lora_wd = out / "lora"
+  say(f"      hps-jax train-lora --config configs/lora_sd14.py:tiny --workdir {lora_wd} "
+      f"--config.data.manifest={manifest}")
+  rcs.append(cli_main(["train-lora", "--config", f"{configs / 'lora_sd14.py'}:tiny", "--workdir", str(lora_wd),
+                       f"--config.data.manifest={manifest}", "--config.num_steps=120"]))
+  losses = [json.loads(line) for line in (lora_wd / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in losses if "loss" in r]
+  say(f"      diffusion loss {np.mean(losses[:3]):.3f} (first logged steps) -> {np.mean(losses[-3:]):.3f} (last)")
+  model, adapter = lora_wd / "base_model", lora_wd / "export" / "pytorch_lora_weights.safetensors"
+
+  say("\n[8/9] Base vs adapted from the same seeds (adapted: negative prompt 'Weird image.'), one grid:")
+  prompts = out / "prompts.txt"
+  prompts.write_text("a photo of a red circle\na blue square\nan image showing a yellow triangle\n")
+  samples = out / "samples"
+  say(f"      hps-jax sample --model {model} --lora {adapter} --ab --negative-prompt 'Weird image.' ...")
+  rcs.append(cli_main(["sample", "--model", str(model), "--lora", str(adapter), "--ab", "--negative-prompt",
+                       "Weird image.", "--prompts", str(prompts), "--num-images", "2", "--steps", "10",
+                       "--height", "32", "--width", "32", "--batch-size", "2", "--outdir", str(samples)]))
+
+  say("\n[9/9] Table 4 columns for base and adapted (random Inception / CLIP / aesthetic head: machinery only):")
+  w = out / "metric_models"
+  inception = save_inception_torch(FIDInception(rngs=nnx.Rngs(0)), w / "inception_random.safetensors")
+  clip = save_hf(CLIP(CLIPConfig.tiny().replace(embed_dim=768), rngs=nnx.Rngs(1)), w / "clip_random")
+  head = save_aesthetic(AestheticMLP(rngs=nnx.Rngs(2)), w / "aesthetic_random.safetensors")
+  stats = w / "reference_stats.npz"
+  rcs.append(cli_main(["fid", str(reg), "--save-stats", str(stats), "--inception-weights", str(inception),
+                       "--batch-size", "8"]))
+  table = out / "table4.json"
+  rcs.append(cli_main(["eval-generator", "--model", str(model), "--lora", str(adapter), "--prompts", str(prompts),
+                       "--reference-stats", str(stats), "--clip-checkpoint", str(clip), "--aesthetic-mlp", str(head),
+                       "--hps-checkpoint", str(scorer_ckpt), "--inception-weights", str(inception),
+                       "--num-images", "2", "--steps", "10", "--height", "32", "--width", "32",
+                       "--sample-batch-size", "2", "--batch-size", "8", "--output", str(table)]))
+  return {"rc": next((rc for rc in rcs if rc), 0),
+          "outputs": (("label manifest", manifest), ("LoRA training", lora_wd), ("LoRA adapter", adapter),
+                      ("A/B grid", samples / "ab_grid.png"), ("metrics (JSON)", table),
+                      ("metrics (markdown)", table.with_suffix(".md")))}
 
 
 if __name__ == "__main__":
