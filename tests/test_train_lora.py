@@ -130,3 +130,14 @@ def test_dry_run_counts_adapters(tmp_path):
                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
   assert res.returncode == 0, res.stderr
   assert json.loads(res.stdout.splitlines()[0]) == {"lora_layers": 32, "lora_params": 2 * 9984}
+
+
+def test_data_parallel_losses_equal_single_device(env, straight, tmp_path):
+  """Batch sharded over 2 devices (frozen base sharded by the logical rules, adapters replicated): the same losses."""
+  _, _, reference = straight
+  _train(dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"), tmp_path / "dp",
+         "--config.num_steps=8", "--config.log_every=1", "--config.checkpoint_every=0", "--config.mesh.data=2")
+  got = _metrics(tmp_path / "dp")
+  np.testing.assert_allclose([got[s]["loss"] for s in range(1, 9)], [reference[s]["loss"] for s in range(1, 9)],
+                             rtol=2e-5, atol=0)
+  assert [got[s]["data_checksum"] for s in range(1, 9)] == [reference[s]["data_checksum"] for s in range(1, 9)]
