@@ -30,6 +30,22 @@ def device_name(jax) -> str:
   return getattr(d, "device_kind", d.platform)
 
 
+# Dense (no 2:4 sparsity) peak FLOP/s from NVIDIA's datasheets, (bf16 tensor core, fp32 without TF32), for MFU:
+# H100 SXM 989 / 67 TFLOP/s, H100 PCIe 756 / 51, H200 (SXM) 989 / 67, A100 (SXM or PCIe) 312 / 19.5.
+# Matched against jax's device_kind in this order (the first substring found wins).
+PEAK_FLOPS = [("H100 PCIe", {"bfloat16": 756e12, "float32": 51e12}),
+              ("H100", {"bfloat16": 989e12, "float32": 67e12}),
+              ("H200", {"bfloat16": 989e12, "float32": 67e12}),
+              ("A100", {"bfloat16": 312e12, "float32": 19.5e12})]
+
+
+def peak_flops(device, dtype: str) -> float | None:
+  if device.platform != "gpu":
+    return None
+  kind = getattr(device, "device_kind", "")
+  return next((v[dtype] for name, v in PEAK_FLOPS if name in kind), None)
+
+
 def emit(result: dict, out: str | None):
   """Prints the result as one JSON line and, with --out, writes it there too."""
   line = json.dumps(result)

@@ -54,8 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sample import SD14, TINY  # noqa: E402  (the diffusers configs of the bench presets)
-from score import device_name, emit, timed  # noqa: E402  (shared bench helpers)
-from unet_step import peak_flops  # noqa: E402  (dense peak FLOP/s of known GPUs, for MFU)
+from score import device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
 
 PRESETS = {"sd14": SD14, "tiny": TINY}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]   # of every attn1 / attn2 (hps_jax.lora.DEFAULT_TARGETS)

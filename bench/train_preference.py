@@ -23,11 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score import device_name, emit, timed  # noqa: E402  (shared bench helpers)
+from score import device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
 
-# dense peak FLOP/s per device kind (bf16, fp32-without-TF32), for MFU
-PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12},
-              "A100": {"bfloat16": 312e12, "float32": 19.5e12}}
 
 
 def torch_trainable(name: str) -> bool:
@@ -146,9 +143,8 @@ def main():
             "trainable_params": n_train, "jax_version": jax.__version__, "jax_step_s": jstep,
             "jax_samples_per_s": b / jstep, "jax_images_per_s": b * k / jstep, "step_flops": flops,
             "jax_flops_per_s": flops / jstep if flops else None, "mfu": None}
-  kind = getattr(dev, "device_kind", "")
-  peak = next((v[args.dtype] for name, v in PEAK_FLOPS.items() if name in kind), None)
-  if dev.platform == "gpu" and peak and flops:
+  peak = peak_flops(dev, args.dtype)
+  if peak and flops:
     result["mfu"] = flops / jstep / peak
   if not args.no_torch:
     tt, tdev, tver, threads, n_torch = torch_side(cfg, batch, args)

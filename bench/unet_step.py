@@ -27,23 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score import device_name, emit, timed  # noqa: E402  (shared bench helpers)
-
-# Dense (no 2:4 sparsity) peak FLOP/s from NVIDIA's datasheets, (bf16 tensor core, fp32 without TF32), for MFU:
-# H100 SXM 989 / 67 TFLOP/s, H100 PCIe 756 / 51, H200 (SXM) 989 / 67, A100 (SXM or PCIe) 312 / 19.5.
-# Matched against jax's device_kind in this order (the first substring found wins).
-PEAK_FLOPS = [("H100 PCIe", {"bfloat16": 756e12, "float32": 51e12}),
-              ("H100", {"bfloat16": 989e12, "float32": 67e12}),
-              ("H200", {"bfloat16": 989e12, "float32": 67e12}),
-              ("A100", {"bfloat16": 312e12, "float32": 19.5e12})]
-
-
-def peak_flops(device, dtype: str) -> float | None:
-  if device.platform != "gpu":
-    return None
-  kind = getattr(device, "device_kind", "")
-  return next((v[dtype] for name, v in PEAK_FLOPS if name in kind), None)
-
+from score import device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
 
 def unet_kwargs(preset: str) -> dict:
   from sample import PRESETS  # the diffusers UNet arguments of bench/sample.py's presets
