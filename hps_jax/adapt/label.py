@@ -171,20 +171,9 @@ def read_regularization(path, skip: Callable[[str, str], None]) -> list[tuple[st
     raise ValueError(f"{p}: no metadata.jsonl (expected {{\"file_name\", \"caption\"}} rows, the imagefolder layout)")
   if not meta.exists():
     raise FileNotFoundError(f"{meta}: no such file or directory")
-  try:
-    lines = meta.read_text(encoding="utf-8").splitlines()
-  except (OSError, UnicodeDecodeError) as e:
-    raise ValueError(f"cannot read {meta}: {e}") from e
+  from hps_jax.data.pairs import jsonl_objects
   out = []
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    where = f"{meta}:{n}"
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      skip(where, f"not valid JSON ({e.msg})")
-      continue
+  for where, row in jsonl_objects(meta, skip):
     if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("caption"),
                                                                                                str):
       skip(where, 'expected an object with string fields "file_name" and "caption"')

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
-def read_image_rows(path, skip: Callable[[str, str], None], require_prompt: bool = True
-                    ) -> Iterator[tuple[str, str | None]]:
-  """Yields (image path, prompt or None). A line that is not valid JSON or lacks the required fields is passed to
-  `skip(where, why)` with its `file:line` and the run goes on; an unreadable file raises ValueError."""
+def jsonl_objects(path, skip: Callable[[str, str], None]) -> Iterator[tuple[str, object]]:
+  """Yields (`file:line`, parsed value) for every non-blank line of a JSONL file; a line that is not valid JSON
+  goes to `skip(where, why)` and the read goes on. An unreadable file raises ValueError."""
   p = Path(path)
   try:
     lines = p.read_text(encoding="utf-8").splitlines()
@@ -21,10 +20,17 @@ def read_image_rows(path, skip: Callable[[str, str], None], require_prompt: bool
       continue
     where = f"{p}:{n}"
     try:
-      row = json.loads(line)
+      yield where, json.loads(line)
     except json.JSONDecodeError as e:
       skip(where, f"not valid JSON ({e.msg})")
-      continue
+
+
+def read_image_rows(path, skip: Callable[[str, str], None], require_prompt: bool = True
+                    ) -> Iterator[tuple[str, str | None]]:
+  """Yields (image path, prompt or None). A line that is not valid JSON or lacks the required fields is passed to
+  `skip(where, why)` with its `file:line` and the run goes on; an unreadable file raises ValueError."""
+  p = Path(path)
+  for where, row in jsonl_objects(p, skip):
     prompt = row.get("prompt") if isinstance(row, dict) else None
     if not isinstance(row, dict) or not isinstance(row.get("image"), str) or (
         require_prompt and not isinstance(prompt, str)):
