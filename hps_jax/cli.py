@@ -605,4 +605,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # `python -m hps_jax.cli`: run the imported module's main, so that the subcommands living in other modules
+  # (hps_jax.adapt) raise the same UsageError class that main() catches, not a copy from __main__
+  from hps_jax.cli import main as _main
+  sys.exit(_main())

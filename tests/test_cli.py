@@ -109,3 +109,16 @@ def test_usage_errors_are_one_line(checkpoint, tmp_path, args, message):
   assert "Traceback" not in res.stderr
   errors = [l for l in res.stderr.splitlines() if "error" in l]
   assert len(errors) == 1 and message in errors[0], res.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["eval-generator", "--model", "m", "--prompts", "missing.txt", "--metrics", "hps", "--hps-checkpoint", "c",
+     "--output", "o.json"],
+    ["label", "--scorer", "c", "--images", "missing", "--regularization", "r", "--out", "m.jsonl"]])
+def test_python_dash_m_usage_errors_from_other_modules(args, tmp_path):
+  """`python -m hps_jax.cli`: a UsageError raised by a subcommand defined outside cli.py (hps_jax.adapt) is the one
+  main() catches: exit 2 with one line, no traceback."""
+  res = subprocess.run([sys.executable, "-m", "hps_jax.cli", *args], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert res.returncode == 2, res.stderr
+  assert "Traceback" not in res.stderr and res.stderr.startswith(f"hps-jax {args[0]}: error:"), res.stderr

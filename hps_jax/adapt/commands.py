@@ -108,7 +108,7 @@ def markdown_table(results: dict) -> str:
 def run_eval_generator(args) -> int:
   from PIL import Image
 
-  from hps_jax.cli import UsageError, _inception, _report_skipped, progress, render
+  from hps_jax.cli import UsageError, _inception, _read_prompts, _report_skipped, progress, render
   from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
   from hps_jax.metrics import compute
   from hps_jax.preference.scorer import as_dtype
@@ -122,10 +122,7 @@ def run_eval_generator(args) -> int:
   for m in wanted:
     if not needs[m][1]:
       raise UsageError(f"the {m} metric needs {needs[m][0]} (or leave it out of --metrics)")
-  try:
-    prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
-  except (OSError, UnicodeDecodeError) as e:
-    raise UsageError(f"cannot read {args.prompts}: {e}") from e
+  prompts = _read_prompts(args)
   if not prompts or min(args.num_images, args.sample_batch_size, args.steps) < 1:
     raise UsageError("need at least one prompt, and --num-images, --sample-batch-size, --steps >= 1")
   output = Path(args.output)
