@@ -46,6 +46,20 @@ def peak_flops(device, dtype: str) -> float | None:
   return next((v[dtype] for name, v in PEAK_FLOPS if name in kind), None)
 
 
+def aot_compile(jitted, *args):
+  """Ahead-of-time lower + compile of a jitted step: (compiled, lower seconds, compile seconds, XLA's FLOP count of
+  one call from `cost_analysis`, 0.0 when the backend reports none)."""
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return compiled, lower_s, compile_s, float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def emit(result: dict, out: str | None):
   """Prints the result as one JSON line and, with --out, writes it there too."""
   line = json.dumps(result)

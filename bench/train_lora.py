@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sample import SD14, TINY  # noqa: E402  (the diffusers configs of the bench presets)
-from score import device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
+from score import aot_compile, device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
 
 PRESETS = {"sd14": SD14, "tiny": TINY}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]   # of every attn1 / attn2 (hps_jax.lora.DEFAULT_TARGETS)
@@ -211,15 +211,7 @@ def jax_side(args, model_dir: Path, adapters, inputs) -> dict:
   batch = jax.device_put({"latents": jnp.asarray(inputs["latents"]), "noise": jnp.asarray(inputs["noise"]),
                           "t": jnp.asarray(inputs["t"]), "ctx": jnp.asarray(inputs["ctx"])})
   step = jax.jit(train_step, donate_argnums=(0, 2))
-  t0 = time.perf_counter()
-  lowered = step.lower(trainable, frozen, opt_state, batch)
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  compiled, lower_s, compile_s, flops = aot_compile(step, trainable, frozen, opt_state, batch)
   state = {"t": trainable, "o": opt_state}
   losses = []
 

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score import device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
+from score import aot_compile, device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
 
 
 
@@ -60,10 +60,7 @@ def jax_side(cfg, batch, args):
     return optax.apply_updates(trainable, updates), opt, loss
 
   batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()})
-  compiled = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, frozen, opt, batch).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  compiled, _, _, flops = aot_compile(jax.jit(step, donate_argnums=(0, 2)), trainable, frozen, opt, batch)
   state = {"t": trainable, "o": opt}
 
   def run():

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score import device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
+from score import aot_compile, device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
 
 def unet_kwargs(preset: str) -> dict:
   from sample import PRESETS  # the diffusers UNet arguments of bench/sample.py's presets
@@ -56,15 +56,7 @@ def jax_side(args, inputs):
   step = jax.jit(jax.value_and_grad(loss_fn))
   x, t, ctx, target = (jax.device_put(jnp.asarray(v)) for v in
                        (inputs["x"], inputs["t"], inputs["ctx"], inputs["target"]))
-  t0 = time.perf_counter()
-  lowered = step.lower(params, rest, x, t, ctx, target)
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  compiled, lower_s, compile_s, flops = aot_compile(step, params, rest, x, t, ctx, target)
   out = {}
 
   def run():
