@@ -5,6 +5,7 @@ pytorch-fid computes it).
   python bench/fid.py --batch 8 --iters 2                          # CPU
   python bench/fid.py --batch 200 --out bench/results/fid_h100.json  # on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ def random_fid_state_dict(seed: int = 0) -> dict:
   BatchNorm statistics are randomized too so that they are exercised."""
   import torch
   from pytorch_fid import inception as pfi
+
   torch.manual_seed(seed)
   net = pfi._inception_v3(num_classes=1008, aux_logits=False, init_weights=True)
   with torch.no_grad():
@@ -40,6 +42,7 @@ def random_fid_state_dict(seed: int = 0) -> dict:
 def pytorch_fid_model(sd: dict):
   """pytorch-fid's InceptionV3 (FID blocks, resize + normalize inside) loaded with `sd` instead of the download."""
   from pytorch_fid import inception as pfi
+
   orig = pfi.load_state_dict_from_url
   pfi.load_state_dict_from_url = lambda *a, **k: sd
   try:
@@ -60,11 +63,12 @@ def main():
   args = ap.parse_args()
 
   import jax
+  import torch
+
   from hps_jax.convert.inception import load_inception
   from hps_jax.metrics.fid import frechet_distance
   from hps_jax.metrics.inception_features import extract
 
-  import torch
   tmp = Path(tempfile.mkdtemp())
   sd = random_fid_state_dict()
   torch.save(sd, tmp / "pt_inception.pth")
@@ -74,12 +78,21 @@ def main():
 
   def run_jax():
     jax.block_until_ready(extract(model, images, args.resize)["pool3"])
+
   for _ in range(args.warmup):
     run_jax()
   jt = statistics.median(timed(run_jax, args.iters))
-  result = {"bench": "fid", "device": device_name(jax), "backend": jax.devices()[0].platform, "batch": args.batch,
-            "input_size": args.size, "resize": args.resize, "iters": args.iters, "jax_version": jax.__version__,
-            "jax_images_per_s": args.batch / jt}
+  result = {
+    "bench": "fid",
+    "device": device_name(jax),
+    "backend": jax.devices()[0].platform,
+    "batch": args.batch,
+    "input_size": args.size,
+    "resize": args.resize,
+    "iters": args.iters,
+    "jax_version": jax.__version__,
+    "jax_images_per_s": args.batch / jt,
+  }
 
   if not args.no_torch:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,11 +104,19 @@ def main():
         ref(x)
       if dev == "cuda":
         torch.cuda.synchronize()
+
     for _ in range(args.warmup):
       run_torch()
     tt = statistics.median(timed(run_torch, args.iters))
-    result.update({"torch_device": dev, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-                   "pytorch_fid_images_per_s": args.batch / tt, "ratio_jax_over_torch": tt / jt})
+    result.update(
+      {
+        "torch_device": dev,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "pytorch_fid_images_per_s": args.batch / tt,
+        "ratio_jax_over_torch": tt / jt,
+      }
+    )
 
   # Fréchet distance of two 2048-d Gaussians
   d = 2048
@@ -109,6 +130,7 @@ def main():
   result["frechet_2048_value_jax"] = frechet_distance(mu1, s1, mu2, s2)
   try:
     from pytorch_fid.fid_score import calculate_frechet_distance
+
     sf = statistics.median(timed(lambda: calculate_frechet_distance(mu1, s1, mu2, s2), max(args.iters, 2)))
     result["frechet_2048_scipy_sqrtm_s"] = sf
     result["frechet_2048_value_scipy"] = float(calculate_frechet_distance(mu1, s1, mu2, s2))

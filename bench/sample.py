@@ -16,6 +16,7 @@ Defaults are the acceptance setting (50 PNDM steps, CFG 7.5, 512x512, batch 1):
   python bench/sample.py --dtype bfloat16 --batch 4 --out bench/results/sample_h100_bf16.json
   python bench/sample.py --resolution 256 --steps 4 --iters 1 --out bench/results/sample_cpu.json   # CPU, reduced
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,49 +34,113 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import device_name, emit, timed  # noqa: E402  (shared bench helpers)
 
 NEGATIVE = "Weird image."
-PROMPTS = ["an astronaut riding a horse on the moon, highly detailed", "a watercolor painting of a lighthouse at dusk",
-           "a red fox sitting in the snow, photograph", "a bowl of ramen, studio lighting, 4k"]
+PROMPTS = [
+  "an astronaut riding a horse on the moon, highly detailed",
+  "a watercolor painting of a lighthouse at dusk",
+  "a red fox sitting in the snow, photograph",
+  "a bowl of ramen, studio lighting, 4k",
+]
 
 # CompVis/stable-diffusion-v1-4 unet/, vae/ and text_encoder/ config.json (architecture keys only)
 SD14 = {
-    "unet": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32,
-                 cross_attention_dim=768, attention_head_dim=8, act_fn="silu", flip_sin_to_cos=True, freq_shift=0),
-    "vae": dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215),
-    "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768,
-                 layer_norm_eps=1e-5),
+  "unet": dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    norm_num_groups=32,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+  ),
+  "vae": dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+  ),
+  "text": dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    layer_norm_eps=1e-5,
+  ),
 }
 # every SD 1.x block type at toy widths (VAE factor 4): checks that the script runs, in seconds
 TINY = {
-    "unet": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, cross_attention_dim=32,
-                 attention_head_dim=2),
-    "vae": dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-                up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 32, 64], layers_per_block=1,
-                latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.18215),
-    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=32),
+  "unet": dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=2,
+  ),
+  "vae": dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[32, 32, 64],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+    scaling_factor=0.18215,
+  ),
+  "text": dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    hidden_act="quick_gelu",
+    projection_dim=32,
+  ),
 }
 PRESETS = {"sd14": SD14, "tiny": TINY}
 
 # jax.monitoring events whose durations make up the compile time of a jitted call
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
+COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
 
 
 def hf_tokenizer():
   """transformers' CLIPTokenizer built from hps_jax's bundled BPE vocabulary (offline), so that
   `save_pretrained` writes a tokenizer/ folder both sides read."""
   import transformers
+
   from hps_jax.data.tokenizer import CLIPTokenizer
+
   ours = CLIPTokenizer.default()
-  vocab = {{"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}.get(k, k): v
-           for k, v in ours.vocab.items()}
+  vocab = {
+    {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}.get(k, k): v for k, v in ours.vocab.items()
+  }
   merges = [m for m, _ in sorted(ours.ranks.items(), key=lambda kv: kv[1])]
   return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
@@ -85,19 +150,33 @@ def build_pipeline(preset: dict, scheduler: str, seed: int = 0):
   import diffusers
   import torch
   import transformers
+
   torch.manual_seed(seed)
   unet = diffusers.UNet2DConditionModel(**preset["unet"]).eval()
   vae = diffusers.AutoencoderKL(**preset["vae"]).eval()
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**preset["text"])).eval()
   # CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json
-  sched = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
-                                  set_alpha_to_one=False)
+  sched = diffusers.PNDMScheduler(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    skip_prk_steps=True,
+    steps_offset=1,
+    set_alpha_to_one=False,
+  )
   if scheduler == "ddim":  # SD 1.x configs say clip_sample=false; DDIM defaults to true when the key is absent
     sched = diffusers.DDIMScheduler.from_config(sched.config, clip_sample=False)
-  return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=hf_tokenizer(), unet=unet,
-                                           scheduler=sched, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+  return diffusers.StableDiffusionPipeline(
+    vae=vae,
+    text_encoder=text,
+    tokenizer=hf_tokenizer(),
+    unet=unet,
+    scheduler=sched,
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
 
 
 def count(module) -> int:
@@ -114,8 +193,12 @@ def main(argv=None):
   ap.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim"])
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--iters", type=int, default=3, help="timed calls per framework (median reported)")
-  ap.add_argument("--warmup", type=int, default=1,
-                  help="untimed calls before timing (JAX: the first, compiling call always runs, counted here)")
+  ap.add_argument(
+    "--warmup",
+    type=int,
+    default=1,
+    help="untimed calls before timing (JAX: the first, compiling call always runs, counted here)",
+  )
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--no-torch", action="store_true", help="time only the JAX side")
   ap.add_argument("--out", help="also write the JSON result here")
@@ -124,6 +207,7 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
   import torch
+
   from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
 
   preset = PRESETS[args.preset]
@@ -158,16 +242,33 @@ def main(argv=None):
   jstep = statistics.median(jax_times)
 
   result = {
-      "bench": "sample", "preset": args.preset, "device": device_name(jax), "backend": jax.default_backend(),
-      "resolution": res, "latent_size": res // sd.vae_factor, "steps": args.steps, "scheduler": args.scheduler,
-      "guidance": args.guidance, "negative_prompt": NEGATIVE, "batch": b, "dtype": args.dtype, "iters": args.iters,
-      "warmup": args.warmup, "params": n_params, "jax_version": jax.__version__,
-      "save_and_load_s": load_s, "jax_first_call_s": first_call_s, "jax_compile_s": sum(compile_s),
-      "jax_s_per_call": jstep, "jax_times_s": jax_times, "jax_images_per_s": b / jstep,
+    "bench": "sample",
+    "preset": args.preset,
+    "device": device_name(jax),
+    "backend": jax.default_backend(),
+    "resolution": res,
+    "latent_size": res // sd.vae_factor,
+    "steps": args.steps,
+    "scheduler": args.scheduler,
+    "guidance": args.guidance,
+    "negative_prompt": NEGATIVE,
+    "batch": b,
+    "dtype": args.dtype,
+    "iters": args.iters,
+    "warmup": args.warmup,
+    "params": n_params,
+    "jax_version": jax.__version__,
+    "save_and_load_s": load_s,
+    "jax_first_call_s": first_call_s,
+    "jax_compile_s": sum(compile_s),
+    "jax_s_per_call": jstep,
+    "jax_times_s": jax_times,
+    "jax_images_per_s": b / jstep,
   }
 
   if not args.no_torch:
     import diffusers
+
     tdev = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     pipe = pipe.to(tdev, dtype=tdtype)
@@ -178,8 +279,16 @@ def main(argv=None):
 
     def run_torch():
       with torch.inference_mode():
-        out = pipe(prompts, negative_prompt=[NEGATIVE] * b, latents=lat, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, height=res, width=res, output_type="np")
+        out = pipe(
+          prompts,
+          negative_prompt=[NEGATIVE] * b,
+          latents=lat,
+          num_inference_steps=args.steps,
+          guidance_scale=args.guidance,
+          height=res,
+          width=res,
+          output_type="np",
+        )
       last["images"] = np.asarray(out.images, np.float32)  # (B, H, W, 3) in [0, 1] on the host: includes the sync
 
     for _ in range(args.warmup):
@@ -189,14 +298,23 @@ def main(argv=None):
     tstep = statistics.median(torch_times)
     diff = np.abs(jax_images.astype(np.float32) - torch_images)
     inside = lambda x: float(np.mean((x > 0) & (x < 1)))
-    result.update({
-        "torch_device": tdev, "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
-        "torch_threads": torch.get_num_threads(), "torch_s_per_call": tstep, "torch_times_s": torch_times,
-        "torch_images_per_s": b / tstep, "speedup_jax_over_torch": tstep / jstep,
-        "max_abs_diff_images": float(diff.max()), "mean_abs_diff_images": float(diff.mean()),
+    result.update(
+      {
+        "torch_device": tdev,
+        "torch_version": torch.__version__,
+        "diffusers_version": diffusers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_s_per_call": tstep,
+        "torch_times_s": torch_times,
+        "torch_images_per_s": b / tstep,
+        "speedup_jax_over_torch": tstep / jstep,
+        "max_abs_diff_images": float(diff.max()),
+        "mean_abs_diff_images": float(diff.mean()),
         # share of pixels not clipped to 0 or 1: a diff over saturated images would say little
-        "unclipped_fraction_jax": inside(jax_images), "unclipped_fraction_torch": inside(torch_images),
-    })
+        "unclipped_fraction_jax": inside(jax_images),
+        "unclipped_fraction_torch": inside(torch_images),
+      }
+    )
   tmp.cleanup()
   emit(result, args.out)
 

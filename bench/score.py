@@ -7,6 +7,7 @@ the model forward (host preprocessing excluded on both sides). Prints one JSON l
   python bench/score.py --batch 4 --iters 3                    # CPU: small batch
   python bench/score.py --batch 64 --dtype bfloat16 --out bench/results/score_h100_bf16.json   # on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ def device_name(jax) -> str:
   d = jax.devices()[0]
   if d.platform == "cpu":
     import os
+
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
   return getattr(d, "device_kind", d.platform)
 
@@ -33,10 +35,12 @@ def device_name(jax) -> str:
 # Dense (no 2:4 sparsity) peak FLOP/s from NVIDIA's datasheets, (bf16 tensor core, fp32 without TF32), for MFU:
 # H100 SXM 989 / 67 TFLOP/s, H100 PCIe 756 / 51, H200 (SXM) 989 / 67, A100 (SXM or PCIe) 312 / 19.5.
 # Matched against jax's device_kind in this order (the first substring found wins).
-PEAK_FLOPS = [("H100 PCIe", {"bfloat16": 756e12, "float32": 51e12}),
-              ("H100", {"bfloat16": 989e12, "float32": 67e12}),
-              ("H200", {"bfloat16": 989e12, "float32": 67e12}),
-              ("A100", {"bfloat16": 312e12, "float32": 19.5e12})]
+PEAK_FLOPS = [
+  ("H100 PCIe", {"bfloat16": 756e12, "float32": 51e12}),
+  ("H100", {"bfloat16": 989e12, "float32": 67e12}),
+  ("H200", {"bfloat16": 989e12, "float32": 67e12}),
+  ("A100", {"bfloat16": 312e12, "float32": 19.5e12}),
+]
 
 
 def peak_flops(device, dtype: str) -> float | None:
@@ -90,8 +94,8 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   import jax
-  import jax.numpy as jnp
   import torch
+
   from hps_jax.convert.clip import build_model, params_from_hf
   from hps_jax.data.tokenizer import CLIPTokenizer
   from hps_jax.models.clip import CLIPConfig
@@ -119,9 +123,15 @@ def main(argv=None):
   jax_times = timed(run_jax, args.iters)
 
   result = {
-      "bench": "score", "model": args.model, "device": device_name(jax), "backend": jax.default_backend(),
-      "batch": args.batch, "dtype": args.dtype, "iters": args.iters, "jax_version": jax.__version__,
-      "jax_images_per_s": args.batch / statistics.median(jax_times),
+    "bench": "score",
+    "model": args.model,
+    "device": device_name(jax),
+    "backend": jax.default_backend(),
+    "batch": args.batch,
+    "dtype": args.dtype,
+    "iters": args.iters,
+    "jax_version": jax.__version__,
+    "jax_images_per_s": args.batch / statistics.median(jax_times),
   }
   if not args.no_torch:
     tdev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,11 +149,15 @@ def main(argv=None):
     for _ in range(args.warmup):
       torch_cos = run_torch()
     torch_times = timed(run_torch, args.iters)
-    result.update({
-        "torch_device": tdev, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+    result.update(
+      {
+        "torch_device": tdev,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "torch_images_per_s": args.batch / statistics.median(torch_times),
         "max_abs_diff_hps": float(np.abs(100 * jax_cos - 100 * torch_cos).max()),
-    })
+      }
+    )
     result["ratio_jax_over_torch"] = result["jax_images_per_s"] / result["torch_images_per_s"]
   emit(result, args.out)
 

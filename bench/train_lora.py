@@ -38,6 +38,7 @@ writes it. The paper trained at batch 40, which needs a large GPU (add --batch 4
   python bench/train_lora.py --resolution 256 --dtype float32 --iters 2 --out bench/results/train_lora_cpu.json
   python bench/train_lora.py --preset tiny --resolution 32 --dtype float32 --iters 2               # smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,13 +58,14 @@ from sample import SD14, TINY  # noqa: E402  (the diffusers configs of the bench
 from score import aot_compile, device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
 
 PRESETS = {"sd14": SD14, "tiny": TINY}
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]   # of every attn1 / attn2 (hps_jax.lora.DEFAULT_TARGETS)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # of every attn1 / attn2 (hps_jax.lora.DEFAULT_TARGETS)
 CONTEXT_LENGTH = 77
 
 
 def optim_config():
   """The paper recipe's optimizer settings (configs/lora_sd14.py), shared by both sides."""
   from configs.lora_sd14 import base
+
   return base().optim
 
 
@@ -83,20 +85,22 @@ def build_torch(args, model_dir: Path):
 
   from hps_jax.convert.lora import layer_path
   from hps_jax.lora import Adapter
+
   torch.manual_seed(0)
   model = diffusers.UNet2DConditionModel(**PRESETS[args.preset]["unet"])
   model.save_pretrained(model_dir / "unet")
   model.requires_grad_(False)
-  model.add_adapter(peft.LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                    target_modules=TARGETS))
+  model.add_adapter(
+    peft.LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=TARGETS)
+  )
   trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
   stray = [n for n, _ in trainable if ".lora_" not in n]
   assert not stray, f"non-LoRA parameters are trainable on the PyTorch side: {stray[:4]}"
   adapters = {}
   for name, m in model.named_modules():
     if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
-      a = m.lora_A["default"].weight.detach().float().numpy()     # (r, in)
-      b = m.lora_B["default"].weight.detach().float().numpy()     # (out, r)
+      a = m.lora_A["default"].weight.detach().float().numpy()  # (r, in)
+      b = m.lora_B["default"].weight.detach().float().numpy()  # (out, r)
       adapters[layer_path(name)] = Adapter(np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), float(args.rank))
   return model, adapters, sum(p.numel() for _, p in trainable)
 
@@ -108,14 +112,16 @@ def torch_side(args, model, inputs) -> dict:
   import diffusers
   import peft
   import torch
+
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   o = optim_config()
   model = model.to(dev).train()
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
   # CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json (the training noise schedule)
-  sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear")
+  sched = diffusers.DDPMScheduler(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+  )
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).to(dev)  # noqa: E731
   latents, noise = nchw(inputs["latents"]), nchw(inputs["noise"])
   t = torch.from_numpy(inputs["t"]).long().to(dev)
@@ -128,7 +134,7 @@ def torch_side(args, model, inputs) -> dict:
     noisy = sched.add_noise(latents, noise, t)
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=state["bf16"]):
       pred = model(noisy, t, encoder_hidden_states=ctx).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), noise)   # epsilon target
+    loss = torch.nn.functional.mse_loss(pred.float(), noise)  # epsilon target
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
     opt.step()
@@ -138,7 +144,7 @@ def torch_side(args, model, inputs) -> dict:
 
   note = None
 
-  def first_run():   # on CPU, bf16 autocast is tried and float32 used if it fails (before any update ran)
+  def first_run():  # on CPU, bf16 autocast is tried and float32 used if it fails (before any update ran)
     nonlocal note
     try:
       run()
@@ -151,16 +157,23 @@ def torch_side(args, model, inputs) -> dict:
       run()
 
   steps = [first_run] + [run] * (args.warmup + args.iters - 1)
-  for fn in steps[:args.warmup]:
+  for fn in steps[: args.warmup]:
     fn()
   times = []
-  for fn in steps[args.warmup:]:
+  for fn in steps[args.warmup :]:
     times.extend(timed(fn, 1))
-  out = {"torch_device": dev, "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
-         "peft_version": peft.__version__, "torch_threads": torch.get_num_threads(),
-         "torch_dtype": "bfloat16 (autocast)" if state["bf16"] else "float32",
-         "torch_step_s": statistics.median(times), "torch_times_s": times,
-         "torch_loss_first": losses[0], "torch_loss_last": losses[-1]}
+  out = {
+    "torch_device": dev,
+    "torch_version": torch.__version__,
+    "diffusers_version": diffusers.__version__,
+    "peft_version": peft.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "torch_dtype": "bfloat16 (autocast)" if state["bf16"] else "float32",
+    "torch_step_s": statistics.median(times),
+    "torch_times_s": times,
+    "torch_loss_first": losses[0],
+    "torch_loss_last": losses[-1],
+  }
   if note:
     out["torch_note"] = note
   return out
@@ -185,12 +198,13 @@ def jax_side(args, model_dir: Path, adapters, inputs) -> dict:
   unet = load_unet(model_dir, dtype=dtype, param_dtype=jnp.float32)
   load_s = time.perf_counter() - t0
   paths = lora.apply_lora(unet, lora.LoRAConfig(rank=args.rank, alpha=float(args.rank)))
-  assert sorted(paths) == sorted(adapters), \
-      f"adapted layers differ: ours only {sorted(set(paths) - set(adapters))[:4]}, " \
-      f"peft only {sorted(set(adapters) - set(paths))[:4]}"
+  assert sorted(paths) == sorted(adapters), (
+    f"adapted layers differ: ours only {sorted(set(paths) - set(adapters))[:4]}, "
+    f"peft only {sorted(set(adapters) - set(paths))[:4]}"
+  )
   lora.set_adapters(unet, adapters, source="peft's initial adapters")
   n_adapter = lora.count_lora_params(unet)
-  sched = sch.SchedulerConfig()   # SD v1.x: scaled-linear betas 0.00085 .. 0.012, epsilon prediction
+  sched = sch.SchedulerConfig()  # SD v1.x: scaled-linear betas 0.00085 .. 0.012, epsilon prediction
 
   graphdef, trainable, frozen = nnx.split(unet, lora.LORA, ...)
   tx, _ = make_optimizer(optim_config(), args.warmup + args.iters)
@@ -204,12 +218,19 @@ def jax_side(args, model_dir: Path, adapters, inputs) -> dict:
       target = sch.training_target(sched, latents, noise, t)
       pred = model(noisy, t, batch["ctx"]).astype(jnp.float32)
       return jnp.mean((pred - target) ** 2)
+
     loss, grads = jax.value_and_grad(loss_of)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
-  batch = jax.device_put({"latents": jnp.asarray(inputs["latents"]), "noise": jnp.asarray(inputs["noise"]),
-                          "t": jnp.asarray(inputs["t"]), "ctx": jnp.asarray(inputs["ctx"])})
+  batch = jax.device_put(
+    {
+      "latents": jnp.asarray(inputs["latents"]),
+      "noise": jnp.asarray(inputs["noise"]),
+      "t": jnp.asarray(inputs["t"]),
+      "ctx": jnp.asarray(inputs["ctx"]),
+    }
+  )
   step = jax.jit(train_step, donate_argnums=(0, 2))
   compiled, lower_s, compile_s, flops = aot_compile(step, trainable, frozen, opt_state, batch)
   state = {"t": trainable, "o": opt_state}
@@ -223,10 +244,18 @@ def jax_side(args, model_dir: Path, adapters, inputs) -> dict:
   for _ in range(args.warmup):
     run()
   times = timed(run, args.iters)
-  return {"jax_adapter_params": n_adapter, "jax_frozen_params": count_params(frozen), "jax_load_s": load_s,
-          "jax_lower_s": lower_s, "jax_compile_s": compile_s, "step_flops": flops,
-          "jax_step_s": statistics.median(times), "jax_times_s": times,
-          "jax_loss_first": float(losses[0]), "jax_loss_last": float(losses[-1])}
+  return {
+    "jax_adapter_params": n_adapter,
+    "jax_frozen_params": count_params(frozen),
+    "jax_load_s": load_s,
+    "jax_lower_s": lower_s,
+    "jax_compile_s": compile_s,
+    "step_flops": flops,
+    "jax_step_s": statistics.median(times),
+    "jax_times_s": times,
+    "jax_loss_first": float(losses[0]),
+    "jax_loss_last": float(losses[-1]),
+  }
 
 
 def main(argv=None):
@@ -235,8 +264,12 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=1, help="images per step (the paper: 40, on a large GPU)")
   ap.add_argument("--resolution", type=int, default=512, help="image side in pixels (latents: resolution / 8)")
   ap.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha = rank)")
-  ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                  help="compute dtype of the frozen base (parameters and adapters stay float32)")
+  ap.add_argument(
+    "--dtype",
+    default="bfloat16",
+    choices=["float32", "bfloat16"],
+    help="compute dtype of the frozen base (parameters and adapters stay float32)",
+  )
   ap.add_argument("--iters", type=int, default=5, help="timed steps per framework (median reported)")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
   ap.add_argument("--no-torch", action="store_true", help="time only the JAX side")
@@ -251,17 +284,38 @@ def main(argv=None):
 
   b, s, ctx_dim = args.batch, args.resolution // 8, kw["cross_attention_dim"]
   rng = np.random.default_rng(0)
-  inputs = {"latents": rng.standard_normal((b, s, s, kw["in_channels"])).astype(np.float32),
-            "noise": rng.standard_normal((b, s, s, kw["in_channels"])).astype(np.float32),
-            "t": rng.integers(0, 1000, (b,)).astype(np.int32),
-            "ctx": rng.standard_normal((b, CONTEXT_LENGTH, ctx_dim)).astype(np.float32)}
+  inputs = {
+    "latents": rng.standard_normal((b, s, s, kw["in_channels"])).astype(np.float32),
+    "noise": rng.standard_normal((b, s, s, kw["in_channels"])).astype(np.float32),
+    "t": rng.integers(0, 1000, (b,)).astype(np.int32),
+    "ctx": rng.standard_normal((b, CONTEXT_LENGTH, ctx_dim)).astype(np.float32),
+  }
   o = optim_config()
-  result = {"bench": "train_lora", "preset": args.preset, "batch": b, "resolution": args.resolution,
-            "latent_size": s, "context": [CONTEXT_LENGTH, ctx_dim], "rank": args.rank, "alpha": float(args.rank),
-            "lora_targets": [f"attn1|attn2.{m}" for m in TARGETS], "dtype": args.dtype, "param_dtype": "float32",
-            "adapter_dtype": "float32", "optimizer": {"name": "adamw", "lr": o.lr, "weight_decay": o.weight_decay,
-                                                      "b1": o.b1, "b2": o.b2, "eps": o.eps, "grad_clip": o.grad_clip},
-            "iters": args.iters, "warmup": args.warmup}
+  result = {
+    "bench": "train_lora",
+    "preset": args.preset,
+    "batch": b,
+    "resolution": args.resolution,
+    "latent_size": s,
+    "context": [CONTEXT_LENGTH, ctx_dim],
+    "rank": args.rank,
+    "alpha": float(args.rank),
+    "lora_targets": [f"attn1|attn2.{m}" for m in TARGETS],
+    "dtype": args.dtype,
+    "param_dtype": "float32",
+    "adapter_dtype": "float32",
+    "optimizer": {
+      "name": "adamw",
+      "lr": o.lr,
+      "weight_decay": o.weight_decay,
+      "b1": o.b1,
+      "b2": o.b2,
+      "eps": o.eps,
+      "grad_clip": o.grad_clip,
+    },
+    "iters": args.iters,
+    "warmup": args.warmup,
+  }
 
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = Path(tmp)
@@ -269,7 +323,7 @@ def main(argv=None):
     model, adapters, n_torch = build_torch(args, model_dir)
     result["build_and_save_s"] = time.perf_counter() - t0
     result["torch_adapter_params"] = n_torch
-    if not args.no_torch:   # first, then freed: JAX reserves most of a GPU's memory when it starts
+    if not args.no_torch:  # first, then freed: JAX reserves most of a GPU's memory when it starts
       try:
         result.update(torch_side(args, model, inputs))
       except Exception as e:  # noqa: BLE001  (record why the PyTorch side did not run, keep the JAX numbers)
@@ -278,6 +332,7 @@ def main(argv=None):
     gc.collect()
     try:
       import torch
+
       if torch.cuda.is_available():
         torch.cuda.empty_cache()
     except ImportError:
@@ -285,15 +340,26 @@ def main(argv=None):
     jres = jax_side(args, model_dir, adapters, inputs)
 
   import jax
-  assert jres["jax_adapter_params"] == n_torch, \
-      f"adapter parameter counts differ: hps_jax {jres['jax_adapter_params']}, peft {n_torch}"
+
+  assert jres["jax_adapter_params"] == n_torch, (
+    f"adapter parameter counts differ: hps_jax {jres['jax_adapter_params']}, peft {n_torch}"
+  )
   dev = jax.devices()[0]
   jstep, flops = jres["jax_step_s"], jres["step_flops"]
   peak = peak_flops(dev, args.dtype)
-  result.update({"device": device_name(jax), "backend": dev.platform, "jax_version": jax.__version__,
-                 "adapter_params": n_torch, **jres, "jax_images_per_s": b / jstep,
-                 "jax_flops_per_s": flops / jstep if flops else None, "peak_flops": peak,
-                 "mfu": flops / jstep / peak if (peak and flops) else None})
+  result.update(
+    {
+      "device": device_name(jax),
+      "backend": dev.platform,
+      "jax_version": jax.__version__,
+      "adapter_params": n_torch,
+      **jres,
+      "jax_images_per_s": b / jstep,
+      "jax_flops_per_s": flops / jstep if flops else None,
+      "peak_flops": peak,
+      "mfu": flops / jstep / peak if (peak and flops) else None,
+    }
+  )
   if "torch_step_s" in result:
     tstep = result["torch_step_s"]
     result["torch_images_per_s"] = b / tstep
@@ -301,9 +367,11 @@ def main(argv=None):
     result["loss_first_rel_diff"] = rel_diff(jres["jax_loss_first"], result["torch_loss_first"])
     result["loss_last_rel_diff"] = rel_diff(jres["jax_loss_last"], result["torch_loss_last"])
     both_fp32 = args.dtype == "float32" and result["torch_dtype"] == "float32"
-    result["loss_note"] = ("float32 on both sides, same weights and inputs: expect ~1e-6..1e-5 relative" if both_fp32
-                           else "bf16 compute: rounding differs between XLA and autocast, expect ~1e-3..1e-2 "
-                                "relative")
+    result["loss_note"] = (
+      "float32 on both sides, same weights and inputs: expect ~1e-6..1e-5 relative"
+      if both_fp32
+      else "bf16 compute: rounding differs between XLA and autocast, expect ~1e-3..1e-2 relative"
+    )
   # key order: identification first, then the numbers
   head = ["bench", "preset", "device", "backend"]
   emit({**{k: result[k] for k in head}, **{k: v for k, v in result.items() if k not in head}}, args.out)

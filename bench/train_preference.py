@@ -10,12 +10,12 @@ XLA's FLOP count of the compiled step and the device's dense bf16/fp32 peak.
   python bench/train_preference.py --batch 1 --iters 2                      # CPU: tiny batch
   python bench/train_preference.py --batch 8 --dtype bfloat16 --out bench/results/train_h100_bf16.json
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import aot_compile, device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
 
 
-
 def torch_trainable(name: str) -> bool:
   """PAPER_TRAINABLE in transformers' parameter names."""
   import re
-  return re.match(r"(vision_model\.encoder\.layers\.(1[4-9]|2[0-3])\.|text_model\.encoder\.layers\.([6-9]|1[01])\."
-                  r"|vision_model\.post_layernorm\.|visual_projection\.|text_model\.final_layer_norm\.|"
-                  r"text_projection\.)", name) is not None
+
+  return (
+    re.match(
+      r"(vision_model\.encoder\.layers\.(1[4-9]|2[0-3])\.|text_model\.encoder\.layers\.([6-9]|1[01])\."
+      r"|vision_model\.post_layernorm\.|visual_projection\.|text_model\.final_layer_norm\.|"
+      r"text_projection\.)",
+      name,
+    )
+    is not None
+  )
 
 
 def jax_side(cfg, batch, args):
@@ -55,6 +61,7 @@ def jax_side(cfg, batch, args):
   def step(trainable, frozen, opt, batch):
     def loss_of(t):
       return preference_loss(nnx.merge(graphdef, t, frozen), batch)[0]
+
     loss, grads = jax.value_and_grad(loss_of)(trainable)
     updates, opt = tx.update(grads, opt, trainable)
     return optax.apply_updates(trainable, updates), opt, loss
@@ -66,6 +73,7 @@ def jax_side(cfg, batch, args):
   def run():
     state["t"], state["o"], loss = compiled(state["t"], frozen, state["o"], batch)
     loss.block_until_ready()
+
   for _ in range(args.warmup):
     run()
   return timed(run, args.iters), flops, count_params(trainable)
@@ -76,6 +84,7 @@ def torch_side(cfg, batch, args):
   import transformers
 
   from hps_jax.convert.clip import config_to_hf
+
   torch.manual_seed(0)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   model = transformers.CLIPModel(transformers.CLIPConfig.from_dict(config_to_hf(cfg))).to(dev).train()
@@ -106,6 +115,7 @@ def torch_side(cfg, batch, args):
     opt.step()
     if dev == "cuda":
       torch.cuda.synchronize()
+
   for _ in range(args.warmup):
     run()
   return timed(run, args.iters), dev, torch.__version__, torch.get_num_threads(), len(params)
@@ -124,30 +134,56 @@ def main():
   args = ap.parse_args()
 
   import jax
+
   from hps_jax.models.clip import CLIPConfig
+
   cfg = CLIPConfig.preset(args.model)
   rng = np.random.default_rng(0)
   b, k, s = args.batch, args.images, cfg.image_size
-  batch = {"pixels": rng.standard_normal((b, k, s, s, 3)).astype(np.float32),
-           "ids": rng.integers(1, 49000, (b, cfg.context_length)).astype(np.int32),
-           "mask": np.ones((b, k), bool), "chosen": rng.integers(0, k, (b,)).astype(np.int32)}
+  batch = {
+    "pixels": rng.standard_normal((b, k, s, s, 3)).astype(np.float32),
+    "ids": rng.integers(1, 49000, (b, cfg.context_length)).astype(np.int32),
+    "mask": np.ones((b, k), bool),
+    "chosen": rng.integers(0, k, (b,)).astype(np.int32),
+  }
   batch["ids"][:, -1] = 49407
   jt, flops, n_train = jax_side(cfg, batch, args)
   jstep = statistics.median(jt)
   dev = jax.devices()[0]
-  result = {"bench": "train_preference", "model": args.model, "device": device_name(jax), "backend": dev.platform,
-            "batch_prompts": b, "images_per_prompt": k, "dtype": args.dtype, "iters": args.iters,
-            "trainable_params": n_train, "jax_version": jax.__version__, "jax_step_s": jstep,
-            "jax_samples_per_s": b / jstep, "jax_images_per_s": b * k / jstep, "step_flops": flops,
-            "jax_flops_per_s": flops / jstep if flops else None, "mfu": None}
+  result = {
+    "bench": "train_preference",
+    "model": args.model,
+    "device": device_name(jax),
+    "backend": dev.platform,
+    "batch_prompts": b,
+    "images_per_prompt": k,
+    "dtype": args.dtype,
+    "iters": args.iters,
+    "trainable_params": n_train,
+    "jax_version": jax.__version__,
+    "jax_step_s": jstep,
+    "jax_samples_per_s": b / jstep,
+    "jax_images_per_s": b * k / jstep,
+    "step_flops": flops,
+    "jax_flops_per_s": flops / jstep if flops else None,
+    "mfu": None,
+  }
   peak = peak_flops(dev, args.dtype)
   if peak and flops:
     result["mfu"] = flops / jstep / peak
   if not args.no_torch:
     tt, tdev, tver, threads, n_torch = torch_side(cfg, batch, args)
     tstep = statistics.median(tt)
-    result.update({"torch_device": tdev, "torch_version": tver, "torch_threads": threads,
-                   "torch_step_s": tstep, "torch_samples_per_s": b / tstep, "speedup_jax_over_torch": tstep / jstep})
+    result.update(
+      {
+        "torch_device": tdev,
+        "torch_version": tver,
+        "torch_threads": threads,
+        "torch_step_s": tstep,
+        "torch_samples_per_s": b / tstep,
+        "speedup_jax_over_torch": tstep / jstep,
+      }
+    )
   emit(result, args.out)
 
 

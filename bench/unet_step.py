@@ -14,6 +14,7 @@ Prints one JSON line; --out also writes it.
   python bench/unet_step.py --batch 4 --out bench/results/unet_step_h100_bf16.json            # on a GPU
   python bench/unet_step.py --batch 1 --iters 2 --out bench/results/unet_step_cpu.json        # CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from score import aot_compile, device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
 
+
 def unet_kwargs(preset: str) -> dict:
   from sample import PRESETS  # the diffusers UNet arguments of bench/sample.py's presets
+
   return dict(PRESETS[preset]["unet"])
 
 
@@ -54,8 +57,9 @@ def jax_side(args, inputs):
     return jnp.mean((pred - target) ** 2)
 
   step = jax.jit(jax.value_and_grad(loss_fn))
-  x, t, ctx, target = (jax.device_put(jnp.asarray(v)) for v in
-                       (inputs["x"], inputs["t"], inputs["ctx"], inputs["target"]))
+  x, t, ctx, target = (
+    jax.device_put(jnp.asarray(v)) for v in (inputs["x"], inputs["t"], inputs["ctx"], inputs["target"])
+  )
   compiled, lower_s, compile_s, flops = aot_compile(step, params, rest, x, t, ctx, target)
   out = {}
 
@@ -66,14 +70,22 @@ def jax_side(args, inputs):
   for _ in range(args.warmup):
     run()
   times = timed(run, args.iters)
-  return {"jax_params": n_params, "jax_init_s": init_s, "jax_lower_s": lower_s, "jax_compile_s": compile_s,
-          "step_flops": flops, "jax_step_s": statistics.median(times), "jax_times_s": times,
-          "jax_loss": float(out["loss"])}
+  return {
+    "jax_params": n_params,
+    "jax_init_s": init_s,
+    "jax_lower_s": lower_s,
+    "jax_compile_s": compile_s,
+    "step_flops": flops,
+    "jax_step_s": statistics.median(times),
+    "jax_times_s": times,
+    "jax_loss": float(out["loss"]),
+  }
 
 
 def torch_side(args, inputs):
   import diffusers
   import torch
+
   torch.manual_seed(0)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   model = diffusers.UNet2DConditionModel(**unet_kwargs(args.preset)).to(dev).train()
@@ -99,10 +111,17 @@ def torch_side(args, inputs):
   for _ in range(args.warmup):
     run()
   times = timed(run, args.iters)
-  return {"torch_device": dev, "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
-          "torch_threads": torch.get_num_threads(), "torch_params": sum(p.numel() for p in model.parameters()),
-          "torch_autocast": f"{dev} bfloat16" if args.dtype == "bfloat16" else None,
-          "torch_step_s": statistics.median(times), "torch_times_s": times, "torch_loss": out["loss"]}
+  return {
+    "torch_device": dev,
+    "torch_version": torch.__version__,
+    "diffusers_version": diffusers.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "torch_params": sum(p.numel() for p in model.parameters()),
+    "torch_autocast": f"{dev} bfloat16" if args.dtype == "bfloat16" else None,
+    "torch_step_s": statistics.median(times),
+    "torch_times_s": times,
+    "torch_loss": out["loss"],
+  }
 
 
 def main(argv=None):
@@ -120,25 +139,44 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   import jax
+
   kw = unet_kwargs(args.preset)
   rng = np.random.default_rng(0)
   b, s = args.batch, args.latent_size
   ctx_dim = kw["cross_attention_dim"]
-  inputs = {"x": rng.standard_normal((b, s, s, kw["in_channels"])).astype(np.float32),
-            "target": rng.standard_normal((b, s, s, kw["out_channels"])).astype(np.float32),
-            "t": rng.integers(0, 1000, (b,)).astype(np.int32),
-            "ctx": rng.standard_normal((b, 77, ctx_dim)).astype(np.float32)}
+  inputs = {
+    "x": rng.standard_normal((b, s, s, kw["in_channels"])).astype(np.float32),
+    "target": rng.standard_normal((b, s, s, kw["out_channels"])).astype(np.float32),
+    "t": rng.integers(0, 1000, (b,)).astype(np.int32),
+    "ctx": rng.standard_normal((b, 77, ctx_dim)).astype(np.float32),
+  }
 
   res = jax_side(args, inputs)
   dev = jax.devices()[0]
   jstep, flops = res["jax_step_s"], res["step_flops"]
   peak = peak_flops(dev, args.dtype)
-  result = {"bench": "unet_step", "preset": args.preset, "device": device_name(jax), "backend": dev.platform,
-            "batch": b, "latent_size": s, "image_size": 8 * s, "context": [77, ctx_dim], "dtype": args.dtype,
-            "param_dtype": "float32", "remat": args.remat, "attention": args.attention, "iters": args.iters,
-            "warmup": args.warmup, "jax_version": jax.__version__, **res,
-            "jax_samples_per_s": b / jstep, "jax_flops_per_s": flops / jstep if flops else None,
-            "peak_flops": peak, "mfu": flops / jstep / peak if (peak and flops) else None}
+  result = {
+    "bench": "unet_step",
+    "preset": args.preset,
+    "device": device_name(jax),
+    "backend": dev.platform,
+    "batch": b,
+    "latent_size": s,
+    "image_size": 8 * s,
+    "context": [77, ctx_dim],
+    "dtype": args.dtype,
+    "param_dtype": "float32",
+    "remat": args.remat,
+    "attention": args.attention,
+    "iters": args.iters,
+    "warmup": args.warmup,
+    "jax_version": jax.__version__,
+    **res,
+    "jax_samples_per_s": b / jstep,
+    "jax_flops_per_s": flops / jstep if flops else None,
+    "peak_flops": peak,
+    "mfu": flops / jstep / peak if (peak and flops) else None,
+  }
   if not args.no_torch:
     try:
       tres = torch_side(args, inputs)

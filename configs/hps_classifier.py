@@ -7,6 +7,7 @@
 
 Override anything with --config.key=value, e.g. --config.optim.lr=3e-5 --config.mesh.fsdp=4.
 """
+
 import ml_collections
 
 # Trainable sets, as regexes on parameter paths (see hps_jax/models/clip.py for the path names).
@@ -16,10 +17,12 @@ import ml_collections
 # images per prompt, CE at that temperature is well scaled, and a trainable temperature lets the loss fall by
 # sharpening without ranking better.
 PAPER_TRAINABLE = [
-    r"vision/blocks/(1[4-9]|2[0-3])/.*",
-    r"text/blocks/([6-9]|1[01])/.*",
-    r"vision/ln_post/.*", r"vision/proj",
-    r"text/ln_final/.*", r"text/proj",
+  r"vision/blocks/(1[4-9]|2[0-3])/.*",
+  r"text/blocks/([6-9]|1[01])/.*",
+  r"vision/ln_post/.*",
+  r"vision/proj",
+  r"text/ln_final/.*",
+  r"text/proj",
 ]
 
 
@@ -28,12 +31,12 @@ def base():
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.init = "checkpoint"         # checkpoint | random
-  c.model.checkpoint = ""              # HF dir, OpenAI-layout .pt (hpc.pt), open_clip .pt, safetensors
+  c.model.init = "checkpoint"  # checkpoint | random
+  c.model.checkpoint = ""  # HF dir, OpenAI-layout .pt (hpc.pt), open_clip .pt, safetensors
   c.model.format = "auto"
-  c.model.activation = ""              # "" = inferred from the checkpoint; quick_gelu | gelu
-  c.model.preset = "vit_l14"           # architecture for init=random
-  c.model.dtype = "float32"            # compute dtype (bfloat16 on accelerators)
+  c.model.activation = ""  # "" = inferred from the checkpoint; quick_gelu | gelu
+  c.model.preset = "vit_l14"  # architecture for init=random
+  c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
   c.model.param_dtype = "float32"
   c.model.remat = False
   c.model.attention_backend = "auto"
@@ -41,26 +44,26 @@ def base():
   c.trainable = list(PAPER_TRAINABLE)
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "hpd_v1"            # hpd_v1 | hpd_v2 | pickapic | preference_jsonl | synthetic
+  c.data.dataset = "hpd_v1"  # hpd_v1 | hpd_v2 | pickapic | preference_jsonl | synthetic
   c.data.builder_config = ""
-  c.data.data_dir = ""                 # where TFDS writes the prepared ArrayRecord files ("" = WORKDIR/tfds)
-  c.data.manual_dir = ""               # the dataset's local download
+  c.data.data_dir = ""  # where TFDS writes the prepared ArrayRecord files ("" = WORKDIR/tfds)
+  c.data.manual_dir = ""  # the dataset's local download
   c.data.train_split = "train"
   c.data.eval_split = "test"
-  c.data.max_images = 4                # image slots per prompt (n <= 4 in HPD v1); more are truncated, chosen kept
-  c.data.preprocess = "pad"            # pad (paper: longest edge, zero pad) | clip
+  c.data.max_images = 4  # image slots per prompt (n <= 4 in HPD v1); more are truncated, chosen kept
+  c.data.preprocess = "pad"  # pad (paper: longest edge, zero pad) | clip
   c.data.fill = 0
-  c.data.tokenizer = ""                # "" = the checkpoint dir's tokenizer or the default CLIP BPE
+  c.data.tokenizer = ""  # "" = the checkpoint dir's tokenizer or the default CLIP BPE
   c.data.prefetch_threads = 4
-  c.data.eval_max_prompts = 0          # 0 = the whole eval split
+  c.data.eval_max_prompts = 0  # 0 = the whole eval split
   c.data.synthetic_train_size = 2000
   c.data.synthetic_eval_size = 200
   c.data.synthetic_image_size = 48
 
-  c.batch_size = 5                     # prompts per global batch
+  c.batch_size = 5  # prompts per global batch
   c.eval_batch_size = 16
   c.num_epochs = 1
-  c.num_steps = -1                     # -1: num_epochs over the train split
+  c.num_steps = -1  # -1: num_epochs over the train split
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1.7e-5
@@ -68,20 +71,26 @@ def base():
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.schedule = "cosine"          # cosine | constant
+  c.optim.schedule = "cosine"  # cosine | constant
   c.optim.warmup_steps = 0
   c.optim.end_lr = 0.0
-  c.optim.grad_clip = 0.0              # 0 = off
+  c.optim.grad_clip = 0.0  # 0 = off
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
-  c.sharding_rules = [("batch", ["data", "fsdp"]), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-                      ("vocab", "tensor"), ("proj", None)]
+  c.sharding_rules = [
+    ("batch", ["data", "fsdp"]),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("proj", None),
+  ]
 
   c.log_every = 10
-  c.eval_every = 0                     # 0 = only at the end
+  c.eval_every = 0  # 0 = only at the end
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.progress = True
@@ -97,8 +106,13 @@ def get_config(arg: str = "tiny"):
     c.model.preset = "tiny"
     # from random init the whole tower must learn; only the patch embedding and first vision block stay frozen,
     # which keeps the freezing machinery exercised.
-    c.trainable = [r"vision/blocks/[1-9]\d*/.*", r"vision/(ln_pre|ln_post)/.*", r"vision/(proj|pos_embedding|class_embedding)",
-                   r"text/.*", r"logit_scale"]
+    c.trainable = [
+      r"vision/blocks/[1-9]\d*/.*",
+      r"vision/(ln_pre|ln_post)/.*",
+      r"vision/(proj|pos_embedding|class_embedding)",
+      r"text/.*",
+      r"logit_scale",
+    ]
     c.data.dataset = "synthetic"
     c.batch_size = 16
     c.eval_batch_size = 32

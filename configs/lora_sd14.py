@@ -9,6 +9,7 @@
 
 Override anything with --config.key=value, e.g. --config.lora.rank=4 --config.data.cache=True.
 """
+
 import ml_collections
 
 from hps_jax.lora import DEFAULT_TARGETS
@@ -20,29 +21,29 @@ def base():
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.init = "pretrained"          # pretrained (model.dir) | tiny (random, written to WORKDIR/base_model)
-  c.model.dir = ""                     # diffusers-layout SD folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/
-  c.model.dtype = "bfloat16"           # compute dtype of the frozen base (adapters are float32)
-  c.model.remat = False                # recompute UNet blocks in the backward pass (memory for compute)
+  c.model.init = "pretrained"  # pretrained (model.dir) | tiny (random, written to WORKDIR/base_model)
+  c.model.dir = ""  # diffusers-layout SD folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+  c.model.dtype = "bfloat16"  # compute dtype of the frozen base (adapters are float32)
+  c.model.remat = False  # recompute UNet blocks in the backward pass (memory for compute)
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 32
-  c.lora.alpha = 0.0                   # 0 = rank (scale 1, the diffusers / HPS v1 convention)
-  c.lora.init = "kaiming"              # kaiming (PEFT) | normal (std 1/rank)
-  c.lora.targets = DEFAULT_TARGETS     # regex on layer paths
+  c.lora.alpha = 0.0  # 0 = rank (scale 1, the diffusers / HPS v1 convention)
+  c.lora.init = "kaiming"  # kaiming (PEFT) | normal (std 1/rank)
+  c.lora.targets = DEFAULT_TARGETS  # regex on layer paths
 
   c.data = ml_collections.ConfigDict()
-  c.data.manifest = ""                 # hps-jax label output: {image, caption, kind} rows
+  c.data.manifest = ""  # hps-jax label output: {image, caption, kind} rows
   c.data.resolution = 512
-  c.data.random_crop = True            # False: center crop
+  c.data.random_crop = True  # False: center crop
   c.data.random_flip = False
-  c.data.cache = False                 # precompute VAE posteriors + text embeddings once (center crop, no flip)
+  c.data.cache = False  # precompute VAE posteriors + text embeddings once (center crop, no flip)
   c.data.prefetch_threads = 4
-  c.data.synthetic_size = 0            # > 0 and no manifest: a synthetic labelled set of this many prompts
-  c.data.eval_examples = 0             # > 0: held-out loss on the manifest's first N rows (fixed noise) at eval
+  c.data.synthetic_size = 0  # > 0 and no manifest: a synthetic labelled set of this many prompts
+  c.data.eval_examples = 0  # > 0: held-out loss on the manifest's first N rows (fixed noise) at eval
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.min_snr_gamma = 0.0           # > 0: min-SNR-gamma loss weighting (5.0 is the usual choice)
+  c.loss.min_snr_gamma = 0.0  # > 0: min-SNR-gamma loss weighting (5.0 is the usual choice)
 
   c.batch_size = 40
   c.num_steps = 10_000

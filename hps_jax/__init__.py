@@ -3,15 +3,16 @@
 `from hps_jax import Scorer` is the entry point for scoring; submodules are imported lazily so that the command
 line starts quickly and torch is never imported by the core.
 """
+
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Scorer": "hps_jax.preference.scorer",
-    "AestheticScorer": "hps_jax.preference.scorer",
-    "CLIP": "hps_jax.models.clip",
-    "CLIPConfig": "hps_jax.models.clip",
-    "CLIPTokenizer": "hps_jax.data.tokenizer",
-    "load_clip": "hps_jax.convert.clip",
+  "Scorer": "hps_jax.preference.scorer",
+  "AestheticScorer": "hps_jax.preference.scorer",
+  "CLIP": "hps_jax.models.clip",
+  "CLIPConfig": "hps_jax.models.clip",
+  "CLIPTokenizer": "hps_jax.data.tokenizer",
+  "load_clip": "hps_jax.convert.clip",
 }
 
 __all__ = sorted(_LAZY)
@@ -20,5 +21,6 @@ __all__ = sorted(_LAZY)
 def __getattr__(name):
   if name in _LAZY:
     import importlib
+
     return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'hps_jax' has no attribute {name!r}")

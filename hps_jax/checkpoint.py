@@ -5,12 +5,12 @@ Pytrees are stored as flat {path-string: array} dicts, so custom pytree nodes (n
 reach the file format; restoring flattens a freshly built state the same way and fills it back (shapes checked,
 shardings taken from the live arrays so multi-host restores land on the right devices).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 try:
@@ -43,10 +43,10 @@ class Checkpointer:
     if grain_ckpt is not None:
       handlers["data"] = grain_ckpt.CheckpointHandler()
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False),
-        item_handlers=handlers)
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False),
+      item_handlers=handlers,
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

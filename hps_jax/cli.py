@@ -3,6 +3,7 @@
 Exit codes: 0 success; 1 the run finished but some inputs were skipped (each named in the summary);
 2 bad usage or an unreadable checkpoint/config (a one-line error, no traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ class Skips:
 def read_pairs(path: str, skips: Skips) -> Iterator[tuple[str, str]]:
   """Reads a JSONL of {"image": PATH, "prompt": TEXT} rows; relative image paths are relative to the file."""
   from hps_jax.data.pairs import read_image_rows
+
   try:
     yield from read_image_rows(path, skips.add, require_prompt=True)
   except ValueError as e:
@@ -57,6 +59,7 @@ def open_output(path: str | None):
 
 def progress(total: int | None, desc: str, unit: str = "img"):
   from tqdm import tqdm
+
   return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
@@ -64,15 +67,22 @@ def progress(total: int | None, desc: str, unit: str = "img"):
 # score
 # ------------------------------------------------------------------------------------------------------------
 def add_score(sub):
-  p = sub.add_parser("score", help="HPS of images against prompts (JSONL out)",
-                     description="Scores images with a preference model: hps = 100 * cos(image, prompt). Scores only "
-                                 "compare images of the same prompt.")
+  p = sub.add_parser(
+    "score",
+    help="HPS of images against prompts (JSONL out)",
+    description="Scores images with a preference model: hps = 100 * cos(image, prompt). Scores only "
+    "compare images of the same prompt.",
+  )
   p.add_argument("--checkpoint", required=True, help="HF CLIPModel dir, hpc.pt (HPS v1), HPS_v2*.pt, or safetensors")
   p.add_argument("--format", default="auto", choices=["auto", "hf", "openai", "open_clip"])
   p.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the inferred MLP activation")
   p.add_argument("--tokenizer", help="CLIP BPE file (bpe_simple_vocab_16e6.txt.gz) or HF tokenizer dir")
-  p.add_argument("--preprocess", default="pad", choices=["pad", "clip"],
-                 help="pad: longest edge to the input size + zero pad (the paper); clip: resize + center crop")
+  p.add_argument(
+    "--preprocess",
+    default="pad",
+    choices=["pad", "clip"],
+    help="pad: longest edge to the input size + zero pad (the paper); clip: resize + center crop",
+  )
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--output", help="JSONL file (default: stdout)")
@@ -91,13 +101,21 @@ def run_score(args) -> int:
   if args.batch_size < 1:
     raise UsageError("--batch-size must be >= 1")
   from hps_jax.preference.scorer import Scorer
+
   skips = Skips()
   if args.pairs is not None:
     items = list(read_pairs(args.pairs, skips))
   else:
     items = [(img, args.prompt) for img in args.images]
-  scorer = Scorer.from_checkpoint(args.checkpoint, args.format, args.preprocess, args.dtype, tokenizer=args.tokenizer,
-                                  activation=args.activation, batch_size=args.batch_size)
+  scorer = Scorer.from_checkpoint(
+    args.checkpoint,
+    args.format,
+    args.preprocess,
+    args.dtype,
+    tokenizer=args.tokenizer,
+    activation=args.activation,
+    batch_size=args.batch_size,
+  )
   return write_rows(scorer.iter_scores(items), len(items), args.output, "scoring", skips)
 
 
@@ -138,8 +156,10 @@ def add_aesthetic(sub):
 
 def run_aesthetic(args) -> int:
   from hps_jax.preference.scorer import AestheticScorer
-  scorer = AestheticScorer.from_checkpoint(args.mlp, args.clip_checkpoint, args.clip_format,
-                                           preprocess=args.preprocess, batch_size=args.batch_size)
+
+  scorer = AestheticScorer.from_checkpoint(
+    args.mlp, args.clip_checkpoint, args.clip_format, preprocess=args.preprocess, batch_size=args.batch_size
+  )
   return write_rows(scorer.iter_scores(args.images), len(args.images), args.output, "aesthetic", Skips())
 
 
@@ -147,14 +167,18 @@ def run_aesthetic(args) -> int:
 # train-preference
 # ------------------------------------------------------------------------------------------------------------
 def add_train_preference(sub):
-  p = sub.add_parser("train-preference", help="train the preference classifier (HPS) from a config",
-                     description="Trains CLIP on human choices (n-way choice loss). Every hyperparameter is in the "
-                                 "config; override any with --config.KEY=VALUE (e.g. --config.optim.lr=3e-5). "
-                                 "Re-running with the same --workdir resumes from its last checkpoint.")
+  p = sub.add_parser(
+    "train-preference",
+    help="train the preference classifier (HPS) from a config",
+    description="Trains CLIP on human choices (n-way choice loss). Every hyperparameter is in the "
+    "config; override any with --config.KEY=VALUE (e.g. --config.optim.lr=3e-5). "
+    "Re-running with the same --workdir resumes from its last checkpoint.",
+  )
   p.add_argument("--config", required=True, help="configs/hps_classifier.py:tiny or :paper")
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/, export/ go here")
-  p.add_argument("--dry-run", action="store_true",
-                 help="print the trainable / frozen parameter counts and the config, then exit")
+  p.add_argument(
+    "--dry-run", action="store_true", help="print the trainable / frozen parameter counts and the config, then exit"
+  )
   p.set_defaults(run=run_train_preference, accepts_config_overrides=True)
 
 
@@ -162,6 +186,7 @@ def load_config(spec: str, overrides: list[str]):
   """An ml_collections config from 'path.py[:arg]' with --config.key=value overrides (absl flag syntax)."""
   from absl import flags
   from ml_collections import config_flags
+
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
     raise UsageError(f"unrecognized arguments: {' '.join(bad)}")
@@ -182,7 +207,9 @@ def load_config(spec: str, overrides: list[str]):
 
 def run_train_preference(args) -> int:
   import json as _json
+
   from hps_jax.preference.train import describe_counts, parameter_counts, run
+
   config = load_config(args.config, args.overrides)
   if args.dry_run:
     print(describe_counts(parameter_counts(config)))
@@ -195,10 +222,17 @@ def run_train_preference(args) -> int:
   except ValueError as e:
     raise UsageError(str(e)) from e
   import jax
+
   if jax.process_index() == 0:  # one writer in a multi-process run
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  summary = {"status": result.status, "step": result.step, "trainable_params": result.trainable_params,
-             "frozen_params": result.frozen_params, "eval": result.eval, "export": result.export_path}
+  summary = {
+    "status": result.status,
+    "step": result.step,
+    "trainable_params": result.trainable_params,
+    "frozen_params": result.frozen_params,
+    "eval": result.eval,
+    "export": result.export_path,
+  }
   print(_json.dumps(summary))
   return 0 if result.status == "done" else 3
 
@@ -207,10 +241,13 @@ def run_train_preference(args) -> int:
 # eval-preference
 # ------------------------------------------------------------------------------------------------------------
 def add_eval_preference(sub):
-  p = sub.add_parser("eval-preference", help="preference accuracy of a scorer on a dataset (the paper's Table 2)",
-                     description="For every prompt, scores its images and checks whether the human-chosen one scores "
-                                 "highest (n-way accuracy); also the random-guess expectation, pairwise accuracy and a "
-                                 "per-n breakdown. Writes JSON and a markdown table.")
+  p = sub.add_parser(
+    "eval-preference",
+    help="preference accuracy of a scorer on a dataset (the paper's Table 2)",
+    description="For every prompt, scores its images and checks whether the human-chosen one scores "
+    "highest (n-way accuracy); also the random-guess expectation, pairwise accuracy and a "
+    "per-n breakdown. Writes JSON and a markdown table.",
+  )
   who = p.add_mutually_exclusive_group(required=True)
   who.add_argument("--checkpoint", help="an HPS / CLIP checkpoint (any supported format): HPS = cos(image, prompt)")
   who.add_argument("--aesthetic", metavar="MLP", help="the LAION aesthetic head (needs --clip-checkpoint)")
@@ -237,21 +274,32 @@ def add_eval_preference(sub):
 def run_eval_preference(args) -> int:
   from hps_jax.preference import train as tr
   from hps_jax.preference.evaluate import markdown_table, preference_report
+
   if args.aesthetic and not args.clip_checkpoint:
     raise UsageError("--aesthetic needs --clip-checkpoint (the CLIP ViT-L/14 whose embedding it reads)")
   if args.batch_size < 1 or args.max_images < 2:
     raise UsageError("--batch-size must be >= 1 and --max-images >= 2")
   try:
-    source = tr.limit(tr.open_source(args.dataset, args.split, manual_dir=args.manual_dir, data_dir=args.data_dir,
-                                     builder_config=args.builder_config, seed=args.seed,
-                                     synthetic_size=args.synthetic_size,
-                                     synthetic_image_size=args.synthetic_image_size), args.max_prompts)
+    source = tr.limit(
+      tr.open_source(
+        args.dataset,
+        args.split,
+        manual_dir=args.manual_dir,
+        data_dir=args.data_dir,
+        builder_config=args.builder_config,
+        seed=args.seed,
+        synthetic_size=args.synthetic_size,
+        synthetic_image_size=args.synthetic_image_size,
+      ),
+      args.max_prompts,
+    )
   except ValueError as e:
     raise UsageError(str(e)) from e
   score_fn, image_size, name = _eval_scorer(args)
   from hps_jax.data.pipeline import RecordTransform
   from hps_jax.data.preprocess import PreprocessConfig
   from hps_jax.preference.scorer import resolve_tokenizer
+
   mode = args.preprocess or ("clip" if args.aesthetic else "pad")
   tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint or args.clip_checkpoint)
   transform = RecordTransform(tokenizer, PreprocessConfig(mode=mode, size=image_size), max_images=args.max_images)
@@ -273,22 +321,29 @@ def run_eval_preference(args) -> int:
 def _eval_scorer(args):
   """-> (batch -> (B, K) scores, model input size, a name for the report)."""
   import numpy as np
+
   if args.random:
     rng = np.random.default_rng(args.seed)
     return (lambda batch: rng.random(batch["mask"].shape)), 32, "random"  # images are still decoded (and checked)
   from hps_jax.convert.clip import load_clip
   from hps_jax.preference import train as tr
+
   if args.checkpoint:
     model = load_clip(args.checkpoint, args.format)
     return tr.clip_score_fn(model, batch_size=_eval_batch(args)), model.config.image_size, f"HPS ({args.checkpoint})"
   from hps_jax.convert.aesthetic import load_aesthetic
+
   clip_model = load_clip(args.clip_checkpoint, args.format)
-  return (tr.aesthetic_score_fn(clip_model, load_aesthetic(args.aesthetic), batch_size=_eval_batch(args)),
-          clip_model.config.image_size, f"aesthetic ({Path(args.aesthetic).name})")
+  return (
+    tr.aesthetic_score_fn(clip_model, load_aesthetic(args.aesthetic), batch_size=_eval_batch(args)),
+    clip_model.config.image_size,
+    f"aesthetic ({Path(args.aesthetic).name})",
+  )
 
 
 def _eval_batch(args) -> int:
   from hps_jax import parallel
+
   div = parallel.batch_divisor(parallel.local_mesh())
   if args.batch_size % div:
     args.batch_size = -(-args.batch_size // div) * div  # round up to a multiple of the local devices
@@ -299,17 +354,27 @@ def _eval_batch(args) -> int:
 # fid / metrics
 # ------------------------------------------------------------------------------------------------------------
 def _add_inception_args(p):
-  p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity); "
-                                             "default $HPS_JAX_INCEPTION_WEIGHTS or the torch hub cache")
-  p.add_argument("--resize", default="tf1", choices=["tf1", "torch"],
-                 help="tf1: the original TF FID / torch-fidelity resize; torch: pytorch-fid's F.interpolate")
+  p.add_argument(
+    "--inception-weights",
+    help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity); "
+    "default $HPS_JAX_INCEPTION_WEIGHTS or the torch hub cache",
+  )
+  p.add_argument(
+    "--resize",
+    default="tf1",
+    choices=["tf1", "torch"],
+    help="tf1: the original TF FID / torch-fidelity resize; torch: pytorch-fid's F.interpolate",
+  )
   p.add_argument("--batch-size", type=int, default=50)
 
 
 def add_fid(sub):
-  p = sub.add_parser("fid", help="Frechet Inception Distance between two image sets (or a set and saved stats)",
-                     description="FID between PATH_A and PATH_B, each a directory of images, a JSONL of "
-                                 '{"image": PATH} rows, or (PATH_B only) a .npz of statistics (mu, sigma).')
+  p = sub.add_parser(
+    "fid",
+    help="Frechet Inception Distance between two image sets (or a set and saved stats)",
+    description="FID between PATH_A and PATH_B, each a directory of images, a JSONL of "
+    '{"image": PATH} rows, or (PATH_B only) a .npz of statistics (mu, sigma).',
+  )
   p.add_argument("path_a")
   p.add_argument("path_b", nargs="?", help="second set or STATS.npz (omit with --save-stats to only save PATH_A's)")
   _add_inception_args(p)
@@ -320,6 +385,7 @@ def add_fid(sub):
 def _inception(args):
   from hps_jax.convert.inception import load_inception
   from hps_jax.metrics.compute import default_inception_weights
+
   if args.batch_size < 1:
     raise UsageError("--batch-size must be >= 1")
   return load_inception(args.inception_weights or default_inception_weights())
@@ -334,13 +400,20 @@ def _report_skipped(skipped, done: int) -> int:
 
 def run_fid(args) -> int:
   from hps_jax.metrics import compute
+
   if args.path_b is None and not args.save_stats:
     raise UsageError("give PATH_B (a second image set or a stats .npz), or --save-stats OUT.npz")
   model = _inception(args)
   skipped = compute.Skipped()
   try:
-    a = compute.inception_pass(model, compute.list_images(args.path_a, skipped), skipped, resize=args.resize,
-                               batch_size=args.batch_size, desc="set A")
+    a = compute.inception_pass(
+      model,
+      compute.list_images(args.path_a, skipped),
+      skipped,
+      resize=args.resize,
+      batch_size=args.batch_size,
+      desc="set A",
+    )
     if a.count < 2:
       raise UsageError(f"{args.path_a}: fewer than two readable images")
     if args.save_stats:
@@ -349,11 +422,18 @@ def run_fid(args) -> int:
     result = {"path_a": args.path_a, "num_a": a.count, "resize": args.resize}
     if args.path_b is not None:
       from hps_jax.metrics.fid import frechet_distance
-      mu_b, sigma_b, b = compute.reference_stats(args.path_b, model, skipped, resize=args.resize,
-                                                 batch_size=args.batch_size)
+
+      mu_b, sigma_b, b = compute.reference_stats(
+        args.path_b, model, skipped, resize=args.resize, batch_size=args.batch_size
+      )
       mu_a, sigma_a = a.stats.mu_sigma()
-      result.update({"path_b": args.path_b, "num_b": b.count if b is not None else None,
-                     "fid": frechet_distance(mu_a, sigma_a, mu_b, sigma_b)})
+      result.update(
+        {
+          "path_b": args.path_b,
+          "num_b": b.count if b is not None else None,
+          "fid": frechet_distance(mu_a, sigma_a, mu_b, sigma_b),
+        }
+      )
   except ValueError as e:
     raise UsageError(str(e)) from e
   print(json.dumps(result))
@@ -364,9 +444,12 @@ METRICS = ("fid", "is", "kid", "clip", "aesthetic", "hps")
 
 
 def add_metrics(sub):
-  p = sub.add_parser("metrics", help="generator metrics of an image set: fid, is, kid, clip, aesthetic, hps",
-                     description="Computes the chosen metrics of one image set. fid/kid need --reference; clip and "
-                                 "hps need prompts (a JSONL of {\"image\", \"prompt\"} rows).")
+  p = sub.add_parser(
+    "metrics",
+    help="generator metrics of an image set: fid, is, kid, clip, aesthetic, hps",
+    description="Computes the chosen metrics of one image set. fid/kid need --reference; clip and "
+    'hps need prompts (a JSONL of {"image", "prompt"} rows).',
+  )
   p.add_argument("--images", required=True, help="a directory of images or a JSONL of {image, prompt} rows")
   p.add_argument("--metrics", default="fid,is", help=f"comma-separated subset of {','.join(METRICS)}")
   p.add_argument("--reference", help="fid/kid reference: image directory / JSONL (or, for fid only, a stats .npz)")
@@ -383,6 +466,7 @@ def add_metrics(sub):
 
 def run_metrics(args) -> int:
   from hps_jax.metrics import compute
+
   wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
   bad = [m for m in wanted if m not in METRICS]
   if bad or not wanted:
@@ -401,10 +485,20 @@ def run_metrics(args) -> int:
   try:
     items = compute.list_images(args.images, skipped)
     result = compute.generator_metrics(
-        items, wanted, skipped, reference=args.reference, inception=_inception(args) if {"fid", "is", "kid"} &
-        set(wanted) else None, resize=args.resize, batch_size=args.batch_size, is_splits=args.is_splits,
-        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, clip_checkpoint=args.clip_checkpoint,
-        aesthetic_mlp=args.aesthetic_mlp, hps_checkpoint=args.checkpoint)
+      items,
+      wanted,
+      skipped,
+      reference=args.reference,
+      inception=_inception(args) if {"fid", "is", "kid"} & set(wanted) else None,
+      resize=args.resize,
+      batch_size=args.batch_size,
+      is_splits=args.is_splits,
+      kid_subsets=args.kid_subsets,
+      kid_subset_size=args.kid_subset_size,
+      clip_checkpoint=args.clip_checkpoint,
+      aesthetic_mlp=args.aesthetic_mlp,
+      hps_checkpoint=args.checkpoint,
+    )
   except ValueError as e:
     raise UsageError(str(e)) from e
   result = {"images": args.images, **result}
@@ -422,11 +516,14 @@ def run_metrics(args) -> int:
 # sample
 # ------------------------------------------------------------------------------------------------------------
 def add_sample(sub):
-  p = sub.add_parser("sample", help="Stable Diffusion v1.x text-to-image (CFG with a negative prompt)",
-                     description="Samples a diffusers-layout Stable Diffusion dir (unet/ vae/ text_encoder/ tokenizer/ "
-                                 "scheduler/), optionally LoRA-adapted. Writes PNGs and samples.jsonl (file, prompt, "
-                                 "seed, settings). --ab renders base and adapted from the same seeds side by side; "
-                                 "--best-of N keeps the highest-HPS of N candidates per image.")
+  p = sub.add_parser(
+    "sample",
+    help="Stable Diffusion v1.x text-to-image (CFG with a negative prompt)",
+    description="Samples a diffusers-layout Stable Diffusion dir (unet/ vae/ text_encoder/ tokenizer/ "
+    "scheduler/), optionally LoRA-adapted. Writes PNGs and samples.jsonl (file, prompt, "
+    "seed, settings). --ab renders base and adapted from the same seeds side by side; "
+    "--best-of N keeps the highest-HPS of N candidates per image.",
+  )
   p.add_argument("--model", required=True, help="diffusers-layout model dir")
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--prompt")
@@ -443,11 +540,20 @@ def add_sample(sub):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--lora", help="LoRA file or dir: PEFT/diffusers safetensors, kohya/A1111, or the HPS v1 release .bin")
   p.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength (0 = base model)")
-  p.add_argument("--ab", action="store_true", help="with --lora: render base and adapted with the same seeds into "
-                                                   "OUTDIR/base and OUTDIR/adapted, and ab_grid.png (base | adapted)")
+  p.add_argument(
+    "--ab",
+    action="store_true",
+    help="with --lora: render base and adapted with the same seeds into "
+    "OUTDIR/base and OUTDIR/adapted, and ab_grid.png (base | adapted)",
+  )
   p.add_argument("--base-negative-prompt", default="", help="negative prompt of the base side in --ab (default empty)")
-  p.add_argument("--best-of", type=int, default=1, metavar="N",
-                 help="render N candidates per image and keep the one with the highest HPS (needs --scorer)")
+  p.add_argument(
+    "--best-of",
+    type=int,
+    default=1,
+    metavar="N",
+    help="render N candidates per image and keep the one with the highest HPS (needs --scorer)",
+  )
   p.add_argument("--scorer", help="HPS checkpoint for --best-of")
   p.add_argument("--grid", action="store_true", help="also write grid.png, a contact sheet")
   p.add_argument("--outdir", required=True)
@@ -466,12 +572,13 @@ def _read_prompts(args) -> list[str]:
 def contact_sheet(images, cols: int):
   """uint8 images (all the same size) tiled row-major into one image with `cols` columns."""
   import numpy as np
+
   rows = -(-len(images) // cols)
   h, w = images[0].shape[:2]
   sheet = np.zeros((rows * h, cols * w, 3), np.uint8)
   for i, img in enumerate(images):
     r, c = divmod(i, cols)
-    sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
   return sheet
 
 
@@ -479,17 +586,19 @@ def render(sd, jobs, cfg, negative: str, batch_size: int, bar) -> list:
   """uint8 images of (prompt, seed) jobs, in one compiled batch shape (the last chunk is padded)."""
   images = []
   for start in range(0, len(jobs), batch_size):
-    chunk = jobs[start:start + batch_size]
+    chunk = jobs[start : start + batch_size]
     pad = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    images.extend(sd.sample([p for p, _ in pad], [s for _, s in pad], cfg, negative_prompt=negative)[:len(chunk)])
+    images.extend(sd.sample([p for p, _ in pad], [s for _, s in pad], cfg, negative_prompt=negative)[: len(chunk)])
     bar.update(len(chunk))
   return images
 
 
 def run_sample(args) -> int:
   from PIL import Image
+
   from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
   from hps_jax.preference.scorer import as_dtype
+
   prompts = _read_prompts(args)
   if not prompts or min(args.num_images, args.batch_size, args.steps, args.best_of) < 1:
     raise UsageError("need at least one prompt, and --num-images, --batch-size, --steps, --best-of >= 1")
@@ -506,17 +615,30 @@ def run_sample(args) -> int:
   scorer = None
   if args.best_of > 1:
     from hps_jax.preference.scorer import Scorer
+
     scorer = Scorer.from_checkpoint(args.scorer)
-  cfg = SampleConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
-                     width=args.width)
+  cfg = SampleConfig(
+    steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height, width=args.width
+  )
   out = Path(args.outdir)
-  settings = {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
-              "height": args.height, "width": args.width}
+  settings = {
+    "model": str(args.model),
+    "steps": args.steps,
+    "guidance": args.guidance,
+    "scheduler": args.scheduler,
+    "height": args.height,
+    "width": args.width,
+  }
   if args.lora:
     settings.update(lora=str(args.lora), lora_format=lora_info.get("format"))
-  variants = [("adapted", args.lora_scale, args.negative_prompt, out / "adapted"),
-              ("base", 0.0, args.base_negative_prompt, out / "base")] if args.ab else \
-             [(None, args.lora_scale, args.negative_prompt, out)]
+  variants = (
+    [
+      ("adapted", args.lora_scale, args.negative_prompt, out / "adapted"),
+      ("base", 0.0, args.base_negative_prompt, out / "base"),
+    ]
+    if args.ab
+    else [(None, args.lora_scale, args.negative_prompt, out)]
+  )
   n = args.best_of
   rendered = {}
   with progress(len(slots) * n * len(variants), "sampling") as bar:
@@ -537,8 +659,14 @@ def run_sample(args) -> int:
           best = cand[0] if hps is None else max(cand, key=lambda c: hps[c])
           file = f"{j:04d}_{seed}.png"
           Image.fromarray(images[best]).save(vdir / file)
-          row = {"file": file, "prompt": prompt, "seed": jobs[best][1], "negative_prompt": negative,
-                 "lora_scale": scale if args.lora else None, **settings}
+          row = {
+            "file": file,
+            "prompt": prompt,
+            "seed": jobs[best][1],
+            "negative_prompt": negative,
+            "lora_scale": scale if args.lora else None,
+            **settings,
+          }
           if hps is not None:
             row["hps"] = float(hps[best])
             row["candidates"] = [{"seed": jobs[c][1], "hps": float(hps[c])} for c in cand]
@@ -559,10 +687,21 @@ def run_sample(args) -> int:
 # ------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------
-from hps_jax.adapt.label import add_label  # noqa: E402
 from hps_jax.adapt.commands import add_eval_generator, add_train_lora  # noqa: E402
-COMMANDS = [add_score, add_aesthetic, add_train_preference, add_eval_preference, add_fid, add_metrics, add_sample,
-            add_label, add_train_lora, add_eval_generator]
+from hps_jax.adapt.label import add_label  # noqa: E402
+
+COMMANDS = [
+  add_score,
+  add_aesthetic,
+  add_train_preference,
+  add_eval_preference,
+  add_fid,
+  add_metrics,
+  add_sample,
+  add_label,
+  add_train_lora,
+  add_eval_generator,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -579,10 +718,17 @@ def _join_distributed_run():
   imported here, so a single-process command starts as fast as before."""
   import importlib.util
   import os
-  if not (any(k in os.environ for k in ("HPS_COORDINATOR", "HPS_NUM_PROCESSES", "HPS_PROCESS_ID", "HPS_DISTRIBUTED",
-                                        "SLURM_JOB_ID")) or importlib.util.find_spec("libtpu") is not None):
+
+  if not (
+    any(
+      k in os.environ
+      for k in ("HPS_COORDINATOR", "HPS_NUM_PROCESSES", "HPS_PROCESS_ID", "HPS_DISTRIBUTED", "SLURM_JOB_ID")
+    )
+    or importlib.util.find_spec("libtpu") is not None
+  ):
     return
   from hps_jax import parallel
+
   try:
     parallel.initialize()
   except ValueError as e:
@@ -591,6 +737,7 @@ def _join_distributed_run():
 
 def main(argv=None) -> int:
   from hps_jax.convert.io import CheckpointError
+
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   if extra and not getattr(args, "accepts_config_overrides", False):
@@ -608,4 +755,5 @@ if __name__ == "__main__":
   # `python -m hps_jax.cli`: run the imported module's main, so that the subcommands living in other modules
   # (hps_jax.adapt) raise the same UsageError class that main() catches, not a copy from __main__
   from hps_jax.cli import main as _main
+
   sys.exit(_main())

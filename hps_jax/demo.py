@@ -8,6 +8,7 @@ HPS-label generated images with the trained classifier, train LoRA adapters on t
 (configs/lora_sd14.py:tiny), render base vs adapted with the same seeds ("Weird image." as the adapted model's
 negative prompt), and compute the Table 4 metrics (FID, aesthetic, CLIP score, HPS; FID's Inception, the CLIP and
 the aesthetic head are random here too). Every step goes through the same commands a real run uses."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,14 @@ def say(msg=""):
 def synthetic_images(outdir: Path) -> list[tuple[Path, str]]:
   """A few drawn images with prompts that describe them (shapes and colours), in varied sizes and formats."""
   from PIL import Image, ImageDraw
+
   outdir.mkdir(parents=True, exist_ok=True)
-  specs = [("red", "circle", (96, 64), "png"), ("blue", "square", (64, 96), "jpg"), ("green", "triangle", (80, 80), "png"),
-           ("yellow", "circle", (40, 30), "webp")]
+  specs = [
+    ("red", "circle", (96, 64), "png"),
+    ("blue", "square", (64, 96), "jpg"),
+    ("green", "triangle", (80, 80), "png"),
+    ("yellow", "circle", (40, 30), "webp"),
+  ]
   colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (240, 220, 40)}
   out = []
   for colour, shape, (w, h), ext in specs:
@@ -59,6 +65,7 @@ def main(argv=None) -> int:
 
   import jax
   from flax import nnx
+
   from hps_jax import Scorer
   from hps_jax.cli import main as cli_main
   from hps_jax.convert.clip import save_hf
@@ -95,38 +102,75 @@ def main(argv=None) -> int:
 
   say("\n[4/9] Training the tiny CLIP as a preference classifier on the synthetic set (n-way choice loss):")
   say("      hps-jax train-preference --config configs/hps_classifier.py:tiny --workdir " + str(out / "train"))
-  rc_eval_before = cli_main(["eval-preference", "--random", "--dataset", "synthetic", "--split", "test",
-                             "--output", str(out / "eval_random.json")])
+  rc_eval_before = cli_main(
+    [
+      "eval-preference",
+      "--random",
+      "--dataset",
+      "synthetic",
+      "--split",
+      "test",
+      "--output",
+      str(out / "eval_random.json"),
+    ]
+  )
   config_path = Path(__file__).resolve().parents[1] / "configs" / "hps_classifier.py"
   from hps_jax.cli import load_config
   from hps_jax.preference import train as tr
+
   config = load_config(f"{config_path}:tiny", [])
-  before = tr.evaluate_clip(tr.build_model(config.model, config.seed), tr.build_source(config, "test"),
-                            tr.make_transform(config, CLIPConfig.tiny(), tr.build_tokenizer(config)),
-                            batch_size=config.eval_batch_size)
+  before = tr.evaluate_clip(
+    tr.build_model(config.model, config.seed),
+    tr.build_source(config, "test"),
+    tr.make_transform(config, CLIPConfig.tiny(), tr.build_tokenizer(config)),
+    batch_size=config.eval_batch_size,
+  )
   rc_train = cli_main(["train-preference", "--config", f"{config_path}:tiny", "--workdir", str(out / "train")])
   export = out / "train" / "export"
 
-  say("\n[5/9] Held-out preference accuracy: hps-jax eval-preference --checkpoint " + str(export) +
-      " --dataset synthetic")
-  rc_eval = cli_main(["eval-preference", "--checkpoint", str(export), "--dataset", "synthetic", "--split", "test",
-                      "--output", str(out / "eval_trained.json")])
+  say(
+    "\n[5/9] Held-out preference accuracy: hps-jax eval-preference --checkpoint " + str(export) + " --dataset synthetic"
+  )
+  rc_eval = cli_main(
+    [
+      "eval-preference",
+      "--checkpoint",
+      str(export),
+      "--dataset",
+      "synthetic",
+      "--split",
+      "test",
+      "--output",
+      str(out / "eval_trained.json"),
+    ]
+  )
   after = json.loads((out / "eval_trained.json").read_text())
-  say(f"      n-way accuracy: {before['accuracy']:.3f} before training (random init; chance "
-      f"{before['random_expectation']:.3f}) -> {after['accuracy']:.3f} after {config.num_steps} steps")
+  say(
+    f"      n-way accuracy: {before['accuracy']:.3f} before training (random init; chance "
+    f"{before['random_expectation']:.3f}) -> {after['accuracy']:.3f} after {config.num_steps} steps"
+  )
   trained = Scorer.from_checkpoint(export, preprocess="pad", batch_size=8)
   matrix = np.stack([trained.score(images, p) for p in prompts])
   wins = int((matrix.argmax(axis=1) == np.arange(len(prompts))).sum())
-  say(f"      the drawn images of step 2, rescored by the trained model: the described image wins {wins} of "
-      f"{len(prompts)} prompts")
+  say(
+    f"      the drawn images of step 2, rescored by the trained model: the described image wins {wins} of "
+    f"{len(prompts)} prompts"
+  )
 
   adapt = adaptation(out, export, cli_main)
 
   say("\n" + BANNER)
   say(f"demo finished in {time.time() - t0:.1f}s. Outputs:")
-  for what, path in (("checkpoint", ckpt), ("images", out / "images"), ("pairs", pairs_file),
-                     ("scores", out / "scores.jsonl"), ("training", out / "train"), ("trained model", export),
-                     ("evaluation", out / "eval_trained.json"), *adapt["outputs"]):
+  for what, path in (
+    ("checkpoint", ckpt),
+    ("images", out / "images"),
+    ("pairs", pairs_file),
+    ("scores", out / "scores.jsonl"),
+    ("training", out / "train"),
+    ("trained model", export),
+    ("evaluation", out / "eval_trained.json"),
+    *adapt["outputs"],
+  ):
     say(f"  {what:<18} {path}")
   say(BANNER)
   return rc or rc_eval_before or rc_train or rc_eval or adapt["rc"]
@@ -135,20 +179,23 @@ def main(argv=None) -> int:
 def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
   """Steps 6-9: label -> train-lora -> A/B samples -> Table 4 metrics, on a tiny random SD."""
   from flax import nnx
+
   from hps_jax.convert.aesthetic import save_aesthetic
   from hps_jax.convert.clip import save_hf
   from hps_jax.convert.inception import save_inception_torch
   from hps_jax.data.synthetic import SyntheticPreference, write_generated
-  from hps_jax.diffusion.tiny import write_tiny_sd
   from hps_jax.models.aesthetic import AestheticMLP
   from hps_jax.models.clip import CLIP, CLIPConfig
   from hps_jax.models.inception import FIDInception
+
   configs = Path(__file__).resolve().parents[1] / "configs"
   rcs = []
 
-  say("\n[6/9] HPS labelling (paper Sec. 5): 3-4 generated images per prompt, scored by the classifier trained in "
-      "step 4;\n      per prompt the best is kept when softmax(HPS) > 2/n, the worst likewise with the caption "
-      "prefix 'Weird image. '")
+  say(
+    "\n[6/9] HPS labelling (paper Sec. 5): 3-4 generated images per prompt, scored by the classifier trained in "
+    "step 4;\n      per prompt the best is kept when softmax(HPS) > 2/n, the worst likewise with the caption "
+    "prefix 'Weird image. '"
+  )
   gen = write_generated(SyntheticPreference(48, seed=5, split="generated", image_size=32, min_images=3), out / "gen")
   reg = out / "regularization"
   reg.mkdir(parents=True, exist_ok=True)
@@ -160,15 +207,40 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
       f.write(json.dumps({"file_name": f"{i:03d}.png", "caption": rec["prompt"]}) + "\n")
   manifest = out / "labelled" / "manifest.jsonl"
   say(f"      hps-jax label --scorer {scorer_ckpt} --images {gen} --regularization {reg} --out {manifest}")
-  rcs.append(cli_main(["label", "--scorer", str(scorer_ckpt), "--images", str(gen), "--regularization", str(reg),
-                       "--out", str(manifest)]))
+  rcs.append(
+    cli_main(
+      [
+        "label",
+        "--scorer",
+        str(scorer_ckpt),
+        "--images",
+        str(gen),
+        "--regularization",
+        str(reg),
+        "--out",
+        str(manifest),
+      ]
+    )
+  )
 
   say("\n[7/9] LoRA on the tiny random SD's attention projections, trained on the labelled manifest:")
   lora_wd = out / "lora"
-  say(f"      hps-jax train-lora --config configs/lora_sd14.py:tiny --workdir {lora_wd} "
-      f"--config.data.manifest={manifest}")
-  rcs.append(cli_main(["train-lora", "--config", f"{configs / 'lora_sd14.py'}:tiny", "--workdir", str(lora_wd),
-                       f"--config.data.manifest={manifest}", "--config.num_steps=120"]))
+  say(
+    f"      hps-jax train-lora --config configs/lora_sd14.py:tiny --workdir {lora_wd} --config.data.manifest={manifest}"
+  )
+  rcs.append(
+    cli_main(
+      [
+        "train-lora",
+        "--config",
+        f"{configs / 'lora_sd14.py'}:tiny",
+        "--workdir",
+        str(lora_wd),
+        f"--config.data.manifest={manifest}",
+        "--config.num_steps=120",
+      ]
+    )
+  )
   losses = [json.loads(line) for line in (lora_wd / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in losses if "loss" in r]
   say(f"      diffusion loss {np.mean(losses[:3]):.3f} (first logged steps) -> {np.mean(losses[-3:]):.3f} (last)")
@@ -179,9 +251,34 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
   prompts.write_text("a photo of a red circle\na blue square\nan image showing a yellow triangle\n")
   samples = out / "samples"
   say(f"      hps-jax sample --model {model} --lora {adapter} --ab --negative-prompt 'Weird image.' ...")
-  rcs.append(cli_main(["sample", "--model", str(model), "--lora", str(adapter), "--ab", "--negative-prompt",
-                       "Weird image.", "--prompts", str(prompts), "--num-images", "2", "--steps", "10",
-                       "--height", "32", "--width", "32", "--batch-size", "2", "--outdir", str(samples)]))
+  rcs.append(
+    cli_main(
+      [
+        "sample",
+        "--model",
+        str(model),
+        "--lora",
+        str(adapter),
+        "--ab",
+        "--negative-prompt",
+        "Weird image.",
+        "--prompts",
+        str(prompts),
+        "--num-images",
+        "2",
+        "--steps",
+        "10",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--batch-size",
+        "2",
+        "--outdir",
+        str(samples),
+      ]
+    )
+  )
 
   say("\n[9/9] Table 4 columns for base and adapted (random Inception / CLIP / aesthetic head: machinery only):")
   w = out / "metric_models"
@@ -189,18 +286,58 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
   clip = save_hf(CLIP(CLIPConfig.tiny().replace(embed_dim=768), rngs=nnx.Rngs(1)), w / "clip_random")
   head = save_aesthetic(AestheticMLP(rngs=nnx.Rngs(2)), w / "aesthetic_random.safetensors")
   stats = w / "reference_stats.npz"
-  rcs.append(cli_main(["fid", str(reg), "--save-stats", str(stats), "--inception-weights", str(inception),
-                       "--batch-size", "8"]))
+  rcs.append(
+    cli_main(["fid", str(reg), "--save-stats", str(stats), "--inception-weights", str(inception), "--batch-size", "8"])
+  )
   table = out / "table4.json"
-  rcs.append(cli_main(["eval-generator", "--model", str(model), "--lora", str(adapter), "--prompts", str(prompts),
-                       "--reference-stats", str(stats), "--clip-checkpoint", str(clip), "--aesthetic-mlp", str(head),
-                       "--hps-checkpoint", str(scorer_ckpt), "--inception-weights", str(inception),
-                       "--num-images", "2", "--steps", "10", "--height", "32", "--width", "32",
-                       "--sample-batch-size", "2", "--batch-size", "8", "--output", str(table)]))
-  return {"rc": next((rc for rc in rcs if rc), 0),
-          "outputs": (("label manifest", manifest), ("LoRA training", lora_wd), ("LoRA adapter", adapter),
-                      ("A/B grid", samples / "ab_grid.png"), ("metrics (JSON)", table),
-                      ("metrics (markdown)", table.with_suffix(".md")))}
+  rcs.append(
+    cli_main(
+      [
+        "eval-generator",
+        "--model",
+        str(model),
+        "--lora",
+        str(adapter),
+        "--prompts",
+        str(prompts),
+        "--reference-stats",
+        str(stats),
+        "--clip-checkpoint",
+        str(clip),
+        "--aesthetic-mlp",
+        str(head),
+        "--hps-checkpoint",
+        str(scorer_ckpt),
+        "--inception-weights",
+        str(inception),
+        "--num-images",
+        "2",
+        "--steps",
+        "10",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--sample-batch-size",
+        "2",
+        "--batch-size",
+        "8",
+        "--output",
+        str(table),
+      ]
+    )
+  )
+  return {
+    "rc": next((rc for rc in rcs if rc), 0),
+    "outputs": (
+      ("label manifest", manifest),
+      ("LoRA training", lora_wd),
+      ("LoRA adapter", adapter),
+      ("A/B grid", samples / "ab_grid.png"),
+      ("metrics (JSON)", table),
+      ("metrics (markdown)", table.with_suffix(".md")),
+    ),
+  }
 
 
 if __name__ == "__main__":

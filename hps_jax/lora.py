@@ -15,6 +15,7 @@ layers the HPS v1 release and diffusers' LoRA training adapt. `alpha` defaults t
 HPS v1 convention). `A` ("down") is kaiming-uniform like PEFT (bound 1/sqrt(in)) or normal with std 1/r like
 diffusers' legacy LoRA layers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,15 +35,15 @@ class LoRAParam(nnx.Variable):
   """A LoRA adapter matrix (trainable while the base model's `nnx.Param`s stay frozen)."""
 
 
-LORA = nnx.OfType(LoRAParam)   # nnx filter: the adapters
+LORA = nnx.OfType(LoRAParam)  # nnx filter: the adapters
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
   rank: int = 4
-  alpha: float | None = None       # None = rank (scale 1)
-  init: str = "kaiming"            # kaiming (PEFT) | normal (std 1/rank, diffusers' legacy layers)
-  targets: str = DEFAULT_TARGETS   # regex, fully matched against the layer's path ('a/b/0/to_q')
+  alpha: float | None = None  # None = rank (scale 1)
+  init: str = "kaiming"  # kaiming (PEFT) | normal (std 1/rank, diffusers' legacy layers)
+  targets: str = DEFAULT_TARGETS  # regex, fully matched against the layer's path ('a/b/0/to_q')
   seed: int = 0
 
   def __post_init__(self):
@@ -53,26 +54,50 @@ class LoRAConfig:
 
 
 def _no_alloc(key, shape, dtype):
-  return jnp.zeros((1,) * len(shape), dtype)   # placeholder: the real kernel / bias Variables are assigned after
+  return jnp.zeros((1,) * len(shape), dtype)  # placeholder: the real kernel / bias Variables are assigned after
 
 
 def _linear_shell(like: nnx.Linear) -> nnx.Linear:
   """An `nnx.Linear` with `like`'s settings and placeholder parameters (the caller assigns the real Variables)."""
   with nnx.use_eager_sharding(False):
-    return nnx.Linear(like.in_features, like.out_features, use_bias=like.use_bias, dtype=like.dtype,
-                      param_dtype=like.param_dtype, precision=like.precision, rngs=nnx.Rngs(0),
-                      kernel_init=_no_alloc, bias_init=_no_alloc)
+    return nnx.Linear(
+      like.in_features,
+      like.out_features,
+      use_bias=like.use_bias,
+      dtype=like.dtype,
+      param_dtype=like.param_dtype,
+      precision=like.precision,
+      rngs=nnx.Rngs(0),
+      kernel_init=_no_alloc,
+      bias_init=_no_alloc,
+    )
 
 
 class LoRALinear(nnx.Linear):
   """`nnx.Linear` with a low-rank adapter. Built from an existing layer, whose kernel / bias Variables it shares."""
 
-  def __init__(self, base: nnx.Linear, rank: int, alpha: float | None = None, *, init: str = "kaiming",
-               key: jax.Array | None = None):
+  def __init__(
+    self,
+    base: nnx.Linear,
+    rank: int,
+    alpha: float | None = None,
+    *,
+    init: str = "kaiming",
+    key: jax.Array | None = None,
+  ):
     in_f, out_f = base.in_features, base.out_features
     with nnx.use_eager_sharding(False):
-      super().__init__(in_f, out_f, use_bias=base.use_bias, dtype=base.dtype, param_dtype=base.param_dtype,
-                       precision=base.precision, rngs=nnx.Rngs(0), kernel_init=_no_alloc, bias_init=_no_alloc)
+      super().__init__(
+        in_f,
+        out_f,
+        use_bias=base.use_bias,
+        dtype=base.dtype,
+        param_dtype=base.param_dtype,
+        precision=base.precision,
+        rngs=nnx.Rngs(0),
+        kernel_init=_no_alloc,
+        bias_init=_no_alloc,
+      )
     self.kernel = base.kernel
     self.bias = base.bias
     self.rank = int(rank)
@@ -80,7 +105,7 @@ class LoRALinear(nnx.Linear):
     self.multiplier = 1.0
     self.merged = False
     key = jax.random.key(0) if key is None else key
-    if init == "kaiming":    # kaiming_uniform(a=sqrt(5)) on a (r, in) torch weight: bound 1/sqrt(in)
+    if init == "kaiming":  # kaiming_uniform(a=sqrt(5)) on a (r, in) torch weight: bound 1/sqrt(in)
       bound = 1.0 / math.sqrt(in_f)
       down = jax.random.uniform(key, (in_f, rank), jnp.float32, -bound, bound)
     else:
@@ -138,8 +163,13 @@ def target_paths(model, targets: str = DEFAULT_TARGETS) -> list[str]:
   return [p for p, _ in _linears(model) if rx.fullmatch(p)]
 
 
-def apply_lora(model, config: LoRAConfig = LoRAConfig(), *, ranks: Mapping[str, int] | None = None,
-               alphas: Mapping[str, float] | None = None) -> list[str]:
+def apply_lora(
+  model,
+  config: LoRAConfig = LoRAConfig(),
+  *,
+  ranks: Mapping[str, int] | None = None,
+  alphas: Mapping[str, float] | None = None,
+) -> list[str]:
   """Adds adapters in place to every `nnx.Linear` of `model` whose path matches `config.targets` (or, with
   `ranks`, exactly the layers named there, each with its own rank and optional alpha). Returns the adapted paths.
   Layers that already carry an adapter are an error (merge or `remove_lora` first)."""
@@ -189,6 +219,7 @@ def remove_lora_at(model, path: str):
 @dataclasses.dataclass
 class Adapter:
   """One layer's adapter in our layout: down (in, r), up (r, out), alpha (scale = alpha / r)."""
+
   down: np.ndarray
   up: np.ndarray
   alpha: float
@@ -200,8 +231,10 @@ class Adapter:
 
 def get_adapters(model) -> dict[str, Adapter]:
   """{layer path: Adapter} (float32 numpy copies)."""
-  return {p: Adapter(np.asarray(m.lora_down[...], np.float32), np.asarray(m.lora_up[...], np.float32), m.alpha)
-          for p, m in lora_layers(model).items()}
+  return {
+    p: Adapter(np.asarray(m.lora_down[...], np.float32), np.asarray(m.lora_up[...], np.float32), m.alpha)
+    for p, m in lora_layers(model).items()
+  }
 
 
 def set_adapters(model, adapters: Mapping[str, Adapter], *, source: str = "adapters") -> list[str]:
@@ -215,10 +248,16 @@ def set_adapters(model, adapters: Mapping[str, Adapter], *, source: str = "adapt
       continue
     m = layers[p]
     want_in, want_out = m.in_features, m.out_features
-    if a.down.ndim != 2 or a.up.ndim != 2 or a.down.shape[0] != want_in or a.up.shape[1] != want_out \
-        or a.down.shape[1] != a.up.shape[0]:
-      problems.append(f"{p}: adapter shapes down {a.down.shape} / up {a.up.shape} do not fit a "
-                      f"{want_in} -> {want_out} layer")
+    if (
+      a.down.ndim != 2
+      or a.up.ndim != 2
+      or a.down.shape[0] != want_in
+      or a.up.shape[1] != want_out
+      or a.down.shape[1] != a.up.shape[0]
+    ):
+      problems.append(
+        f"{p}: adapter shapes down {a.down.shape} / up {a.up.shape} do not fit a {want_in} -> {want_out} layer"
+      )
   if problems:
     raise ValueError(f"{source}: {len(problems)} adapters do not fit {type(model).__name__}: {problems[:4]}")
   for p, a in adapters.items():

@@ -4,6 +4,7 @@ Parameters carry logical axis names (`nnx.with_partitioning` in the models: 'emb
 'proj'); a rule table maps each logical name to a mesh axis (or None = replicated). Batches are split over
 ('data', 'fsdp'), which is what makes FSDP a data-parallel scheme with sharded parameters.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,8 @@ from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -20,12 +22,12 @@ BATCH_AXES = ("data", "fsdp")
 # logical name -> mesh axis. 'embed' over fsdp shards every weight matrix along its model dimension (ZeRO-3 style);
 # 'mlp' / 'heads' / 'vocab' over tensor give Megatron-style tensor parallelism when that axis is > 1.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("proj", None),
+  ("batch", BATCH_AXES),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("vocab", "tensor"),
+  ("proj", None),
 )
 
 
@@ -44,6 +46,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
     raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {len(devices)}")
   try:
     from jax.experimental import mesh_utils
+
     arr = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     arr = np.asarray(devices).reshape(shape)
@@ -75,6 +78,7 @@ def state_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
   Variables are sharded by their logical-axis metadata through `rules`; plain arrays are replicated. A dimension
   that the mesh axis does not divide is replicated instead (e.g. a 77-row position table on 2 shards)."""
   from flax import nnx
+
   specs = nnx.get_partition_spec(tree)
 
   def one(spec, x):
@@ -111,24 +115,28 @@ def batch_divisor(mesh: Mesh) -> int:
 
 def put_batch(mesh: Mesh, tree):
   """Host numpy arrays holding this process's part of the batch -> global arrays sharded over the batch axes."""
+
   def put(x):
     x = np.asarray(x)
     sharding = batch_sharding(mesh, x.ndim)
     if jax.process_count() == 1:
       return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, x)
+
   return jax.tree.map(put, tree)
 
 
 def put_global(mesh: Mesh, tree):
   """Host numpy arrays holding the WHOLE global batch (identical on every process, e.g. evaluation batches) ->
   global arrays sharded over the batch axes; each process keeps only its devices' slices."""
+
   def put(x):
     x = np.asarray(x)
     sharding = batch_sharding(mesh, x.ndim)
     if jax.process_count() == 1:
       return jax.device_put(x, sharding)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
   return jax.tree.map(put, tree)
 
 
@@ -136,7 +144,7 @@ def put_global(mesh: Mesh, tree):
 # joining a multi-process run
 # ------------------------------------------------------------------------------------------------------------
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "HPS_COORDINATOR", "HPS_NUM_PROCESSES", "HPS_PROCESS_ID"
-ENV_DISTRIBUTED = "HPS_DISTRIBUTED"    # "off": never join a run; "auto": let JAX detect one (OpenMPI, k8s, ...)
+ENV_DISTRIBUTED = "HPS_DISTRIBUTED"  # "off": never join a run; "auto": let JAX detect one (OpenMPI, k8s, ...)
 # What JAX's own Slurm detection reads (jax/_src/clusters/slurm_cluster.py); it is only trusted inside a job step.
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 # Environment a multi-host Cloud TPU slice sets (GKE / queued resources / multislice), as JAX's TPU detection reads.
@@ -158,6 +166,7 @@ def _cloud_tpu(environ) -> bool:
   """A Cloud TPU VM, detected as JAX does: libtpu installed, and TPU chips on the PCI bus (JAX's own probe) or a
   slice's environment set. Not when JAX_PLATFORMS leaves the TPU out (e.g. a CPU-only run on a TPU VM)."""
   import importlib.util
+
   platforms = environ.get("JAX_PLATFORMS", "")
   if platforms and "tpu" not in platforms.lower().split(","):
     return False
@@ -167,13 +176,18 @@ def _cloud_tpu(environ) -> bool:
     return True
   try:
     from jax._src import hardware_utils  # reads /sys/bus/pci only; initializes nothing
+
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
   except (ImportError, AttributeError):  # moved in another JAX version: HPS_DISTRIBUTED=auto still works
     return False
 
 
-def launch_settings(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-                    environ: Mapping[str, str] | None = None) -> dict | None:
+def launch_settings(
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  environ: Mapping[str, str] | None = None,
+) -> dict | None:
   """How this process joins a multi-process run, decided from the arguments and the environment (no device is
   touched): None for a single process, else the keyword arguments for
   `jax.distributed.initialize` (an empty dict: JAX detects everything, as under Slurm or on a Cloud TPU slice).
@@ -197,9 +211,11 @@ def launch_settings(coordinator: str | None = None, num_processes: int | None = 
     except ValueError:
       raise ValueError(f"{name}={raw!r} is not a valid {cast.__name__}") from None
 
-  explicit = {"coordinator_address": pick(coordinator, ENV_COORDINATOR, str),
-              "num_processes": pick(num_processes, ENV_NUM_PROCESSES, int),
-              "process_id": pick(process_id, ENV_PROCESS_ID, int)}
+  explicit = {
+    "coordinator_address": pick(coordinator, ENV_COORDINATOR, str),
+    "num_processes": pick(num_processes, ENV_NUM_PROCESSES, int),
+    "process_id": pick(process_id, ENV_PROCESS_ID, int),
+  }
   given = {k: v for k, v in explicit.items() if v is not None}
   if given.get("num_processes") == 1:
     if given.get("process_id", 0) != 0:
@@ -210,11 +226,20 @@ def launch_settings(coordinator: str | None = None, num_processes: int | None = 
     return given
   if not given:
     return None
-  missing = [name for key, name in (("coordinator_address", ENV_COORDINATOR), ("num_processes", ENV_NUM_PROCESSES),
-                                    ("process_id", ENV_PROCESS_ID)) if key not in given]
+  missing = [
+    name
+    for key, name in (
+      ("coordinator_address", ENV_COORDINATOR),
+      ("num_processes", ENV_NUM_PROCESSES),
+      ("process_id", ENV_PROCESS_ID),
+    )
+    if key not in given
+  ]
   if missing:
-    raise ValueError(f"a multi-process run needs the coordinator address, the number of processes and this process's "
-                     f"id; {', '.join(missing)} not set (and no Slurm step or Cloud TPU slice to detect them from)")
+    raise ValueError(
+      f"a multi-process run needs the coordinator address, the number of processes and this process's "
+      f"id; {', '.join(missing)} not set (and no Slurm step or Cloud TPU slice to detect them from)"
+    )
   if given["num_processes"] < 1 or not 0 <= given["process_id"] < given["num_processes"]:
     raise ValueError(f"process id {given['process_id']} is not in [0, {given['num_processes']})")
   if ":" not in given["coordinator_address"]:
@@ -222,8 +247,12 @@ def launch_settings(coordinator: str | None = None, num_processes: int | None = 
   return given
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               local_device_ids: Sequence[int] | None = None) -> bool:
+def initialize(
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
+) -> bool:
   """Joins this process to a multi-process run (`jax.distributed.initialize`) when the arguments or the environment
   describe one (see `launch_settings`); a lone process with nothing set is left alone. Must run before anything
   touches a JAX device. A second call does nothing. On the CPU, cross-process collectives go through gloo (unless
@@ -243,6 +272,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   _initialized = True
   if jax.process_index() == 0:
     how = settings.get("coordinator_address") or "auto-detected"
-    print(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
-          f"({jax.local_device_count()} on process 0); coordinator {how}", file=sys.stderr, flush=True)
+    print(
+      f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
+      f"({jax.local_device_count()} on process 0); coordinator {how}",
+      file=sys.stderr,
+      flush=True,
+    )
   return True

@@ -5,6 +5,7 @@ TensorBoard scalars, periodic evaluation, progress bar.
 A trainer supplies a `Task`: the model, which parameters train (an nnx filter), a loss, a data iterator factory and
 optional evaluate/export hooks. Frozen parameters are never differentiated and carry no optimizer state.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -40,8 +40,10 @@ def path_str(path) -> str:
 def regex_filter(patterns: Sequence[str]):
   """An nnx filter selecting Params whose path ('vision/blocks/14/attn/query/kernel') fully matches a pattern."""
   rx = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
   def filt(path, value):
     return rx is not None and isinstance(value, nnx.Param) and rx.fullmatch(path_str(path)) is not None
+
   return filt
 
 
@@ -58,8 +60,9 @@ def make_schedule(cfg, total_steps: int):
     sched = optax.constant_schedule(cfg.lr)
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), sched], [warmup]) if warmup else sched
   if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0 if warmup else cfg.lr, cfg.lr, warmup, max(total_steps, warmup + 1),
-                                              end_value=cfg.get("end_lr", 0.0))
+    return optax.warmup_cosine_decay_schedule(
+      0.0 if warmup else cfg.lr, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=cfg.get("end_lr", 0.0)
+    )
   raise ValueError(f"unknown schedule {cfg.schedule!r} (constant or cosine)")
 
 
@@ -88,6 +91,7 @@ class MetricWriter:
       self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
       try:
         from tensorboardX import SummaryWriter
+
         self.tb = SummaryWriter(str(workdir / "tb"))
       except ImportError:
         self.tb = None
@@ -121,17 +125,17 @@ def log(msg: str):
 @dataclasses.dataclass
 class Task:
   model: nnx.Module
-  trainable: Callable                                   # nnx filter
-  loss_fn: Callable                                     # (model, batch) -> (scalar loss, dict of scalar metrics)
-  make_iterator: Callable[[], Iterator]                 # -> checkpointable iterator of process-local numpy batches
-  batch_shapes: dict                                    # name -> jax.ShapeDtypeStruct of the GLOBAL batch
-  evaluate: Callable | None = None                      # (model) -> dict of scalars
-  export: Callable | None = None                        # (model, directory) -> path
+  trainable: Callable  # nnx filter
+  loss_fn: Callable  # (model, batch) -> (scalar loss, dict of scalar metrics)
+  make_iterator: Callable[[], Iterator]  # -> checkpointable iterator of process-local numpy batches
+  batch_shapes: dict  # name -> jax.ShapeDtypeStruct of the GLOBAL batch
+  evaluate: Callable | None = None  # (model) -> dict of scalars
+  export: Callable | None = None  # (model, directory) -> path
 
 
 @dataclasses.dataclass
 class TrainResult:
-  status: str                     # "done" or "nan"
+  status: str  # "done" or "nan"
   step: int
   losses: dict[int, float]
   eval: dict
@@ -166,6 +170,7 @@ def train(task: Task, config, workdir) -> TrainResult:
   def train_step(trainable, frozen, opt_state, batch):
     def loss_of(trainable):
       return task.loss_fn(nnx.merge(graphdef, trainable, frozen), batch)
+
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
@@ -173,11 +178,16 @@ def train(task: Task, config, workdir) -> TrainResult:
 
   abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
   t0 = time.time()
-  step_fn = jax.jit(train_step, in_shardings=(tr_sh, fr_sh, opt_sh, batch_sh), out_shardings=(tr_sh, opt_sh, repl),
-                    donate_argnums=(0, 2))
+  step_fn = jax.jit(
+    train_step,
+    in_shardings=(tr_sh, fr_sh, opt_sh, batch_sh),
+    out_shardings=(tr_sh, opt_sh, repl),
+    donate_argnums=(0, 2),
+  )
   batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in task.batch_shapes.items()}
-  compiled = step_fn.lower(abstract(trainable, tr_sh), abstract(frozen, fr_sh), abstract(opt_state, opt_sh),
-                           batch_abs).compile()
+  compiled = step_fn.lower(
+    abstract(trainable, tr_sh), abstract(frozen, fr_sh), abstract(opt_state, opt_sh), batch_abs
+  ).compile()
   log(f"train step compiled ahead of time in {time.time() - t0:.1f}s")
 
   ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
@@ -208,8 +218,11 @@ def train(task: Task, config, workdir) -> TrainResult:
       losses[step] = loss
       if not math.isfinite(loss):
         status = "nan"
-        where = f"the last good checkpoint (step {last_good}) is kept in {ckpt.directory}" if last_good else \
-            "no checkpoint had been written yet"
+        where = (
+          f"the last good checkpoint (step {last_good}) is kept in {ckpt.directory}"
+          if last_good
+          else "no checkpoint had been written yet"
+        )
         log(f"non-finite loss {loss} at step {step}: stopping; {where}")
         break
       if bar is not None:
@@ -251,4 +264,5 @@ def _progress(total: int, start: int, enabled: bool):
   if not enabled or jax.process_index() != 0:
     return None
   from tqdm import tqdm
+
   return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)

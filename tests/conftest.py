@@ -16,6 +16,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 def aesthetic_weights():
   """The real LAION aesthetic heads: $HPS_JAX_WEIGHTS/aesthetic or ../shared/weights/aesthetic."""
   from hps_jax.convert.aesthetic import default_weights_dir
+
   d = default_weights_dir() / "aesthetic"
   if not (d / "sac+logos+ava1-l14-linearMSE.pth").exists():
     pytest.skip(f"aesthetic weights not found in {d} (set HPS_JAX_WEIGHTS)")
@@ -29,10 +30,12 @@ _PARITY: dict[str, tuple[float, float]] = {}
 def parity(request):
   """`parity(name, measured, tolerance)`: asserts measured <= tolerance and records the number (through the test
   report, so it also reaches the controller under pytest-xdist); the run's summary prints every measured error."""
+
   def check(name: str, measured, tolerance: float):
     measured = float(measured)
     request.node.user_properties.append(("parity", (name, measured, tolerance)))
     assert measured <= tolerance, f"{name}: {measured:.3g} > {tolerance:.3g}"
+
   return check
 
 

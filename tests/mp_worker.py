@@ -8,6 +8,7 @@ RUNS_JSON is a JSON list of argument lists, each passed to `hps_jax.cli.main` in
 one JSON line to RECORD_FILE.pPROCESS_INDEX.jsonl: the indices of its records in the synthetic train split, in row
 order. The multi-process settings come from the environment (HPS_COORDINATOR, HPS_NUM_PROCESSES, HPS_PROCESS_ID).
 """
+
 import json
 import sys
 
@@ -35,6 +36,7 @@ class Recorder:
 
   def __call__(self, batch):
     import jax
+
     with open(f"{self.path}.p{jax.process_index()}.jsonl", "a", encoding="utf-8") as f:
       f.write(json.dumps(batch["record_index"].tolist()) + "\n")
     return batch
@@ -51,6 +53,7 @@ def main(record_file: str, runs: list[list[str]]) -> int:
   def to_iterator(ds, *, prefetch_threads=4, prefetch_buffer=8):
     options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=prefetch_buffer)
     return iter(ds.to_iter_dataset(options).map(Recorder(record_file)))
+
   pipeline.to_iterator = to_iterator
 
   for argv in runs:

@@ -1,4 +1,5 @@
 """Builders for the PyTorch reference models the parity tests compare against (random weights, offline)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,7 @@ def randomize_(module, seed: int = 0, std: float = 0.05):
   """Overwrites every parameter with seeded random values (norm scales around 1), so biases and norms are
   exercised by the comparison instead of sitting at their zero/one initial values."""
   import torch
+
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in module.named_parameters():
@@ -26,6 +28,7 @@ def randomize_(module, seed: int = 0, std: float = 0.05):
 
 def hf_clip(cfg: CLIPConfig, seed: int = 0):
   import transformers
+
   hf_cfg = transformers.CLIPConfig.from_dict(config_to_hf(cfg))
   model = transformers.CLIPModel(hf_cfg).eval()
   return randomize_(model, seed)
@@ -34,12 +37,23 @@ def hf_clip(cfg: CLIPConfig, seed: int = 0):
 def open_clip_model(cfg: CLIPConfig, seed: int = 0):
   import open_clip
   from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-  vision = CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width,
-                         head_width=cfg.vision_width // cfg.vision_heads,
-                         mlp_ratio=cfg.vision_mlp_dim / cfg.vision_width, patch_size=cfg.patch_size,
-                         image_size=cfg.image_size)
-  text = CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
-                     heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.text_mlp_dim / cfg.text_width)
+
+  vision = CLIPVisionCfg(
+    layers=cfg.vision_layers,
+    width=cfg.vision_width,
+    head_width=cfg.vision_width // cfg.vision_heads,
+    mlp_ratio=cfg.vision_mlp_dim / cfg.vision_width,
+    patch_size=cfg.patch_size,
+    image_size=cfg.image_size,
+  )
+  text = CLIPTextCfg(
+    context_length=cfg.context_length,
+    vocab_size=cfg.vocab_size,
+    width=cfg.text_width,
+    heads=cfg.text_heads,
+    layers=cfg.text_layers,
+    mlp_ratio=cfg.text_mlp_dim / cfg.text_width,
+  )
   model = open_clip.model.CLIP(cfg.embed_dim, vision, text, quick_gelu=cfg.activation == "quick_gelu").eval()
   return randomize_(model, seed)
 
@@ -58,6 +72,7 @@ def randomize_fan_in_(module, seed=0):
   """Seeded values for every parameter, scaled for deep conv nets: weights ~ N(0, 1/fan_in), norm scales
   ~ 1 + N(0, 0.2^2), biases N(0, 0.1^2); returns the module in eval mode."""
   import torch
+
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in module.named_parameters():

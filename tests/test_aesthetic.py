@@ -1,4 +1,5 @@
 """The LAION aesthetic predictor on its real published weights, against the PyTorch MLP it was saved from."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,11 +16,31 @@ FILES = {"linear": "sac+logos+ava1-l14-linearMSE.pth", "relu": "ava+logos-l14-re
 def reference_mlp(variant):
   """The predictor's torch module layout, rebuilt from its description (Linear/Dropout[/ReLU] Sequential)."""
   if variant == "linear":
-    layers = [nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2), nn.Linear(128, 64),
-              nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1)]
+    layers = [
+      nn.Linear(768, 1024),
+      nn.Dropout(0.2),
+      nn.Linear(1024, 128),
+      nn.Dropout(0.2),
+      nn.Linear(128, 64),
+      nn.Dropout(0.1),
+      nn.Linear(64, 16),
+      nn.Linear(16, 1),
+    ]
   else:
-    layers = [nn.Linear(768, 1024), nn.ReLU(), nn.Dropout(0.2), nn.Linear(1024, 128), nn.ReLU(), nn.Dropout(0.2),
-              nn.Linear(128, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 1)]
+    layers = [
+      nn.Linear(768, 1024),
+      nn.ReLU(),
+      nn.Dropout(0.2),
+      nn.Linear(1024, 128),
+      nn.ReLU(),
+      nn.Dropout(0.2),
+      nn.Linear(128, 64),
+      nn.ReLU(),
+      nn.Dropout(0.1),
+      nn.Linear(64, 16),
+      nn.ReLU(),
+      nn.Linear(16, 1),
+    ]
   m = nn.Module()
   m.layers = nn.Sequential(*layers)
   return m.eval()
@@ -55,10 +76,12 @@ def test_variants_differ_and_bad_files(aesthetic_weights, tmp_path):
 def test_save_round_trip_into_the_torch_head(variant, tmp_path, parity):
   """save_aesthetic writes the LAION layout: the torch head loads it strictly and rates like ours."""
   torch = pytest.importorskip("torch")
-  from safetensors.torch import load_file
   from flax import nnx
+  from safetensors.torch import load_file
+
   from hps_jax.convert.aesthetic import save_aesthetic
   from hps_jax.models.aesthetic import AestheticMLP
+
   ours = AestheticMLP(variant=variant, rngs=nnx.Rngs(3))
   path = save_aesthetic(ours, tmp_path / "head.safetensors")
   head = reference_mlp(variant)

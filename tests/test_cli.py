@@ -1,5 +1,6 @@
 """`hps-jax score` on a corrupt-input corpus: every bad input is named in the summary, nothing crashes, exit codes
 tell the story; unusual-but-valid images (CMYK, 16-bit, RGBA) are converted and scored."""
+
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from hps_jax.models.clip import CLIP, CLIPConfig
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   from flax import nnx
+
   d = tmp_path_factory.mktemp("cli") / "tiny_hf"
   save_hf(CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(0)), d)
   return d
@@ -37,18 +39,26 @@ def corpus(tmp_path_factory):
   assert Image.open(d / "deep16.png").mode.startswith("I")
   Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (40, 30), dtype=np.uint8)])).save(d / "rgba.png")
   (d / "text.png").write_text("this is not an image")
-  lines = [json.dumps({"image": n, "prompt": f"prompt for {n}"}) for n in
-           ["ok.png", "zero.jpg", "truncated.jpg", "cmyk.jpg", "deep16.png", "rgba.png", "missing.png", "text.png"]]
-  lines.insert(3, '{"image": "ok.png", "prompt": ')          # line 4: broken JSON
-  lines.insert(5, json.dumps({"image": "ok.png"}))           # line 6: no prompt
-  lines.insert(6, "")                                          # blank lines are ignored
+  lines = [
+    json.dumps({"image": n, "prompt": f"prompt for {n}"})
+    for n in ["ok.png", "zero.jpg", "truncated.jpg", "cmyk.jpg", "deep16.png", "rgba.png", "missing.png", "text.png"]
+  ]
+  lines.insert(3, '{"image": "ok.png", "prompt": ')  # line 4: broken JSON
+  lines.insert(5, json.dumps({"image": "ok.png"}))  # line 6: no prompt
+  lines.insert(6, "")  # blank lines are ignored
   (d / "pairs.jsonl").write_text("\n".join(lines) + "\n")
   return d
 
 
 GOOD = ["ok.png", "cmyk.jpg", "deep16.png", "rgba.png"]
-BAD = {"zero.jpg": "", "truncated.jpg": "", "missing.png": "", "text.png": "", "pairs.jsonl:4": "not valid JSON",
-       "pairs.jsonl:6": '"prompt"'}
+BAD = {
+  "zero.jpg": "",
+  "truncated.jpg": "",
+  "missing.png": "",
+  "text.png": "",
+  "pairs.jsonl:4": "not valid JSON",
+  "pairs.jsonl:6": '"prompt"',
+}
 
 
 def _cli(*args, cwd=None):
@@ -60,11 +70,12 @@ def _cli(*args, cwd=None):
 
 def test_corrupt_corpus_pairs(checkpoint, corpus, tmp_path):
   out = tmp_path / "scores.jsonl"
-  res = _cli("score", "--checkpoint", checkpoint, "--pairs", corpus / "pairs.jsonl", "--output", out,
-             "--batch-size", "4")
+  res = _cli(
+    "score", "--checkpoint", checkpoint, "--pairs", corpus / "pairs.jsonl", "--output", out, "--batch-size", "4"
+  )
   assert res.returncode == 1, res.stderr
   assert "Traceback" not in res.stderr
-  summary = res.stderr[res.stderr.index("done:"):]
+  summary = res.stderr[res.stderr.index("done:") :]
   assert summary.splitlines()[0] == f"done: {len(GOOD)} images processed, {len(BAD)} skipped"
   for name, why in BAD.items():
     line = next((l for l in summary.splitlines() if name in l), None)
@@ -80,27 +91,41 @@ def test_corrupt_corpus_pairs(checkpoint, corpus, tmp_path):
 
   # the CLI's numbers are the library's numbers
   from hps_jax.preference.scorer import Scorer
-  want = Scorer.from_checkpoint(checkpoint, batch_size=4).score([corpus / n for n in GOOD],
-                                                                [f"prompt for {n}" for n in GOOD])
+
+  want = Scorer.from_checkpoint(checkpoint, batch_size=4).score(
+    [corpus / n for n in GOOD], [f"prompt for {n}" for n in GOOD]
+  )
   np.testing.assert_allclose([r["hps"] for r in rows], want, rtol=1e-5, atol=1e-4)
 
 
 def test_prompt_mode_stdout_and_clean_exit(checkpoint, corpus):
-  res = _cli("score", "--checkpoint", checkpoint, "--prompt", "a cat", corpus / "ok.png", corpus / "rgba.png",
-             "--preprocess", "clip")
+  res = _cli(
+    "score",
+    "--checkpoint",
+    checkpoint,
+    "--prompt",
+    "a cat",
+    corpus / "ok.png",
+    corpus / "rgba.png",
+    "--preprocess",
+    "clip",
+  )
   assert res.returncode == 0, res.stderr
   rows = [json.loads(l) for l in res.stdout.splitlines()]
   assert [r["prompt"] for r in rows] == ["a cat", "a cat"]
   assert "done: 2 images processed, 0 skipped" in res.stderr
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--checkpoint", "{tmp}/nope", "--prompt", "x", "a.png"], "nope"),
     (["--checkpoint", "{ckpt}", "--prompt", "x"], "--prompt needs at least one IMAGE"),
     (["--checkpoint", "{ckpt}", "--pairs", "{tmp}/absent.jsonl"], "cannot read pairs file"),
     (["--checkpoint", "{tmp}/garbage.pt", "--prompt", "x", "a.png"], "garbage.pt"),
     (["--checkpoint", "{ckpt}", "--prompt", "x", "a.png", "--batch-size", "0"], "--batch-size"),
-])
+  ],
+)
 def test_usage_errors_are_one_line(checkpoint, tmp_path, args, message):
   (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint")
   args = [a.format(tmp=tmp_path, ckpt=checkpoint) for a in args]
@@ -111,14 +136,35 @@ def test_usage_errors_are_one_line(checkpoint, tmp_path, args, message):
   assert len(errors) == 1 and message in errors[0], res.stderr
 
 
-@pytest.mark.parametrize("args", [
-    ["eval-generator", "--model", "m", "--prompts", "missing.txt", "--metrics", "hps", "--hps-checkpoint", "c",
-     "--output", "o.json"],
-    ["label", "--scorer", "c", "--images", "missing", "--regularization", "r", "--out", "m.jsonl"]])
+@pytest.mark.parametrize(
+  "args",
+  [
+    [
+      "eval-generator",
+      "--model",
+      "m",
+      "--prompts",
+      "missing.txt",
+      "--metrics",
+      "hps",
+      "--hps-checkpoint",
+      "c",
+      "--output",
+      "o.json",
+    ],
+    ["label", "--scorer", "c", "--images", "missing", "--regularization", "r", "--out", "m.jsonl"],
+  ],
+)
 def test_python_dash_m_usage_errors_from_other_modules(args, tmp_path):
   """`python -m hps_jax.cli`: a UsageError raised by a subcommand defined outside cli.py (hps_jax.adapt) is the one
   main() catches: exit 2 with one line, no traceback."""
-  res = subprocess.run([sys.executable, "-m", "hps_jax.cli", *args], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  res = subprocess.run(
+    [sys.executable, "-m", "hps_jax.cli", *args],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=tmp_path,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert res.returncode == 2, res.stderr
   assert "Traceback" not in res.stderr and res.stderr.startswith(f"hps-jax {args[0]}: error:"), res.stderr

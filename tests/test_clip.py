@@ -1,4 +1,5 @@
 """Parity of the NNX CLIP against transformers and open_clip on the same random weights, for every format."""
+
 import json
 
 import jax.numpy as jnp
@@ -14,14 +15,18 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
-PROMPTS = ["a photo of a cat", "", "an astronaut riding a horse on the moon, highly detailed, 4k, trending on "
-           "artstation " * 4, "Weird image. a bowl of fruit"]
+PROMPTS = [
+  "a photo of a cat",
+  "",
+  "an astronaut riding a horse on the moon, highly detailed, 4k, trending on artstation " * 4,
+  "Weird image. a bowl of fruit",
+]
 CONFIGS = {"tiny_quickgelu": CLIPConfig.tiny(), "small_gelu": CLIPConfig.small()}
 TOL = 1e-4
 
 
-def _tokens(n=len(PROMPTS)):
-  return open_clip.tokenize(PROMPTS[:n]).numpy().astype(np.int32)
+def _tokens(n=None):
+  return open_clip.tokenize(PROMPTS[: len(PROMPTS) if n is None else n]).numpy().astype(np.int32)
 
 
 def _ours(model, images, ids):

@@ -1,5 +1,6 @@
 """The DiffusionDB reader on synthetic downloads: record order, parquet-over-JSON precedence, the 2M and Large
 layouts, member bytes, and how bad members and bad files are reported."""
+
 import io
 import json
 import struct
@@ -9,8 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hps_jax.data.diffusiondb import (ArchiveReader, DiffusionDBError, MemberError, find_parts, iter_diffusiondb,
-                                      read_diffusiondb, read_records)
+from hps_jax.data.diffusiondb import (
+  ArchiveReader,
+  DiffusionDBError,
+  MemberError,
+  find_parts,
+  iter_diffusiondb,
+  read_diffusiondb,
+  read_records,
+)
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -46,16 +54,24 @@ def corrupt_member(path, name: str):
   with zipfile.ZipFile(path) as zf:
     info = zf.getinfo(name)
   raw = bytearray(path.read_bytes())
-  n_name, n_extra = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+  n_name, n_extra = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
   raw[info.header_offset + 30 + n_name + n_extra + info.file_size // 2] ^= 0xFF
   path.write_bytes(bytes(raw))
 
 
 def write_parquet(path, rows: list[dict]):
   """DiffusionDB-style metadata: image_name, prompt, part_id, seed, step, cfg, sampler, width, height."""
-  cols = {"image_name": pa.string(), "prompt": pa.string(), "part_id": pa.uint16(), "seed": pa.uint32(),
-          "step": pa.uint16(), "cfg": pa.float32(), "sampler": pa.uint8(), "width": pa.uint16(),
-          "height": pa.uint16()}
+  cols = {
+    "image_name": pa.string(),
+    "prompt": pa.string(),
+    "part_id": pa.uint16(),
+    "seed": pa.uint32(),
+    "step": pa.uint16(),
+    "cfg": pa.float32(),
+    "sampler": pa.uint8(),
+    "width": pa.uint16(),
+    "height": pa.uint16(),
+  }
   full = [{**{"seed": 1, "step": 50, "cfg": 7.0, "sampler": 8, "width": 16, "height": 16}, **r} for r in rows]
   table = pa.table({c: pa.array([r[c] for r in full], t) for c, t in cols.items()})
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,18 +92,43 @@ def db(tmp_path):
   """Part 10 under a_dir/ and part 2 under z_dir/ (path order disagrees with part order); members written out of
   name order; prompts from the parquet (part 10: c.png, a.png) and from the part JSON (the rest)."""
   root = tmp_path / "db"
-  write_part(root / "a_dir" / "part-000010.zip",
-             {"c.png": encode(pixels(3)), "notes.txt": b"hello", "a.png": encode(pixels(1)),
-              "b.png": encode(pixels(2)), "orphan.png": encode(pixels(4))},
-             {"a.png": {"p": "json prompt a", "se": 11, "c": 5.0, "st": 30, "sa": "k_lms"},
-              "b.png": {"p": "json prompt b", "se": 12, "c": 6.0, "st": 40, "sa": "k_euler"}})
-  write_part(root / "z_dir" / "part-000002.zip", {"y.png": encode(pixels(6)), "x.png": encode(pixels(5))},
-             {"x.png": {"p": "prompt x"}, "y.png": {"p": "prompt y", "se": 99}})
-  write_parquet(root / "metadata.parquet", [
-      {"image_name": "a.png", "prompt": "parquet prompt a", "part_id": 10, "seed": 21, "step": 25, "cfg": 9.5,
-       "sampler": 3, "width": 640, "height": 512},
+  write_part(
+    root / "a_dir" / "part-000010.zip",
+    {
+      "c.png": encode(pixels(3)),
+      "notes.txt": b"hello",
+      "a.png": encode(pixels(1)),
+      "b.png": encode(pixels(2)),
+      "orphan.png": encode(pixels(4)),
+    },
+    {
+      "a.png": {"p": "json prompt a", "se": 11, "c": 5.0, "st": 30, "sa": "k_lms"},
+      "b.png": {"p": "json prompt b", "se": 12, "c": 6.0, "st": 40, "sa": "k_euler"},
+    },
+  )
+  write_part(
+    root / "z_dir" / "part-000002.zip",
+    {"y.png": encode(pixels(6)), "x.png": encode(pixels(5))},
+    {"x.png": {"p": "prompt x"}, "y.png": {"p": "prompt y", "se": 99}},
+  )
+  write_parquet(
+    root / "metadata.parquet",
+    [
+      {
+        "image_name": "a.png",
+        "prompt": "parquet prompt a",
+        "part_id": 10,
+        "seed": 21,
+        "step": 25,
+        "cfg": 9.5,
+        "sampler": 3,
+        "width": 640,
+        "height": 512,
+      },
       {"image_name": "c.png", "prompt": "parquet prompt c", "part_id": 10},
-      {"image_name": "elsewhere.png", "prompt": "not in any zip", "part_id": 10}])
+      {"image_name": "elsewhere.png", "prompt": "not in any zip", "part_id": 10},
+    ],
+  )
   return root
 
 
@@ -95,8 +136,12 @@ def test_order_precedence_and_skips(db):
   skips = Skips()
   recs = read_diffusiondb(db, skips)
   assert [(r.part, r.name) for r in recs] == [
-      ("z_dir/part-000002", "x.png"), ("z_dir/part-000002", "y.png"),
-      ("a_dir/part-000010", "a.png"), ("a_dir/part-000010", "b.png"), ("a_dir/part-000010", "c.png")]
+    ("z_dir/part-000002", "x.png"),
+    ("z_dir/part-000002", "y.png"),
+    ("a_dir/part-000010", "a.png"),
+    ("a_dir/part-000010", "b.png"),
+    ("a_dir/part-000010", "c.png"),
+  ]
   assert [r.prompt for r in recs] == ["prompt x", "prompt y", "parquet prompt a", "json prompt b", "parquet prompt c"]
   assert [r.part_id for r in recs] == [2, 2, 10, 10, 10]
   a, b, c = recs[2:]
@@ -117,9 +162,11 @@ def test_order_precedence_and_skips(db):
 def test_large_layout_webp_bytes(tmp_path):
   root = tmp_path / "large"
   imgs = {f"{k:02d}.webp": pixels(10 + k) for k in (2, 0, 1)}
-  zp = write_part(root / "diffusiondb-large-part-1" / "part-000001.zip",
-                  {n: encode(a, "WEBP") for n, a in imgs.items()},
-                  {n: {"p": f"p{n[:2]}"} for n in imgs})
+  zp = write_part(
+    root / "diffusiondb-large-part-1" / "part-000001.zip",
+    {n: encode(a, "WEBP") for n, a in imgs.items()},
+    {n: {"p": f"p{n[:2]}"} for n in imgs},
+  )
   write_parquet(root / "metadata-large.parquet", [{"image_name": "01.webp", "prompt": "from parquet", "part_id": 1}])
   skips = Skips()
   recs = list(iter_diffusiondb(root, skips))
@@ -173,13 +220,19 @@ def test_bad_files_are_errors_naming_them(db, tmp_path):
 def test_read_records_jsonl(tmp_path):
   (tmp_path / "sub").mkdir()
   Image.fromarray(pixels(0)).save(tmp_path / "sub" / "a.png")
-  lines = [json.dumps({"image": "sub/a.png", "prompt": "p"}), '{"image": "b.png"}', "{broken",
-           json.dumps({"image": "/abs/c.png", "prompt": "q"})]
+  lines = [
+    json.dumps({"image": "sub/a.png", "prompt": "p"}),
+    '{"image": "b.png"}',
+    "{broken",
+    json.dumps({"image": "/abs/c.png", "prompt": "q"}),
+  ]
   (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
   skips = Skips()
   recs = read_records(tmp_path / "list.jsonl", skips)
-  assert [(r.name, r.prompt, r.archive) for r in recs] == [(str(tmp_path / "sub" / "a.png"), "p", None),
-                                                          ("/abs/c.png", "q", None)]
+  assert [(r.name, r.prompt, r.archive) for r in recs] == [
+    (str(tmp_path / "sub" / "a.png"), "p", None),
+    ("/abs/c.png", "q", None),
+  ]
   assert recs[0].where == str(tmp_path / "sub" / "a.png")
   assert [w.rsplit(":", 1)[1] for w, _ in skips] == ["2", "3"]
   with ArchiveReader() as reader:

@@ -1,6 +1,7 @@
 """`hps_jax.preference.evaluate` on a hand-computed fixture: n-way accuracy (strict unique top; a tie for the top is
 wrong), the random-guess expectation (mean of 1/n), pairwise accuracy (pairs with different ranks; score ties count
 half), the per-n breakdown, rank ties, error cases, and the markdown table."""
+
 import math
 
 import numpy as np
@@ -10,18 +11,18 @@ from hps_jax.preference.evaluate import markdown_table, preference_report
 
 # Six prompts; ranks: lower = better. For each: n-way verdict, then every pair whose ranks differ.
 SCORES = [
-    [0.2, 0.8],            # A n=2: best is image 1 (rank 0) and it scores highest              -> correct
-                           #        (0,1) right                                                  -> 1 of 1
-    [0.5, 0.5, 0.1],       # B n=3: best 0 ties for the top with image 1                         -> wrong
-                           #        (0,1) score tie 0.5, (0,2) right, (1,2) right               -> 2.5 of 3
-    [0.1, 0.9, 0.5],       # C n=3: ranks tie for best {0, 1}; image 1 is the unique top         -> correct
-                           #        (0,1) same rank: no pair; (0,2) wrong; (1,2) right          -> 1 of 2
-    [0.4, 0.3, 0.2, 0.1],  # D n=4: fully reversed (best is image 3, lowest score)               -> wrong
-                           #        all 6 pairs differ in rank, all wrong                        -> 0 of 6
-    [0.0, 0.0, 0.0, 0.0],  # E n=4: constant scores: a 4-way tie for the top                     -> wrong
-                           #        (0,1) (0,2) (0,3) ties 0.5 each; (1,2) (1,3) (2,3) same rank -> 1.5 of 3
-    [0.3, 0.3],            # F n=2: both rank 0, but the top is a tie, so no unique choice       -> wrong
-                           #        no pair with different ranks                                 -> 0 of 0
+  [0.2, 0.8],  # A n=2: best is image 1 (rank 0) and it scores highest              -> correct
+  #        (0,1) right                                                  -> 1 of 1
+  [0.5, 0.5, 0.1],  # B n=3: best 0 ties for the top with image 1                         -> wrong
+  #        (0,1) score tie 0.5, (0,2) right, (1,2) right               -> 2.5 of 3
+  [0.1, 0.9, 0.5],  # C n=3: ranks tie for best {0, 1}; image 1 is the unique top         -> correct
+  #        (0,1) same rank: no pair; (0,2) wrong; (1,2) right          -> 1 of 2
+  [0.4, 0.3, 0.2, 0.1],  # D n=4: fully reversed (best is image 3, lowest score)               -> wrong
+  #        all 6 pairs differ in rank, all wrong                        -> 0 of 6
+  [0.0, 0.0, 0.0, 0.0],  # E n=4: constant scores: a 4-way tie for the top                     -> wrong
+  #        (0,1) (0,2) (0,3) ties 0.5 each; (1,2) (1,3) (2,3) same rank -> 1.5 of 3
+  [0.3, 0.3],  # F n=2: both rank 0, but the top is a tie, so no unique choice       -> wrong
+  #        no pair with different ranks                                 -> 0 of 0
 ]
 RANKS = [[1, 0], [0, 1, 2], [0, 0, 1], [3, 2, 1, 0], [0, 1, 1, 1], [0, 0]]
 # all: correct A, C = 2 of 6; random (1/2 + 1/3 + 1/3 + 1/4 + 1/4 + 1/2) / 6 = 13/36;
@@ -48,13 +49,23 @@ def test_overall_numbers():
 def test_per_n_breakdown():
   per_n = _report()["per_n"]
   assert list(per_n) == ["2", "3", "4"]  # sorted by n, string keys (JSON-friendly)
-  assert per_n["2"] == {"accuracy": 0.5, "random_expectation": 0.5, "pairwise_accuracy": 1.0, "num_prompts": 2,
-                        "num_pairs": 1}
+  assert per_n["2"] == {
+    "accuracy": 0.5,
+    "random_expectation": 0.5,
+    "pairwise_accuracy": 1.0,
+    "num_prompts": 2,
+    "num_pairs": 1,
+  }
   assert per_n["3"]["accuracy"] == 0.5 and per_n["3"]["num_prompts"] == 2 and per_n["3"]["num_pairs"] == 5
   assert per_n["3"]["random_expectation"] == pytest.approx(1 / 3, rel=1e-15, abs=0)
   assert per_n["3"]["pairwise_accuracy"] == 3.5 / 5
-  assert per_n["4"] == {"accuracy": 0.0, "random_expectation": 0.25, "pairwise_accuracy": 1.5 / 9, "num_prompts": 2,
-                        "num_pairs": 9}
+  assert per_n["4"] == {
+    "accuracy": 0.0,
+    "random_expectation": 0.25,
+    "pairwise_accuracy": 1.5 / 9,
+    "num_prompts": 2,
+    "num_pairs": 9,
+  }
   # the overall numbers are the prompt-weighted combination of the groups
   assert sum(g["num_prompts"] for g in per_n.values()) == 6 and sum(g["num_pairs"] for g in per_n.values()) == 15
 
@@ -134,10 +145,10 @@ def test_markdown_table():
   assert lines[0] == "### fixture" and lines[1] == ""
   assert lines[2] == "| subset | prompts | accuracy | random guess | pairwise accuracy |"
   assert lines[4:] == [
-      "| all | 6 | 0.3333 | 0.3611 | 0.4000 |",
-      "| n=2 | 2 | 0.5000 | 0.5000 | 1.0000 |",
-      "| n=3 | 2 | 0.5000 | 0.3333 | 0.7000 |",
-      "| n=4 | 2 | 0.0000 | 0.2500 | 0.1667 |",
+    "| all | 6 | 0.3333 | 0.3611 | 0.4000 |",
+    "| n=2 | 2 | 0.5000 | 0.5000 | 1.0000 |",
+    "| n=3 | 2 | 0.5000 | 0.3333 | 0.7000 |",
+    "| n=4 | 2 | 0.0000 | 0.2500 | 0.1667 |",
   ]
   assert table.endswith("\n")
   untitled = markdown_table(rep)

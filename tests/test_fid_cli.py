@@ -1,5 +1,6 @@
 """`hps-jax fid` / `hps-jax metrics` and the streaming Inception pass: batch-size independence, saved statistics,
 corrupt inputs counted, and the command's numbers equal the library functions on the same features."""
+
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ from PIL import Image
 
 from hps_jax.cli import main as cli
 from hps_jax.metrics import compute
-from hps_jax.metrics.fid import fid_from_features, frechet_distance
+from hps_jax.metrics.fid import fid_from_features
 from hps_jax.metrics.inception_features import features
 from hps_jax.metrics.scores import inception_score, kernel_inception_distance
 
@@ -16,8 +17,10 @@ from hps_jax.metrics.scores import inception_score, kernel_inception_distance
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory):
   from flax import nnx
+
   from hps_jax.convert.inception import load_inception, save_inception_torch
   from hps_jax.models.inception import FIDInception
+
   path = save_inception_torch(FIDInception(rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("inc") / "inception.safetensors")
   return load_inception(path), path
 
@@ -52,8 +55,9 @@ def _feats(model, arrays, key="pool3"):
     by_shape = {}
     for x in arrays:
       by_shape.setdefault(x.shape, []).append(x)
-    out = [features(model, np.stack(v), "tf1", batch_size=4, keys=("pool3", "logits_unbiased"))
-           for v in by_shape.values()]
+    out = [
+      features(model, np.stack(v), "tf1", batch_size=4, keys=("pool3", "logits_unbiased")) for v in by_shape.values()
+    ]
     for k in ("pool3", "logits_unbiased"):
       _FEATS[(id(arrays), k)] = np.concatenate([o[k] for o in out])
   return _FEATS[cache_key]
@@ -63,10 +67,15 @@ def test_streaming_pass_is_batch_size_independent(inception, sets):
   model, _ = inception
   root, a, b = sets
   skipped = compute.Skipped()
-  runs = [compute.inception_pass(model, compute.list_images(root / "a"), skipped, resize="tf1", batch_size=bs,
-                                 progress=False, keep=("pool3",)) for bs in (4, 3)]
-  ref = compute.inception_pass(model, compute.list_images(root / "b"), skipped, resize="tf1", batch_size=4,
-                               progress=False)
+  runs = [
+    compute.inception_pass(
+      model, compute.list_images(root / "a"), skipped, resize="tf1", batch_size=bs, progress=False, keep=("pool3",)
+    )
+    for bs in (4, 3)
+  ]
+  ref = compute.inception_pass(
+    model, compute.list_images(root / "b"), skipped, resize="tf1", batch_size=4, progress=False
+  )
   fids = [r.stats.fid(ref.stats) for r in runs]
   assert abs(fids[0] - fids[1]) <= 1e-6 * abs(fids[0])
   # and equal to FID on the features computed image-set-wise in one go
@@ -78,8 +87,19 @@ def test_streaming_pass_is_batch_size_independent(inception, sets):
 def test_fid_command_stats_and_corrupt_input(inception, sets, tmp_path, capsys):
   model, weights = inception
   root, a, b = sets
-  rc = cli(["fid", str(root / "a"), str(root / "b"), "--inception-weights", str(weights), "--batch-size", "4",
-            "--save-stats", str(tmp_path / "a.npz")])
+  rc = cli(
+    [
+      "fid",
+      str(root / "a"),
+      str(root / "b"),
+      "--inception-weights",
+      str(weights),
+      "--batch-size",
+      "4",
+      "--save-stats",
+      str(tmp_path / "a.npz"),
+    ]
+  )
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert rc == 0 and out["num_a"] == 7 and out["num_b"] == 6
   want = fid_from_features(_feats(model, a), _feats(model, b))
@@ -103,18 +123,43 @@ def test_fid_command_stats_and_corrupt_input(inception, sets, tmp_path, capsys):
 
 def test_metrics_command(inception, sets, tmp_path, capsys):
   from flax import nnx
+
   from hps_jax.convert.clip import save_hf
   from hps_jax.models.clip import CLIP, CLIPConfig
   from hps_jax.preference.scorer import Scorer
+
   model, weights = inception
   root, a, b = sets
   clip = save_hf(CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(3)), tmp_path / "clip")
   rows = [{"image": str(p), "prompt": f"prompt {i}"} for i, p in enumerate(sorted((root / "a").glob("*.png")))]
   (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  rc = cli(["metrics", "--images", str(tmp_path / "set.jsonl"), "--metrics", "fid,is,kid,clip,hps",
-            "--reference", str(root / "b"), "--inception-weights", str(weights), "--is-splits", "2", "--batch-size", "4",
-            "--kid-subsets", "5", "--kid-subset-size", "4", "--clip-checkpoint", str(clip), "--checkpoint", str(clip),
-            "--output", str(tmp_path / "m.json")])
+  rc = cli(
+    [
+      "metrics",
+      "--images",
+      str(tmp_path / "set.jsonl"),
+      "--metrics",
+      "fid,is,kid,clip,hps",
+      "--reference",
+      str(root / "b"),
+      "--inception-weights",
+      str(weights),
+      "--is-splits",
+      "2",
+      "--batch-size",
+      "4",
+      "--kid-subsets",
+      "5",
+      "--kid-subset-size",
+      "4",
+      "--clip-checkpoint",
+      str(clip),
+      "--checkpoint",
+      str(clip),
+      "--output",
+      str(tmp_path / "m.json"),
+    ]
+  )
   assert rc == 0, capsys.readouterr().err
   m = json.loads((tmp_path / "m.json").read_text())
   fa, fb = _feats(model, a), _feats(model, b)

@@ -1,4 +1,5 @@
 """hps_jax.data.images.load_image on a corpus of good and broken files written to tmp_path, plus in-memory inputs."""
+
 import io
 import pickle
 import struct
@@ -10,8 +11,8 @@ from PIL import Image, features
 
 from hps_jax.data.images import ImageError, describe, load_image
 
-
 # ----------------------------------------------------------------------------------------------------- helpers
+
 
 def _rgb(h=24, w=32, seed=0):
   """Blocky RGB test image (8x8 constant blocks, so lossy codecs keep block centres close)."""
@@ -32,8 +33,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _raw_png(width, height, bit_depth, color_type, rows: bytes) -> bytes:
   """Minimal PNG writer (filter 0 on every row), for layouts PIL cannot write (16-bit RGB)."""
   ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(rows))
-          + _png_chunk(b"IEND", b""))
+  return (
+    b"\x89PNG\r\n\x1a\n"
+    + _png_chunk(b"IHDR", ihdr)
+    + _png_chunk(b"IDAT", zlib.compress(rows))
+    + _png_chunk(b"IEND", b"")
+  )
 
 
 def _mode(path):
@@ -57,6 +62,7 @@ def _assert_error(src, *fragments, **kw):
 
 
 # ------------------------------------------------------------------------------------------------ good files
+
 
 def test_png_lossless_roundtrip(tmp_path):
   arr = _rgb()
@@ -131,11 +137,11 @@ def test_rgba_compositing_numbers(tmp_path):
   rgba = np.array([[[200, 100, 50, 255], [200, 100, 50, 0], [200, 100, 50, 128], [10, 20, 30, 64]]], np.uint8)
   path = _save(tmp_path / "alpha.png", Image.fromarray(rgba, mode="RGBA"))
   # default: black background, out = round(rgb * a / 255)
-  np.testing.assert_array_equal(load_image(path),
-                                [[[200, 100, 50], [0, 0, 0], [100, 50, 25], [3, 5, 8]]])
+  np.testing.assert_array_equal(load_image(path), [[[200, 100, 50], [0, 0, 0], [100, 50, 25], [3, 5, 8]]])
   # white background: round(rgb * a / 255 + 255 * (255 - a) / 255)
-  np.testing.assert_array_equal(load_image(path, background=(255, 255, 255)),
-                                [[[200, 100, 50], [255, 255, 255], [227, 177, 152], [194, 196, 199]]])
+  np.testing.assert_array_equal(
+    load_image(path, background=(255, 255, 255)), [[[200, 100, 50], [255, 255, 255], [227, 177, 152], [194, 196, 199]]]
+  )
   np.testing.assert_array_equal(load_image(path, background=255), load_image(path, background=(255, 255, 255)))
   # arbitrary colour, checked against the float formula
   bg = np.array([30, 60, 90])
@@ -217,6 +223,7 @@ def test_animated_gif_first_frame(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- bad files
 
+
 def test_missing_path(tmp_path):
   path = tmp_path / "nope.png"
   err = _assert_error(path, "nope.png", "not found")
@@ -257,8 +264,9 @@ def test_truncated_png(tmp_path):
 def test_corrupt_png_data(tmp_path):
   # valid header, IDAT that is not a zlib stream
   ihdr = struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)
-  data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"garbage!" * 4)
-          + _png_chunk(b"IEND", b""))
+  data = (
+    b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"garbage!" * 4) + _png_chunk(b"IEND", b"")
+  )
   path = tmp_path / "corrupt.png"
   path.write_bytes(data)
   _assert_error(path, "corrupt.png")
@@ -297,6 +305,7 @@ def test_unsupported_source_type():
 
 
 # -------------------------------------------------------------------------------------------- numpy / PIL inputs
+
 
 def test_numpy_layouts():
   arr = _rgb(5, 6)
@@ -338,8 +347,9 @@ def test_numpy_bad_shapes():
 def test_pil_inputs():
   arr = _rgb(6, 9)
   np.testing.assert_array_equal(load_image(Image.fromarray(arr)), arr)
-  np.testing.assert_array_equal(load_image(Image.fromarray(arr).convert("YCbCr")),
-                                np.asarray(Image.fromarray(arr).convert("YCbCr").convert("RGB")))
+  np.testing.assert_array_equal(
+    load_image(Image.fromarray(arr).convert("YCbCr")), np.asarray(Image.fromarray(arr).convert("YCbCr").convert("RGB"))
+  )
   fl = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), mode="F")
   np.testing.assert_array_equal(load_image(fl)[..., 0], [[0, 128, 255]])
   _assert_error(Image.fromarray(np.array([[0.0, 2.0]], np.float32), mode="F"), "[0, 1]")

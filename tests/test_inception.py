@@ -13,6 +13,7 @@ broke a 1e-4 tolerance. The shifts are drawn around +0.75 instead (about a quart
 negative), which brings the amplification to ~200x and the float32 differences to ~2e-5. The float64 test shows
 that what remains is round-off: both networks agree to ~1e-14 there.
 """
+
 import copy
 
 import jax.numpy as jnp
@@ -29,10 +30,21 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x  # noqa: E402
 
 from hps_jax.convert.inception import (  # noqa: E402
-    build_inception, expected_shapes, inception_params_from_torch, load_inception, model_params, save_inception_torch)
+  build_inception,
+  expected_shapes,
+  inception_params_from_torch,
+  load_inception,
+  model_params,
+  save_inception_torch,
+)
 from hps_jax.convert.io import CheckpointError, load_state_dict  # noqa: E402
 from hps_jax.metrics.inception_features import (  # noqa: E402
-    extract, features, preprocess, resize_bilinear_tf1, resize_bilinear_torch)
+  extract,
+  features,
+  preprocess,
+  resize_bilinear_tf1,
+  resize_bilinear_torch,
+)
 from hps_jax.models.inception import avg_pool_exclude_pad, max_pool  # noqa: E402
 
 SIZES = [(64, 80), (320, 300)]  # upsampling (smooth inputs) and downsampling (noise-like inputs)
@@ -68,11 +80,21 @@ def _random_fid_state_dict(seed: int = 0) -> dict:
       m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3 + 0.75)
       m.momentum = None  # cumulative average: one training-mode batch sets the running stats to its statistics
       m.reset_running_stats()
-    net.fc.weight.copy_(torch.randn(net.fc.weight.shape, generator=g) * 2048 ** -0.5)
+    net.fc.weight.copy_(torch.randn(net.fc.weight.shape, generator=g) * 2048**-0.5)
     net.fc.bias.copy_(torch.randn(net.fc.bias.shape, generator=g) * 0.1)
     # calibrate on inputs like the tests' (one upsampled, one downsampled random image), then perturb
-    calib = torch.cat([F.interpolate(_nchw(_images(100 + i, h, w, 1)).float() / 255, size=(299, 299), mode="bilinear",
-                                     align_corners=False) for i, (h, w) in enumerate(SIZES)]) * 2 - 1
+    calib = (
+      torch.cat(
+        [
+          F.interpolate(
+            _nchw(_images(100 + i, h, w, 1)).float() / 255, size=(299, 299), mode="bilinear", align_corners=False
+          )
+          for i, (h, w) in enumerate(SIZES)
+        ]
+      )
+      * 2
+      - 1
+    )
     net.train()
     net(calib)
     net.eval()
@@ -103,8 +125,9 @@ def pytorch_fid_model(weights):
 @pytest.fixture(scope="module")
 def fidelity_model(weights):
   _, path = weights
-  return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased", "logits"],
-                                     feature_extractor_weights_path=str(path)).eval()
+  return FeatureExtractorInceptionV3(
+    "inception-v3-compat", ["2048", "logits_unbiased", "logits"], feature_extractor_weights_path=str(path)
+  ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +139,13 @@ def model(weights):
 # ------------------------------------------------------------------------------------------------------------
 # Building blocks: resizes and pools
 # ------------------------------------------------------------------------------------------------------------
-RESIZE_CASES = [((64, 80), (299, 299)), ((320, 300), (299, 299)), ((17, 500), (299, 299)), ((5, 7), (11, 3)),
-                ((299, 299), (299, 299))]
+RESIZE_CASES = [
+  ((64, 80), (299, 299)),
+  ((320, 300), (299, 299)),
+  ((17, 500), (299, 299)),
+  ((5, 7), (11, 3)),
+  ((299, 299), (299, 299)),
+]
 
 
 @pytest.mark.parametrize("src,dst", RESIZE_CASES)
@@ -141,8 +169,9 @@ def test_resize_tf1_matches_torch_fidelity(src, dst, parity):
 def test_preprocess_modes_and_input_semantics(parity):
   u8 = _images(3, 64, 80)
   # torch mode: pytorch-fid's wrapper on u8 / 255
-  expected = _nhwc(2 * F.interpolate(_nchw(u8).float() / 255, size=(299, 299), mode="bilinear",
-                                     align_corners=False) - 1)
+  expected = _nhwc(
+    2 * F.interpolate(_nchw(u8).float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
+  )
   got = np.asarray(preprocess(jnp.asarray(u8), resize="torch"))
   parity("inception preprocess torch vs pytorch-fid wrapper", np.abs(got - expected).max(), 1e-6)
   # tf1 mode: torch-fidelity's cast -> resize -> (x - 128) / 128
@@ -155,8 +184,11 @@ def test_preprocess_modes_and_input_semantics(parity):
   # float input is read as [0, 1] in both modes
   f = u8.astype(np.float32) / 255
   for mode, ref in (("torch", got), ("tf1", got_tf1)):
-    parity(f"inception preprocess {mode}: float [0,1] vs uint8 input",
-           np.abs(np.asarray(preprocess(jnp.asarray(f), resize=mode)) - ref).max(), 1e-6)
+    parity(
+      f"inception preprocess {mode}: float [0,1] vs uint8 input",
+      np.abs(np.asarray(preprocess(jnp.asarray(f), resize=mode)) - ref).max(),
+      1e-6,
+    )
   assert preprocess(jnp.asarray(u8[:, :32, :32]), resize="tf1").shape == (BATCH, 299, 299, 3)
   with pytest.raises(ValueError, match="resize must be one of"):
     preprocess(jnp.asarray(u8), resize="pil")
@@ -168,8 +200,11 @@ def test_pools_match_torch(parity):
   x = np.random.default_rng(4).standard_normal((2, 9, 7, 5)).astype(np.float32) - 1.0  # mostly negative
   t = _nchw(x)
   avg = _nhwc(F.avg_pool2d(t, kernel_size=3, stride=1, padding=1, count_include_pad=False))
-  parity("inception avg pool (count_include_pad=False)", np.abs(np.asarray(avg_pool_exclude_pad(jnp.asarray(x)))
-                                                                 - avg).max(), 1e-6)
+  parity(
+    "inception avg pool (count_include_pad=False)",
+    np.abs(np.asarray(avg_pool_exclude_pad(jnp.asarray(x))) - avg).max(),
+    1e-6,
+  )
   avg_incl = _nhwc(F.avg_pool2d(t, kernel_size=3, stride=1, padding=1, count_include_pad=True))
   assert np.abs(avg - avg_incl).max() > 1e-2  # the border really differs between the conventions
   mx = _nhwc(F.max_pool2d(t, kernel_size=3, stride=1, padding=1))
@@ -214,6 +249,7 @@ def test_float64_network_is_exact(weights, pytorch_fid_model, parity):
   """Both networks in float64 on one identical 299x299 input agree to float64 round-off: the float32 differences
   above are round-off amplified by the network, not a structural mismatch."""
   import jax
+
   sd, _ = weights
   x = np.random.default_rng(40).uniform(-1, 1, (1, 299, 299, 3))
   ref = copy.deepcopy(pytorch_fid_model).double()
@@ -223,13 +259,13 @@ def test_float64_network_is_exact(weights, pytorch_fid_model, parity):
       h = block(h)
     expected = h[:, :, 0, 0].numpy()
   with jax.enable_x64(True):
-    m64 = build_inception(inception_params_from_torch({k: v.numpy() for k, v in sd.items()}), dtype=jnp.float64,
-                          param_dtype=jnp.float64)
+    m64 = build_inception(
+      inception_params_from_torch({k: v.numpy() for k, v in sd.items()}), dtype=jnp.float64, param_dtype=jnp.float64
+    )
     out = nnx.jit(lambda m, v: m(v))(m64, jnp.asarray(x))
     assert out["pool3"].dtype == jnp.float64
     got = np.asarray(out["pool3"])
-  parity("inception float64 network (299x299 input) vs pytorch-fid float64: pool3", np.abs(got - expected).max(),
-         1e-10)
+  parity("inception float64 network (299x299 input) vs pytorch-fid float64: pool3", np.abs(got - expected).max(), 1e-10)
 
 
 def test_features_batches_and_pads(model):
@@ -254,8 +290,9 @@ def test_converter_layout_and_roundtrip(weights, fidelity_model, model, tmp_path
   kernel = np.asarray(model.Mixed_6b.branch7x7_2.conv.kernel[...])
   assert kernel.shape == (1, 7, 128, 128)  # HWIO of torch's (128, 128, 1, 7)
   np.testing.assert_array_equal(kernel, sd["Mixed_6b.branch7x7_2.conv.weight"].numpy().transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(np.asarray(model.Mixed_7c.branch_pool.bn.var[...]),
-                                sd["Mixed_7c.branch_pool.bn.running_var"].numpy())
+  np.testing.assert_array_equal(
+    np.asarray(model.Mixed_7c.branch_pool.bn.var[...]), sd["Mixed_7c.branch_pool.bn.running_var"].numpy()
+  )
   # save -> the same torch layout, values bit-identical; the written file loads into torch-fidelity strictly
   out = save_inception_torch(model, tmp_path / "roundtrip.pth")
   back = load_state_dict(out)

@@ -1,6 +1,7 @@
 """`hps-jax label`: the selection rule on hand-computed HPS values, the regularization and manifest readers, and
 the command end to end on a synthetic DiffusionDB download (zip and JSONL inputs), with bad inputs reported as
 skips and bad files as one-line errors."""
+
 import json
 import zipfile
 
@@ -8,8 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hps_jax.adapt.label import (PRESETS, LabelConfig, Selection, is_blurry, manifest_rows, max_neighbour_diff,
-                                 read_manifest, read_regularization, select, select_by_prompt, softmax)
+from hps_jax.adapt.label import (
+  PRESETS,
+  LabelConfig,
+  Selection,
+  is_blurry,
+  manifest_rows,
+  max_neighbour_diff,
+  read_manifest,
+  read_regularization,
+  select,
+  select_by_prompt,
+  softmax,
+)
 from hps_jax.cli import main
 from tests.test_cli import checkpoint  # noqa: F401  (the tiny random HPS checkpoint fixture)
 from tests.test_diffusiondb import Skips, corrupt_member, encode, pixels, write_parquet, write_part
@@ -26,27 +38,30 @@ def test_hand_computed_softmax():
   assert softmax([1000.0, 0.0]).tolist() == [1.0, 0.0]  # shifted by the max: no overflow
 
 
-@pytest.mark.parametrize("hps, expected", [
+@pytest.mark.parametrize(
+  "hps, expected",
+  [
     # n = 2: 2/n = 1 and a softmax entry is at most 1, so nothing ever passes
     ([20, 21], (None, None)),
     ([0, 50], (None, None)),  # softmax = 1 - 2e-22 = 1.0 in float64, still not > 1
     # n = 3, threshold 2/3 = 0.6667
-    ([20, 21, 23.5], (2, 0)),        # best 0.8991, worst 1 / (1 + e^-1 + e^-3.5) = 0.7153: both pass
-    ([20, 20.5, 23], (2, None)),     # best e^3 / (1 + e^.5 + e^3) = 20.09 / 22.73 = 0.8835; worst 1 / 1.6563 = 0.6037
-    ([20, 22.5, 23], (None, 0)),     # mirror image: best 0.6037, worst 0.8835
-    ([20, 21, 22], (None, None)),    # e^2 / (1 + e + e^2) = 7.389 / 11.107 = 0.6652 both ways: just below 2/3
-    ([23, 21, 22], (None, None)),    # the same values in another order
+    ([20, 21, 23.5], (2, 0)),  # best 0.8991, worst 1 / (1 + e^-1 + e^-3.5) = 0.7153: both pass
+    ([20, 20.5, 23], (2, None)),  # best e^3 / (1 + e^.5 + e^3) = 20.09 / 22.73 = 0.8835; worst 1 / 1.6563 = 0.6037
+    ([20, 22.5, 23], (None, 0)),  # mirror image: best 0.6037, worst 0.8835
+    ([20, 21, 22], (None, None)),  # e^2 / (1 + e + e^2) = 7.389 / 11.107 = 0.6652 both ways: just below 2/3
+    ([23, 21, 22], (None, None)),  # the same values in another order
     # n = 4, threshold 2/4 = 0.5
-    ([20, 20.5, 21, 23], (3, None)),   # best e^3 / (1 + e^.5 + e + e^3) = 0.7891; worst 1 / 2.024 = 0.4940
-    ([20, 22, 22.5, 23], (None, 0)),   # worst 1 / (1 + e^-2 + e^-2.5 + e^-3) = 1 / 1.2672 = 0.7891; best 0.4940
-    ([20, 22, 22, 24], (3, 0)),        # e^4 / (1 + 2 e^2 + e^4) = 54.60 / 70.38 = 0.7758 both ways
-    ([24, 22, 20, 22], (0, 2)),        # the same, permuted
+    ([20, 20.5, 21, 23], (3, None)),  # best e^3 / (1 + e^.5 + e + e^3) = 0.7891; worst 1 / 2.024 = 0.4940
+    ([20, 22, 22.5, 23], (None, 0)),  # worst 1 / (1 + e^-2 + e^-2.5 + e^-3) = 1 / 1.2672 = 0.7891; best 0.4940
+    ([20, 22, 22, 24], (3, 0)),  # e^4 / (1 + 2 e^2 + e^4) = 54.60 / 70.38 = 0.7758 both ways
+    ([24, 22, 20, 22], (0, 2)),  # the same, permuted
     ([20, 20.5, 21, 21.5], (None, None)),  # e^1.5 / (1 + e^.5 + e + e^1.5) = 4.482 / 9.849 = 0.4551 both ways
     # ties: the first of the tied images is the candidate, and a tied extreme shares its mass
-    ([20, 20, 25], (2, None)),       # best e^5 / (e^5 + 2) = 0.9867; worst (index 0) 1 / (2 + e^-5) = 0.4983
-    ([23, 20, 23], (None, 1)),       # best (index 0) e^0 / (2 + e^-3) = 0.4879; worst e^3 / (e^3 + 2) = 0.9094
+    ([20, 20, 25], (2, None)),  # best e^5 / (e^5 + 2) = 0.9867; worst (index 0) 1 / (2 + e^-5) = 0.4983
+    ([23, 20, 23], (None, 1)),  # best (index 0) e^0 / (2 + e^-3) = 0.4879; worst e^3 / (e^3 + 2) = 0.9094
     ([21, 21, 21, 21], (None, None)),  # 1/4 each
-])
+  ],
+)
 def test_select_alpha_2(hps, expected):
   assert select(hps, 2.0) == expected
 
@@ -63,9 +78,18 @@ def test_select_ties_and_degenerate_inputs():
     select(3.0)
 
 
-SCORED = [("p3a", "three", 20.0), ("p4a", "four", 20.0), ("p2a", "two", 20.0), ("p3b", "three", 20.5),
-          ("p1a", "one", 30.0), ("p4b", "four", 22.0), ("p2b", "two", 29.0), ("p4c", "four", 22.0),
-          ("p3c", "three", 23.0), ("p4d", "four", 24.0)]
+SCORED = [
+  ("p3a", "three", 20.0),
+  ("p4a", "four", 20.0),
+  ("p2a", "two", 20.0),
+  ("p3b", "three", 20.5),
+  ("p1a", "one", 30.0),
+  ("p4b", "four", 22.0),
+  ("p2b", "two", 29.0),
+  ("p4c", "four", 22.0),
+  ("p3c", "three", 23.0),
+  ("p4d", "four", 24.0),
+]
 
 
 def test_select_by_prompt_groups_in_first_appearance_order():
@@ -82,9 +106,11 @@ def test_min_images_filter_and_manifest_caption_prefix():
   assert stats == {"prompts": 4, "prompts_below_min_images": 3}
   assert select_by_prompt(SCORED, LabelConfig(min_images=5))[0] == []
   rows = manifest_rows(sel + [Selection("x", 3, None, "k")], lambda k: f"img/{k}.png")
-  assert rows == [{"image": "img/p4d.png", "caption": "four", "kind": "preferred"},
-                  {"image": "img/p4a.png", "caption": "Weird image. four", "kind": "non_preferred"},
-                  {"image": "img/k.png", "caption": "Weird image. x", "kind": "non_preferred"}]
+  assert rows == [
+    {"image": "img/p4d.png", "caption": "four", "kind": "preferred"},
+    {"image": "img/p4a.png", "caption": "Weird image. four", "kind": "non_preferred"},
+    {"image": "img/k.png", "caption": "Weird image. x", "kind": "non_preferred"},
+  ]
   assert manifest_rows(sel, str, negative_prefix="Bad: ")[1]["caption"] == "Bad: four"
 
 
@@ -116,9 +142,18 @@ def test_config_presets_and_validation():
 def test_read_regularization_and_manifest(tmp_path):
   reg = tmp_path / "reg"
   reg.mkdir()
-  (reg / "metadata.jsonl").write_text("\n".join([json.dumps({"file_name": "a.png", "caption": "a"}), "",
-                                                 "{oops", json.dumps({"file_name": "b.png"}),
-                                                 json.dumps({"file_name": "/abs/c.png", "caption": "c"})]) + "\n")
+  (reg / "metadata.jsonl").write_text(
+    "\n".join(
+      [
+        json.dumps({"file_name": "a.png", "caption": "a"}),
+        "",
+        "{oops",
+        json.dumps({"file_name": "b.png"}),
+        json.dumps({"file_name": "/abs/c.png", "caption": "c"}),
+      ]
+    )
+    + "\n"
+  )
   skips = Skips()
   items = read_regularization(reg, skips)
   assert [(p, c) for p, c, _ in items] == [(str(reg / "a.png"), "a"), ("/abs/c.png", "c")]
@@ -131,8 +166,12 @@ def test_read_regularization_and_manifest(tmp_path):
 
   m = tmp_path / "out" / "manifest.jsonl"
   m.parent.mkdir()
-  m.write_text(json.dumps({"image": "images/x.png", "caption": "x", "kind": "preferred"}) + "\n\n"
-               + json.dumps({"image": "/abs/y.png", "caption": "y", "kind": "regularization"}) + "\n")
+  m.write_text(
+    json.dumps({"image": "images/x.png", "caption": "x", "kind": "preferred"})
+    + "\n\n"
+    + json.dumps({"image": "/abs/y.png", "caption": "y", "kind": "regularization"})
+    + "\n"
+  )
   assert [r["image"] for r in read_manifest(m)] == [str(m.parent / "images/x.png"), "/abs/y.png"]
   m.write_text(m.read_text() + "{broken\n")
   with pytest.raises(ValueError, match=r"manifest\.jsonl:4: not valid JSON"):
@@ -154,12 +193,23 @@ def gradient(seed: int) -> np.ndarray:
 
 # name -> (pixels, prompt). Prompts: "a red car" n=3, "a cat" n=5 (one member is not an image), "mountains" n=4
 # (one member fails its CRC), "a lone tree" n=1 (never scored).
-ZIP1 = {"a1.png": (gradient(0), "a red car"), "a2.png": (pixels(0), "a red car"), "b1.png": (pixels(1), "a cat"),
-        "b2.png": (pixels(2), "a cat"), "c1.png": (pixels(3), "mountains"), "corrupt.png": (pixels(7), "mountains"),
-        "junk.png": (None, "a cat")}
-ZIP2 = {"a3.webp": (gradient(1), "a red car"), "b3.webp": (gradient(2), "a cat"), "b4.webp": (gradient(3), "a cat"),
-        "c2.webp": (gradient(1), "mountains"), "c3.webp": (pixels(1), "mountains"),
-        "d1.webp": (pixels(9), "a lone tree")}
+ZIP1 = {
+  "a1.png": (gradient(0), "a red car"),
+  "a2.png": (pixels(0), "a red car"),
+  "b1.png": (pixels(1), "a cat"),
+  "b2.png": (pixels(2), "a cat"),
+  "c1.png": (pixels(3), "mountains"),
+  "corrupt.png": (pixels(7), "mountains"),
+  "junk.png": (None, "a cat"),
+}
+ZIP2 = {
+  "a3.webp": (gradient(1), "a red car"),
+  "b3.webp": (gradient(2), "a cat"),
+  "b4.webp": (gradient(3), "a cat"),
+  "c2.webp": (gradient(1), "mountains"),
+  "c3.webp": (pixels(1), "mountains"),
+  "d1.webp": (pixels(9), "a lone tree"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -170,22 +220,30 @@ def inputs(tmp_path_factory):
   root = d / "db"
   members1 = {n: (encode(a) if a is not None else b"\x89PNG but not really") for n, (a, _) in ZIP1.items()}
   members1.update({"nop.png": encode(pixels(8)), "readme.txt": b"text"})
-  z1 = write_part(root / "images" / "part-000001.zip", members1,
-                  {"a1.png": {"p": "overridden by the parquet"}})
+  z1 = write_part(root / "images" / "part-000001.zip", members1, {"a1.png": {"p": "overridden by the parquet"}})
   corrupt_member(z1, "corrupt.png")
   write_parquet(root / "metadata.parquet", [{"image_name": n, "prompt": p, "part_id": 1} for n, (_, p) in ZIP1.items()])
-  z2 = write_part(root / "diffusiondb-large-part-1" / "part-000002.zip",
-                  {n: encode(a, "WEBP") for n, (a, _) in ZIP2.items()}, {n: {"p": p} for n, (_, p) in ZIP2.items()})
+  z2 = write_part(
+    root / "diffusiondb-large-part-1" / "part-000002.zip",
+    {n: encode(a, "WEBP") for n, (a, _) in ZIP2.items()},
+    {n: {"p": p} for n, (_, p) in ZIP2.items()},
+  )
   reg = d / "reg"
   reg.mkdir()
   Image.fromarray(pixels(20)).save(reg / "r1.png")
   Image.fromarray(gradient(20)).save(reg / "r2.jpg")
   (reg / "broken.png").write_bytes(b"not an image")
-  (reg / "metadata.jsonl").write_text("\n".join([
-      json.dumps({"file_name": "r1.png", "caption": "a photo"}),
-      json.dumps({"file_name": "broken.png", "caption": "b"}),
-      "{oops",
-      json.dumps({"file_name": "r2.jpg", "caption": "a drawing"})]) + "\n")
+  (reg / "metadata.jsonl").write_text(
+    "\n".join(
+      [
+        json.dumps({"file_name": "r1.png", "caption": "a photo"}),
+        json.dumps({"file_name": "broken.png", "caption": "b"}),
+        "{oops",
+        json.dumps({"file_name": "r2.jpg", "caption": "a drawing"}),
+      ]
+    )
+    + "\n"
+  )
   return {"root": root, "z1": z1, "z2": z2, "reg": reg}
 
 
@@ -193,6 +251,7 @@ def inputs(tmp_path_factory):
 def reference(checkpoint):  # noqa: F811
   """HPS of (pixels, prompt) pairs through the library API, one bucket of 8 (a single compilation)."""
   from hps_jax.preference.scorer import Scorer
+
   scorer = Scorer.from_checkpoint(checkpoint, buckets=(8,))
   return lambda images, prompts: scorer.score(images, prompts)
 
@@ -219,14 +278,34 @@ def _check_selection(scores_path, manifest, reference, config, image_of):
 
 def test_label_diffusiondb_end_to_end(inputs, checkpoint, reference, capsys, tmp_path):  # noqa: F811
   out = tmp_path / "run" / "manifest.jsonl"
-  rc, stdout, stderr = _label(capsys, "--scorer", checkpoint, "--images", inputs["root"], "--regularization",
-                              inputs["reg"], "--out", out, "--scores", tmp_path / "scores.jsonl", "--alpha", 1.5,
-                              "--batch-size", 8)
+  rc, stdout, stderr = _label(
+    capsys,
+    "--scorer",
+    checkpoint,
+    "--images",
+    inputs["root"],
+    "--regularization",
+    inputs["reg"],
+    "--out",
+    out,
+    "--scores",
+    tmp_path / "scores.jsonl",
+    "--alpha",
+    1.5,
+    "--batch-size",
+    8,
+  )
   assert rc == 1, stderr  # finished, with skips
   z1, z2, reg = inputs["z1"], inputs["z2"], inputs["reg"]
   skipped = {l.split(": ", 1)[0].removeprefix("  skipped "): l for l in stderr.splitlines() if "skipped " in l}
-  assert set(skipped) == {f"{z1}:readme.txt", f"{z1}:nop.png", f"{z1}:corrupt.png", f"{z1}:junk.png",
-                          f"{reg / 'metadata.jsonl'}:2 ({reg / 'broken.png'})", f"{reg / 'metadata.jsonl'}:3"}
+  assert set(skipped) == {
+    f"{z1}:readme.txt",
+    f"{z1}:nop.png",
+    f"{z1}:corrupt.png",
+    f"{z1}:junk.png",
+    f"{reg / 'metadata.jsonl'}:2 ({reg / 'broken.png'})",
+    f"{reg / 'metadata.jsonl'}:3",
+  }
   assert "not an image member" in skipped[f"{z1}:readme.txt"] and "no prompt" in skipped[f"{z1}:nop.png"]
   assert "Bad CRC" in skipped[f"{z1}:corrupt.png"] and "not a recognised image" in skipped[f"{z1}:junk.png"]
   assert "done: 10 images processed, 6 skipped" in stderr
@@ -247,8 +326,10 @@ def test_label_diffusiondb_end_to_end(inputs, checkpoint, reference, capsys, tmp
     pix, prompt = {**ZIP1, **ZIP2}[name]
     np.testing.assert_array_equal(np.asarray(Image.open(out.parent / g["image"]).convert("RGB")), pix)
     assert g["caption"] == (prompt if g["kind"] == "preferred" else "Weird image. " + prompt)
-  assert manifest[len(got):] == [{"image": str(reg / "r1.png"), "caption": "a photo", "kind": "regularization"},
-                                 {"image": str(reg / "r2.jpg"), "caption": "a drawing", "kind": "regularization"}]
+  assert manifest[len(got) :] == [
+    {"image": str(reg / "r1.png"), "caption": "a photo", "kind": "regularization"},
+    {"image": str(reg / "r2.jpg"), "caption": "a drawing", "kind": "regularization"},
+  ]
   assert read_manifest(out)[0]["image"] == str(out.parent / got[0]["image"])
 
   summary = json.loads(stdout.strip().splitlines()[-1])
@@ -256,9 +337,20 @@ def test_label_diffusiondb_end_to_end(inputs, checkpoint, reference, capsys, tmp
   assert summary["counts"] == {"preferred": n_pref, "non_preferred": len(expected) - n_pref, "regularization": 2}
   assert n_pref >= 1 and len(expected) - n_pref >= 1  # the fixture exercises both kinds
   assert {k: summary[k] for k in ("images", "scored", "blurry", "skipped", "prompts", "prompts_not_scored")} == {
-      "images": 13, "scored": 10, "blurry": 0, "skipped": 6, "prompts": 4, "prompts_not_scored": 1}
-  assert summary["config"] == {"preset": "paper", "alpha": 1.5, "blur_threshold": 0, "min_images": 0,
-                               "negative_prefix": "Weird image. "}
+    "images": 13,
+    "scored": 10,
+    "blurry": 0,
+    "skipped": 6,
+    "prompts": 4,
+    "prompts_not_scored": 1,
+  }
+  assert summary["config"] == {
+    "preset": "paper",
+    "alpha": 1.5,
+    "blur_threshold": 0,
+    "min_images": 0,
+    "negative_prefix": "Weird image. ",
+  }
 
 
 def test_label_jsonl_release_preset(inputs, checkpoint, reference, capsys, tmp_path):  # noqa: F811
@@ -266,10 +358,26 @@ def test_label_jsonl_release_preset(inputs, checkpoint, reference, capsys, tmp_p
   "mountains" (3 left of 4) is then dropped; "a red car" (n=3 < 4) is never scored."""
   imgs = tmp_path / "imgs"
   imgs.mkdir()
-  order = ["c1.png", "flat2", "c2.webp", "c3.webp", "b1.png", "b2.png", "flat", "b3.webp", "b4.webp", "a1.png",
-           "a2.png", "a3.webp"]
-  src = {**ZIP1, **ZIP2, "flat": (np.full((16, 16, 3), 90, np.uint8), "a cat"),
-         "flat2": (np.full((16, 16, 3), 200, np.uint8), "mountains")}
+  order = [
+    "c1.png",
+    "flat2",
+    "c2.webp",
+    "c3.webp",
+    "b1.png",
+    "b2.png",
+    "flat",
+    "b3.webp",
+    "b4.webp",
+    "a1.png",
+    "a2.png",
+    "a3.webp",
+  ]
+  src = {
+    **ZIP1,
+    **ZIP2,
+    "flat": (np.full((16, 16, 3), 90, np.uint8), "a cat"),
+    "flat2": (np.full((16, 16, 3), 200, np.uint8), "mountains"),
+  }
   lines = []
   for name in order:
     pix, prompt = src[name]
@@ -278,32 +386,68 @@ def test_label_jsonl_release_preset(inputs, checkpoint, reference, capsys, tmp_p
   (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
   (tmp_path / "reg.jsonl").write_text(json.dumps({"file_name": str(inputs["reg"] / "r1.png"), "caption": "r"}) + "\n")
   out = tmp_path / "manifest.jsonl"
-  rc, stdout, stderr = _label(capsys, "--scorer", checkpoint, "--images", tmp_path / "list.jsonl",
-                              "--regularization", tmp_path / "reg.jsonl", "--out", out, "--preset", "release",
-                              "--alpha", 1, "--batch-size", 5, "--scores", tmp_path / "scores.jsonl")
+  rc, stdout, stderr = _label(
+    capsys,
+    "--scorer",
+    checkpoint,
+    "--images",
+    tmp_path / "list.jsonl",
+    "--regularization",
+    tmp_path / "reg.jsonl",
+    "--out",
+    out,
+    "--preset",
+    "release",
+    "--alpha",
+    1,
+    "--batch-size",
+    5,
+    "--scores",
+    tmp_path / "scores.jsonl",
+  )
   assert rc == 0, stderr
   assert "done: 7 images processed, 0 skipped" in stderr
   manifest = [json.loads(l) for l in out.read_text().splitlines()]
-  expected, got = _check_selection(tmp_path / "scores.jsonl", manifest, reference,
-                                   LabelConfig(alpha=1, blur_threshold=10, min_images=4), Image.open)
+  expected, got = _check_selection(
+    tmp_path / "scores.jsonl", manifest, reference, LabelConfig(alpha=1, blur_threshold=10, min_images=4), Image.open
+  )
   assert [r["image"] for r in got] == [r["image"] for r in expected]  # files are referenced where they are
   assert {r["caption"].removeprefix("Weird image. ") for r in got} == {"a cat"}
   assert manifest[-1] == {"image": str(inputs["reg"] / "r1.png"), "caption": "r", "kind": "regularization"}
   summary = json.loads(stdout.strip().splitlines()[-1])
-  assert {k: summary[k] for k in ("images", "scored", "blurry", "prompts", "prompts_selected", "prompts_not_scored",
-                                  "prompts_too_few_after_drops")} == {
-      "images": 12, "scored": 7, "blurry": 2, "prompts": 3, "prompts_selected": 1, "prompts_not_scored": 1,
-      "prompts_too_few_after_drops": 1}
+  assert {
+    k: summary[k]
+    for k in (
+      "images",
+      "scored",
+      "blurry",
+      "prompts",
+      "prompts_selected",
+      "prompts_not_scored",
+      "prompts_too_few_after_drops",
+    )
+  } == {
+    "images": 12,
+    "scored": 7,
+    "blurry": 2,
+    "prompts": 3,
+    "prompts_selected": 1,
+    "prompts_not_scored": 1,
+    "prompts_too_few_after_drops": 1,
+  }
   assert summary["counts"] == {"preferred": 1, "non_preferred": 1, "regularization": 1}  # n=4 at alpha 1: 1/4
 
 
-@pytest.mark.parametrize("case, message", [
+@pytest.mark.parametrize(
+  "case, message",
+  [
     ("missing_images", "nowhere: no such file or directory"),
     ("bad_parquet", "metadata.parquet: cannot read parquet metadata"),
     ("bad_zip", "part-000003.zip: not a readable zip archive"),
     ("missing_regularization", "noreg: no such file or directory"),
     ("bad_alpha", "alpha must be > 0"),
-])
+  ],
+)
 def test_label_bad_files_are_one_line_errors(inputs, tmp_path, capsys, case, message):
   root = tmp_path / "db"
   write_part(root / "part-000001.zip", {"x.png": encode(pixels(0))}, {"x.png": {"p": "x"}})
@@ -318,8 +462,14 @@ def test_label_bad_files_are_one_line_errors(inputs, tmp_path, capsys, case, mes
     args["--regularization"] = tmp_path / "noreg"
   else:
     args["--alpha"] = -1
-  rc, _, stderr = _label(capsys, "--scorer", tmp_path / "never_loaded", "--out", tmp_path / "m.jsonl",
-                         *[x for kv in args.items() for x in kv])
+  rc, _, stderr = _label(
+    capsys,
+    "--scorer",
+    tmp_path / "never_loaded",
+    "--out",
+    tmp_path / "m.jsonl",
+    *[x for kv in args.items() for x in kv],
+  )
   assert rc == 2
   assert "Traceback" not in stderr
   errors = [l for l in stderr.splitlines() if l.strip()]

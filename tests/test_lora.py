@@ -1,5 +1,6 @@
 """The LoRA core (hps_jax/lora.py) on the tiny SD UNet: identity at init, only adapters receive gradients and
 optimizer state, merge / unmerge, scale, bf16 base with float32 adapters, loading adapters of another rank."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,9 +43,9 @@ def test_targets_and_identity_at_init():
   assert len(paths) == 8 * N_BLOCKS
   assert all(p.split("/")[-2] in ("attn1", "attn2", "to_out") for p in paths)
   assert {p.rsplit("/", 1)[-1] for p in paths} == {"to_q", "to_k", "to_v", "0"}
-  np.testing.assert_array_equal(np.asarray(_fwd(model, *_inputs())), base)   # B = 0: exactly the base model
-  after = model_params(model)                                                 # the base's parameters unchanged,
-  assert after.keys() == before.keys()                                        # adapters are not nnx.Params
+  np.testing.assert_array_equal(np.asarray(_fwd(model, *_inputs())), base)  # B = 0: exactly the base model
+  after = model_params(model)  # the base's parameters unchanged,
+  assert after.keys() == before.keys()  # adapters are not nnx.Params
   for k in before:
     np.testing.assert_array_equal(after[k], before[k])
   # adapter count (rank 4): three blocks at 32 channels (every layer 32 -> 32) and the mid block at 64 channels
@@ -59,7 +60,7 @@ def test_init_distributions():
   lora.apply_lora(model, lora.LoRAConfig(rank=8, init="kaiming"))
   downs = np.concatenate([np.asarray(m.lora_down[...]).ravel() for m in lora.lora_layers(model).values()])
   bound = 1 / np.sqrt(32)
-  assert np.abs(downs).max() <= bound and np.abs(downs).max() > 0.95 * bound   # U(-1/sqrt(in), 1/sqrt(in))
+  assert np.abs(downs).max() <= bound and np.abs(downs).max() > 0.95 * bound  # U(-1/sqrt(in), 1/sqrt(in))
   assert all(not np.any(m.lora_up[...]) for m in lora.lora_layers(model).values())
   model = _unet()
   lora.apply_lora(model, lora.LoRAConfig(rank=8, init="normal"))
@@ -126,7 +127,7 @@ def test_alpha_scales_the_delta():
   model = _unet()
   lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=2.0))
   _randomize_up(model)
-  layer = next(m for p, m in lora.lora_layers(model).items() if p.endswith("to_out/0"))   # one with a bias
+  layer = next(m for p, m in lora.lora_layers(model).items() if p.endswith("to_out/0"))  # one with a bias
   x = jax.random.normal(jax.random.key(5), (3, layer.in_features))
   delta = np.asarray(layer(x) - (x @ layer.kernel[...] + layer.bias[...]))
   expect = 0.5 * np.asarray(x @ layer.lora_down[...] @ layer.lora_up[...])
@@ -148,8 +149,8 @@ def test_set_adapters_round_trip_and_errors():
   lora.apply_lora(src, lora.LoRAConfig(rank=4, alpha=1.0))
   _randomize_up(src)
   adapters = lora.get_adapters(src)
-  dst = _unet()   # same seed: same base weights
-  lora.apply_lora(dst, lora.LoRAConfig(rank=2))   # another rank: rebuilt on load
+  dst = _unet()  # same seed: same base weights
+  lora.apply_lora(dst, lora.LoRAConfig(rank=2))  # another rank: rebuilt on load
   lora.set_adapters(dst, adapters)
   assert {p: m.rank for p, m in lora.lora_layers(dst).items()} == {p: 4 for p in adapters}
   np.testing.assert_array_equal(np.asarray(_fwd(dst, *_inputs())), np.asarray(_fwd(src, *_inputs())))

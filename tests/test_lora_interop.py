@@ -1,6 +1,7 @@
 """LoRA files (hps_jax/convert/lora.py) against diffusers / PEFT on the tiny SD folder: our adapters saved as PEFT and
 kohya files load into diffusers' pipeline with the same output; a legacy attn-procs .bin written from a PyTorch
 PEFT-adapted UNet loads into ours with the same output; exact round trips; merged UNet export; clear errors."""
+
 import jax
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ def _quiet():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
   from hps_jax.diffusion.tiny import write_tiny_sd
+
   return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=3)
 
 
@@ -47,8 +49,11 @@ def _ours(model, inputs):
 def _theirs(unet, inputs):
   x, t, c = inputs
   with torch.no_grad():
-    out = unet(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(t),
-               encoder_hidden_states=torch.from_numpy(c)).sample
+    out = unet(
+      torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+      torch.from_numpy(t),
+      encoder_hidden_states=torch.from_numpy(c),
+    ).sample
   return out.numpy().transpose(0, 2, 3, 1)
 
 
@@ -88,7 +93,7 @@ def _through_pipeline(pipe, file, inputs):
 
 def test_adapter_is_visible(adapted):
   _, out, base = adapted
-  assert np.abs(out - base).max() > 0.1   # the comparisons below would be vacuous otherwise
+  assert np.abs(out - base).max() > 0.1  # the comparisons below would be vacuous otherwise
 
 
 def test_peft_file_in_diffusers(adapted, pipe, inputs, tmp_path, parity):
@@ -101,11 +106,14 @@ def test_peft_file_in_diffusers(adapted, pipe, inputs, tmp_path, parity):
     # and back: the files diffusers itself writes from the loaded adapter (its LoraConfig as metadata, prefixed
     # `unet.` by the pipeline's saver, unprefixed by the model's) read as our adapters again
     from peft.utils import get_peft_model_state_dict
+
     name = next(iter(pipe.unet.peft_config))
     pipe.unet.save_lora_adapter(tmp_path / "model_saved", adapter_name=name)
     diffusers.StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "pipe_saved", unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name=name),
-        unet_lora_adapter_metadata=pipe.unet.peft_config[name].to_dict())
+      tmp_path / "pipe_saved",
+      unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name=name),
+      unet_lora_adapter_metadata=pipe.unet.peft_config[name].to_dict(),
+    )
   finally:
     pipe.unload_lora_weights()
   parity("LoRA: our save_peft file through diffusers load_lora_weights vs ours", np.abs(got - out).max(), TOL)
@@ -114,13 +122,15 @@ def test_peft_file_in_diffusers(adapted, pipe, inputs, tmp_path, parity):
     back, info = lora_io.load_lora(tmp_path / saved)
     assert info["format"] == "peft" and "metadata" in info["alpha_source"]
     _same(back, want)
-  np.testing.assert_allclose(_theirs(pipe.unet, inputs), adapted[2], atol=TOL)   # unloaded again: the base
+  np.testing.assert_allclose(_theirs(pipe.unet, inputs), adapted[2], atol=TOL)  # unloaded again: the base
 
 
 def _same_delta_alpha(adapters, alpha):
   """The same adapters with every alpha set to `alpha` and `up` rescaled so each delta is unchanged."""
-  return {p: lora.Adapter(a.down, a.up * np.float32((a.alpha / a.rank) / (alpha / a.rank)), alpha)
-          for p, a in adapters.items()}
+  return {
+    p: lora.Adapter(a.down, a.up * np.float32((a.alpha / a.rank) / (alpha / a.rank)), alpha)
+    for p, a in adapters.items()
+  }
 
 
 def test_kohya_file_in_diffusers(adapted, pipe, inputs, tmp_path, parity):
@@ -141,8 +151,16 @@ def torch_legacy(tiny_dir, inputs, tmp_path_factory):
   mid = "mid_block.attentions.0.transformer_blocks.0.attn2"
   rank_pattern = {f"{mid}.{t}": 2 for t in targets}
   alpha_pattern = dict(rank_pattern)
-  unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets, rank_pattern=rank_pattern,
-                                   alpha_pattern=alpha_pattern, init_lora_weights=True))
+  unet.add_adapter(
+    peft.LoraConfig(
+      r=4,
+      lora_alpha=4,
+      target_modules=targets,
+      rank_pattern=rank_pattern,
+      alpha_pattern=alpha_pattern,
+      init_lora_weights=True,
+    )
+  )
   gen = torch.Generator().manual_seed(0)
   state, n = {}, 0
   for name, module in unet.named_modules():
@@ -152,7 +170,7 @@ def torch_legacy(tiny_dir, inputs, tmp_path_factory):
     with torch.no_grad():
       a.copy_(torch.randn(a.shape, generator=gen) / 4)
       b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
-    attn, proj = name.rsplit(".", 1) if not name.endswith("to_out.0") else (name[:-len(".to_out.0")], "to_out")
+    attn, proj = name.rsplit(".", 1) if not name.endswith("to_out.0") else (name[: -len(".to_out.0")], "to_out")
     state[f"{attn}.processor.{proj}_lora.down.weight"] = a.detach().clone()
     state[f"{attn}.processor.{proj}_lora.up.weight"] = b.detach().clone()
     n += 1
@@ -168,8 +186,11 @@ def test_legacy_bin_from_pytorch(tiny_dir, torch_legacy, inputs, parity):
   info = lora_io.apply_lora_file(model, d)
   assert info["format"] == "attn_procs" and info["layers"] == 32 and info["ranks"] == [2, 4]
   assert info["alphas"] == [2.0, 4.0] and info["alpha_source"].startswith("rank")
-  parity("LoRA: legacy attn-procs .bin (PyTorch PEFT UNet) loaded into ours vs PyTorch",
-         np.abs(_ours(model, inputs) - want).max(), TOL)
+  parity(
+    "LoRA: legacy attn-procs .bin (PyTorch PEFT UNet) loaded into ours vs PyTorch",
+    np.abs(_ours(model, inputs) - want).max(),
+    TOL,
+  )
 
 
 def _same(a: dict, b: dict):
@@ -213,15 +234,16 @@ def test_round_trips(adapted, tmp_path):
 def test_kohya_names_parse_without_a_model(adapted):
   model, _, _ = adapted
   from hps_jax.lora import _linears
-  for p, _ in _linears(model):   # every linear layer of the UNet, ff/net/0/proj and time_embedding included
-    assert lora_io._parse_kohya(lora_io.kohya_name(p)[len("lora_unet_"):]) == lora_io.module_name(p)
+
+  for p, _ in _linears(model):  # every linear layer of the UNet, ff/net/0/proj and time_embedding included
+    assert lora_io._parse_kohya(lora_io.kohya_name(p)[len("lora_unet_") :]) == lora_io.module_name(p)
 
 
 def test_apply_lora_file_and_scale(tiny_dir, adapted, inputs, tmp_path, parity):
   model, out, base = adapted
   file = lora_io.save_peft(model, tmp_path)
   fresh = load_unet(tiny_dir)
-  lora.apply_lora(fresh, lora.LoRAConfig(rank=8, targets=r".*attn1/to_q|.*ff/net/2"))   # replaced / removed
+  lora.apply_lora(fresh, lora.LoRAConfig(rank=8, targets=r".*attn1/to_q|.*ff/net/2"))  # replaced / removed
   info = lora_io.apply_lora_file(fresh, file)
   assert set(lora.lora_layers(fresh)) == set(lora.lora_layers(model)) and info["layers"] == 32
   parity("LoRA: apply_lora_file(save_peft(model)) vs model", np.abs(_ours(fresh, inputs) - out).max(), 1e-6)
@@ -230,8 +252,10 @@ def test_apply_lora_file_and_scale(tiny_dir, adapted, inputs, tmp_path, parity):
   lora_io.apply_lora_file(fresh, file, multiplier=0.5)
   assert all(m.scale == 0.5 * m.alpha / m.rank for m in lora.lora_layers(fresh).values())
   # a kohya file that also adapts a 1x1 conv (proj_in of SD 1.x): a clear error, and the model is left alone
-  conv = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": np.ones((2, 32, 1, 1), np.float32),
-          "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": np.ones((32, 2, 1, 1), np.float32)}
+  conv = {
+    "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": np.ones((2, 32, 1, 1), np.float32),
+    "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": np.ones((32, 2, 1, 1), np.float32),
+  }
   save_safetensors(conv, tmp_path / "locon.safetensors")
   with pytest.raises(CheckpointError, match=r"locon\.safetensors.*not linear.*down_blocks/0/attentions/0/proj_in"):
     lora_io.apply_lora_file(fresh, tmp_path / "locon.safetensors")
@@ -242,37 +266,45 @@ def test_save_merged_unet(adapted, inputs, tmp_path, parity):
   model, out, _ = adapted
   kernels = {p: np.asarray(m.kernel[...]) for p, m in lora.lora_layers(model).items()}
   d = lora_io.save_merged_unet(model, tmp_path / "unet")
-  assert all(not m.merged for m in lora.lora_layers(model).values())       # the model is left as it was
+  assert all(not m.merged for m in lora.lora_layers(model).values())  # the model is left as it was
   for p, m in lora.lora_layers(model).items():
     np.testing.assert_array_equal(np.asarray(m.kernel[...]), kernels[p])
   merged = load_unet(d, subfolder=None)
   assert not lora.lora_layers(merged)
-  parity("LoRA: save_merged_unet reloaded (plain UNet) vs adapted model", np.abs(_ours(merged, inputs) - out).max(),
-         TOL)
+  parity(
+    "LoRA: save_merged_unet reloaded (plain UNet) vs adapted model", np.abs(_ours(merged, inputs) - out).max(), TOL
+  )
   theirs = diffusers.UNet2DConditionModel.from_pretrained(d)
-  parity("LoRA: save_merged_unet loaded by diffusers vs adapted model", np.abs(_theirs(theirs, inputs) - out).max(),
-         TOL)
+  parity(
+    "LoRA: save_merged_unet loaded by diffusers vs adapted model", np.abs(_theirs(theirs, inputs) - out).max(), TOL
+  )
 
 
 def test_errors_and_skipped_keys(tmp_path):
   name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
   a, b = np.ones((2, 32), np.float32), np.ones((32, 2), np.float32)
-  save_safetensors({f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b,
-                    "unet.conv_in.weird_thing": a}, tmp_path / "bad.safetensors")
+  save_safetensors(
+    {f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b, "unet.conv_in.weird_thing": a},
+    tmp_path / "bad.safetensors",
+  )
   with pytest.raises(CheckpointError, match=r"bad\.safetensors.*unet\.conv_in\.weird_thing"):
     lora_io.load_lora(tmp_path / "bad.safetensors")
   save_safetensors({f"unet.{name}.lora_A.weight": a}, tmp_path / "half.safetensors")
   with pytest.raises(CheckpointError, match="only one of the down / up"):
     lora_io.load_lora(tmp_path / "half.safetensors")
-  save_safetensors({f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b,
-                    f"unet.{name}.lora_magnitude_vector": b[:, 0]}, tmp_path / "dora.safetensors")
+  save_safetensors(
+    {f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b, f"unet.{name}.lora_magnitude_vector": b[:, 0]},
+    tmp_path / "dora.safetensors",
+  )
   with pytest.raises(CheckpointError, match="unsupported adapter type"):
     lora_io.load_lora(tmp_path / "dora.safetensors")
-  kohya = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": a,
-           "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": b,
-           "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha": np.asarray(1.0, np.float32),
-           "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": a,
-           "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": b}
+  kohya = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": a,
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": b,
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha": np.asarray(1.0, np.float32),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": a,
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": b,
+  }
   save_safetensors(kohya, tmp_path / "k.safetensors")
   got, info = lora_io.load_lora(tmp_path / "k.safetensors")
   assert info["skipped_text_encoder"] == 2 and list(got) == [name.replace(".", "/")]
@@ -281,17 +313,20 @@ def test_errors_and_skipped_keys(tmp_path):
   with pytest.raises(CheckpointError, match="no UNet LoRA weights.*2 text-encoder"):
     lora_io.load_lora(tmp_path / "te.safetensors")
   with pytest.raises(CheckpointError, match="no LoRA weights file"):
-    lora_io.load_lora(tmp_path)     # several .safetensors, none with a standard name
+    lora_io.load_lora(tmp_path)  # several .safetensors, none with a standard name
 
 
 def test_peft_adapter_folder_with_rslora(tmp_path):
   """A PEFT `save_pretrained` folder: adapter_model.safetensors with an adapter name in the keys, and
   adapter_config.json holding alpha (rsLoRA: scale alpha / sqrt(r), i.e. our alpha = lora_alpha * sqrt(r))."""
   import json
+
   name = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
   a, b = np.full((2, 32), 0.5, np.float32), np.full((32, 2), 0.25, np.float32)
-  save_safetensors({f"base_model.model.{name}.lora_A.default.weight": a,
-                    f"base_model.model.{name}.lora_B.default.weight": b}, tmp_path / "adapter_model.safetensors")
+  save_safetensors(
+    {f"base_model.model.{name}.lora_A.default.weight": a, f"base_model.model.{name}.lora_B.default.weight": b},
+    tmp_path / "adapter_model.safetensors",
+  )
   (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 6, "use_rslora": True}))
   got, info = lora_io.load_lora(tmp_path)
   ad = got[name.replace(".", "/")]

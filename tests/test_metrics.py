@@ -6,6 +6,7 @@ is only accurate to ~sqrt(machine eps) ~ 1e-8 relative: the zero eigenvalues of 
 and their square roots as ~1e-8 sqrt(||S||) each. The 1e-6 relative bound asked of an FID implementation still holds
 with two digits of margin; at d=16 both are also checked against a 40-digit mpmath evaluation of the same inputs.
 """
+
 import time
 import warnings
 
@@ -65,6 +66,7 @@ def rel(a, b):
 
 # ------------------------------------------------------------------------------------------------ Fréchet distance
 
+
 @pytest.mark.parametrize("case", ["full", "n<d", "n<d+eps"])
 @pytest.mark.parametrize("d", [16, 64])
 def test_frechet_matches_pytorch_fid(d, case, parity):
@@ -120,10 +122,11 @@ def test_fid_from_features_matches_pytorch_fid(parity):
 
 # ------------------------------------------------------------------------------------------------ streaming stats
 
+
 def _stream(features, sizes):
   stats, start = FeatureStats(), 0
   for size in sizes:
-    stats.update(features[start:start + size])
+    stats.update(features[start : start + size])
     start += size
   assert start == len(features)
   return stats
@@ -205,6 +208,7 @@ def test_few_samples_warning():
 
 
 # ------------------------------------------------------------------------------------------------ IS / KID / CLIP
+
 
 def test_inception_score_matches_torch_fidelity(parity):
   logits = torch.from_numpy(np.random.default_rng(5).standard_normal((1003, 1008)).astype(np.float32) * 3)

@@ -4,9 +4,9 @@ a LoRA adapter, an A/B grid and the generator metrics.
 
 The three run in order in one working folder, as a reader would run them: adapt_sd.ipynb labels with the classifier
 train_preference.ipynb exported (it falls back to a random scorer when that is absent)."""
+
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,8 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ("score_images", "train_preference", "adapt_sd")
 # Real-weight switches of the notebooks: unset, so that the tested path is the offline one.
-REAL_WEIGHT_VARS = ("HPS_CHECKPOINT", "SD_MODEL_DIR", "CLIP_CHECKPOINT", "HPD_V1_DIR", "HPS_GENERATED_IMAGES",
-                    "HPS_REGULARIZATION", "HPS_JAX_INCEPTION_WEIGHTS", "AESTHETIC_MLP", "FID_REFERENCE")
+REAL_WEIGHT_VARS = (
+  "HPS_CHECKPOINT",
+  "SD_MODEL_DIR",
+  "CLIP_CHECKPOINT",
+  "HPD_V1_DIR",
+  "HPS_GENERATED_IMAGES",
+  "HPS_REGULARIZATION",
+  "HPS_JAX_INCEPTION_WEIGHTS",
+  "AESTHETIC_MLP",
+  "FID_REFERENCE",
+)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -42,8 +51,9 @@ def run_notebook(tmp_path_factory):
   """Executes a notebook with nbclient in a python3 kernel of sys.executable; returns (executed nb, seconds)."""
   from ipykernel.kernelspec import install
   from jupyter_client.kernelspec import KernelSpecManager
+
   prefix = tmp_path_factory.mktemp("kernelspec")
-  install(prefix=str(prefix), kernel_name="python3")   # argv[0] = sys.executable
+  install(prefix=str(prefix), kernel_name="python3")  # argv[0] = sys.executable
   workdir = tmp_path_factory.mktemp("notebook_out")
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
@@ -58,10 +68,11 @@ def run_notebook(tmp_path_factory):
 
     def run(name: str):
       nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-      client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=900,
-                                       resources={"metadata": {"path": str(NOTEBOOKS)}})
+      client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=900, resources={"metadata": {"path": str(NOTEBOOKS)}}
+      )
       t0 = time.time()
-      client.execute()       # raises CellExecutionError on the first failing cell
+      client.execute()  # raises CellExecutionError on the first failing cell
       seconds = time.time() - t0
       print(f"{name}.ipynb executed in {seconds:.1f}s")
       errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
@@ -94,10 +105,10 @@ def test_score_images(run_notebook):
   n = len(s["images"])
   matrix = np.asarray(s["hps_matrix"])
   assert n == len(s["prompts"]) >= 3 and matrix.shape == (n, n) and np.isfinite(matrix).all()
-  assert np.abs(matrix).max() <= 100.0 and np.ptp(matrix) > 0     # 100 * cosine, and not constant
+  assert np.abs(matrix).max() <= 100.0 and np.ptp(matrix) > 0  # 100 * cosine, and not constant
   rows = _jsonl(out / "scores.jsonl")
   assert [r["prompt"] for r in rows] == s["prompts"]
-  for i, r in enumerate(rows):   # the command line gives the API's numbers
+  for i, r in enumerate(rows):  # the command line gives the API's numbers
     assert set(r) >= {"image", "prompt", "hps", "cosine"}
     assert r["hps"] == pytest.approx(matrix[i, i], abs=1e-3)
     assert r["hps"] == pytest.approx(100 * r["cosine"], abs=1e-3)
@@ -108,7 +119,7 @@ def test_train_preference(run_notebook):
   s = json.loads((out / "summary.json").read_text())
   chance = s["random_expectation"]
   assert 0.25 < chance < 0.5
-  assert abs(s["accuracy"]["untrained"] - chance) < 0.15            # random init: about chance
+  assert abs(s["accuracy"]["untrained"] - chance) < 0.15  # random init: about chance
   assert s["accuracy"]["trained"] > max(0.55, s["accuracy"]["untrained"] + 0.15)
   assert s["accuracy"]["trained"] == pytest.approx(s["training_eval_accuracy"], abs=0.02)
   losses = [r["loss"] for r in _jsonl(out / "run" / "metrics.jsonl") if "loss" in r]
@@ -119,6 +130,7 @@ def test_train_preference(run_notebook):
 
 def test_adapt_sd(run_notebook):
   from PIL import Image
+
   nb, out, _ = run_notebook("adapt_sd")
   s = json.loads((out / "summary.json").read_text())
   assert s["random_sd"] is True and s["scorer_kind"] in ("trained-tiny", "random-tiny")
@@ -126,14 +138,15 @@ def test_adapt_sd(run_notebook):
   rows = _jsonl(s["manifest"])
   kinds = {r["kind"] for r in rows}
   assert kinds <= {"preferred", "non_preferred", "regularization"} and "regularization" in kinds
-  if s["scorer_kind"] == "trained-tiny":   # a random scorer's HPS barely differ: it may select nothing
+  if s["scorer_kind"] == "trained-tiny":  # a random scorer's HPS barely differ: it may select nothing
     assert kinds & {"preferred", "non_preferred"}, "the trained scorer selected no generated image"
   for r in rows:
     assert (Path(s["manifest"]).parent / r["image"]).is_file()
     if r["kind"] == "non_preferred":
       assert r["caption"].startswith("Weird image. ")
-  assert s["label_counts"] == {k: sum(r["kind"] == k for r in rows) for k in ("preferred", "non_preferred",
-                                                                              "regularization")}
+  assert s["label_counts"] == {
+    k: sum(r["kind"] == k for r in rows) for k in ("preferred", "non_preferred", "regularization")
+  }
   # the LoRA run
   assert Path(s["lora"]).is_file() and s["lora"].endswith(".safetensors")
   losses = [r["loss"] for r in _jsonl(out / "lora_run" / "metrics.jsonl") if "loss" in r]
@@ -144,7 +157,7 @@ def test_adapt_sd(run_notebook):
   grid = np.asarray(Image.open(out / "samples" / "ab_grid.png"))
   h, w = s["sample_size"]
   assert grid.shape == (len(samples) * h, 2 * w, 3)
-  assert np.abs(grid[:, :w].astype(int) - grid[:, w:]).max() > 0     # the adapted side differs from the base
+  assert np.abs(grid[:, :w].astype(int) - grid[:, w:]).max() > 0  # the adapted side differs from the base
   # eval-generator: base vs adapted, CLIP score and HPS at least
   table = json.loads((out / "eval" / "table4.json").read_text())
   assert set(table["results"]) == {"base", "adapted"}

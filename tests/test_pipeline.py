@@ -1,5 +1,6 @@
 """The Grain pipeline (process sharding, per-epoch shuffles, slot padding, chosen kept under truncation) and the
 train loop's NaN stop."""
+
 import math
 
 import grain
@@ -28,8 +29,10 @@ def _ids(batches):
 def test_processes_get_disjoint_shards_and_epochs_reshuffle():
   src = SyntheticPreference(24, seed=0, image_size=16)
   t = _transform()
-  per_proc = [list(pipeline.train_dataset(src, t, global_batch_size=4, seed=3, num_epochs=2, process_index=p,
-                                          process_count=2)) for p in (0, 1)]
+  per_proc = [
+    list(pipeline.train_dataset(src, t, global_batch_size=4, seed=3, num_epochs=2, process_index=p, process_count=2))
+    for p in (0, 1)
+  ]
   assert all(b["pixels"].shape == (2, 4, 16, 16, 3) for proc in per_proc for b in proc)  # 4 global / 2 processes
   # within an epoch the two processes see disjoint records, together all 24 (a record is known by its noisy
   # pixels: prompts repeat)
@@ -37,8 +40,9 @@ def test_processes_get_disjoint_shards_and_epochs_reshuffle():
   assert not set(first[0]) & set(first[1])
   assert set(first[0]) | set(first[1]) == {t(src[i])["pixels"].tobytes() for i in range(24)}
   # the second epoch is another permutation
-  one = list(pipeline.train_dataset(src, t, global_batch_size=4, seed=3, num_epochs=2, process_index=0,
-                                    process_count=1))
+  one = list(
+    pipeline.train_dataset(src, t, global_batch_size=4, seed=3, num_epochs=2, process_index=0, process_count=1)
+  )
   # process 0's rows then process 1's make up the one-process global batch, row for row
   assert len(per_proc[0]) == len(per_proc[1]) == len(one)
   for b0, b1, b in zip(*per_proc, one):
@@ -47,11 +51,13 @@ def test_processes_get_disjoint_shards_and_epochs_reshuffle():
   assert len(one) == 12
   assert _ids(one[:6]) != _ids(one[6:])
   # same seed, same order; another seed, another order
-  again = list(pipeline.train_dataset(src, t, global_batch_size=4, seed=3, num_epochs=2, process_count=1,
-                                      process_index=0))
+  again = list(
+    pipeline.train_dataset(src, t, global_batch_size=4, seed=3, num_epochs=2, process_count=1, process_index=0)
+  )
   np.testing.assert_array_equal(order, np.concatenate([b["chosen"] for b in again]))
-  other = list(pipeline.train_dataset(src, t, global_batch_size=4, seed=4, num_epochs=1, process_count=1,
-                                      process_index=0))
+  other = list(
+    pipeline.train_dataset(src, t, global_batch_size=4, seed=4, num_epochs=1, process_count=1, process_index=0)
+  )
   assert _ids(other) != _ids(one[:6])
 
 
@@ -92,25 +98,46 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   from hps_jax.checkpoint import Checkpointer
   from hps_jax.train_loop import Task, train
 
-  data = [{"x": np.full((4, 2), np.nan if i == 4 else 1.0, np.float32), "y": np.ones((4, 1), np.float32)}
-          for i in range(10)]
+  data = [
+    {"x": np.full((4, 2), np.nan if i == 4 else 1.0, np.float32), "y": np.ones((4, 1), np.float32)} for i in range(10)
+  ]
   model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
 
   def loss_fn(m, batch):
     return jnp.mean((m(batch["x"]) - batch["y"]) ** 2), {}
 
   exported = []
-  task = Task(model=model, trainable=nnx.Param, loss_fn=loss_fn,
-              make_iterator=lambda: pipeline.to_iterator(grain.MapDataset.source(data), prefetch_threads=0),
-              batch_shapes={"x": jax.ShapeDtypeStruct((4, 2), jnp.float32),
-                            "y": jax.ShapeDtypeStruct((4, 1), jnp.float32)},
-              export=lambda m, d: exported.append(d))
-  config = ml_collections.ConfigDict({
-      "seed": 0, "num_steps": 10, "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+  task = Task(
+    model=model,
+    trainable=nnx.Param,
+    loss_fn=loss_fn,
+    make_iterator=lambda: pipeline.to_iterator(grain.MapDataset.source(data), prefetch_threads=0),
+    batch_shapes={"x": jax.ShapeDtypeStruct((4, 2), jnp.float32), "y": jax.ShapeDtypeStruct((4, 1), jnp.float32)},
+    export=lambda m, d: exported.append(d),
+  )
+  config = ml_collections.ConfigDict(
+    {
+      "seed": 0,
+      "num_steps": 10,
+      "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
       "sharding_rules": [("batch", ["data", "fsdp"]), ("embed", "fsdp")],
-      "optim": {"lr": 0.1, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "schedule": "constant",
-                "warmup_steps": 0, "grad_clip": 0.0},
-      "log_every": 1, "eval_every": 0, "checkpoint_every": 2, "keep_checkpoints": 5, "progress": False})
+      "optim": {
+        "lr": 0.1,
+        "weight_decay": 0.0,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "grad_clip": 0.0,
+      },
+      "log_every": 1,
+      "eval_every": 0,
+      "checkpoint_every": 2,
+      "keep_checkpoints": 5,
+      "progress": False,
+    }
+  )
   result = train(task, config, tmp_path)
   assert result.status == "nan" and result.step == 5 and math.isnan(result.losses[5])
   assert all(math.isfinite(result.losses[s]) for s in range(1, 5))

@@ -1,4 +1,5 @@
 """The choice loss by hand, and `hps-jax eval-preference` end to end (the metric itself: tests/test_evaluate.py)."""
+
 import json
 import os
 import subprocess
@@ -14,13 +15,14 @@ from hps_jax.preference.loss import choice_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def test_choice_loss_matches_hand_computation():
   cos = jnp.array([[0.30, 0.29, 0.0, 0.0], [0.20, 0.21, 0.19, 0.215]])
   mask = jnp.array([[True, True, False, False], [True, True, True, True]])
   chosen = jnp.array([0, 3])
   logit_scale = jnp.log(jnp.float32(100.0)) + 1.0  # above the clamp: exp(.) is clamped to 100
   loss, m = choice_loss(cos, logit_scale, mask, chosen)
-  l0 = -np.log(np.exp(30) / (np.exp(30) + np.exp(29)))   # padded slots take no probability
+  l0 = -np.log(np.exp(30) / (np.exp(30) + np.exp(29)))  # padded slots take no probability
   z = np.exp(100 * np.array([0.20, 0.21, 0.19, 0.215]))
   l1 = -np.log(z[3] / z.sum())
   np.testing.assert_allclose(float(loss), (l0 + l1) / 2, rtol=1e-5)
@@ -32,23 +34,39 @@ def test_choice_loss_matches_hand_computation():
 
 def _eval(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "hps_jax.cli", "eval-preference", *map(str, args)], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  return subprocess.run(
+    [sys.executable, "-m", "hps_jax.cli", "eval-preference", *map(str, args)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
 
 
 def test_eval_command_on_a_jsonl_dataset(tmp_path):
   """A checkpoint scored through the command equals the report computed from Scorer scores in-process."""
   pytest.importorskip("tensorflow_datasets")
   from flax import nnx
+
   from hps_jax.convert.clip import save_hf
   from hps_jax.data.synthetic import SyntheticPreference, write_jsonl
   from hps_jax.models.clip import CLIP, CLIPConfig
   from hps_jax.preference.scorer import Scorer
+
   src = SyntheticPreference(12, seed=3, split="test")
   write_jsonl(src, tmp_path / "data", "test")
   ckpt = save_hf(CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(1)), tmp_path / "ckpt")
-  res = _eval("--checkpoint", ckpt, "--dataset", "preference_jsonl", "--manual-dir", tmp_path / "data",
-              "--output", tmp_path / "out" / "report.json")
+  res = _eval(
+    "--checkpoint",
+    ckpt,
+    "--dataset",
+    "preference_jsonl",
+    "--manual-dir",
+    tmp_path / "data",
+    "--output",
+    tmp_path / "out" / "report.json",
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   report = json.loads((tmp_path / "out" / "report.json").read_text())
   for key in ("accuracy", "random_expectation", "pairwise_accuracy", "num_prompts", "per_n"):
@@ -76,19 +94,32 @@ def test_eval_command_random_baseline_and_errors(tmp_path):
 def test_eval_command_aesthetic_baseline(tmp_path, aesthetic_weights):
   """The aesthetic predictor as a baseline: per-image ratings from the same command, equal to AestheticScorer's."""
   from flax import nnx
+
   from hps_jax.convert.clip import save_hf
   from hps_jax.data.synthetic import SyntheticPreference
   from hps_jax.models.clip import CLIP, CLIPConfig
   from hps_jax.preference.scorer import AestheticScorer
+
   clip = save_hf(CLIP(CLIPConfig.tiny().replace(embed_dim=768), rngs=nnx.Rngs(2)), tmp_path / "clip")
   mlp = aesthetic_weights / "sac+logos+ava1-l14-linearMSE.pth"
-  res = _eval("--aesthetic", mlp, "--clip-checkpoint", clip, "--dataset", "synthetic", "--synthetic-size", "10",
-              "--output", tmp_path / "aes.json")
+  res = _eval(
+    "--aesthetic",
+    mlp,
+    "--clip-checkpoint",
+    clip,
+    "--dataset",
+    "synthetic",
+    "--synthetic-size",
+    "10",
+    "--output",
+    tmp_path / "aes.json",
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   report = json.loads((tmp_path / "aes.json").read_text())
   src = SyntheticPreference(10, seed=0, split="test")
   scorer = AestheticScorer.from_checkpoint(mlp, clip)
-  want = preference_report([scorer.score(list(src[i]["images"])) for i in range(10)],
-                           [src[i]["ranks"] for i in range(10)])
+  want = preference_report(
+    [scorer.score(list(src[i]["images"])) for i in range(10)], [src[i]["ranks"] for i in range(10)]
+  )
   assert report["scorer"].startswith("aesthetic") and report["preprocess"] == "clip"
   assert report["accuracy"] == want["accuracy"] and report["pairwise_accuracy"] == want["pairwise_accuracy"]

@@ -9,14 +9,23 @@ Measured clip-mode differences (transformers 5.x, 224 px, images of 10 sizes fro
     Asserted: <= 2 uint8 levels after de-normalization, max |diff| <= 0.031, mean |diff| <= 3e-4, < 2 % of
     values differing at all.
 """
+
 import dataclasses
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from hps_jax.data.preprocess import (CLIP_MEAN, CLIP_STD, PreprocessConfig, denormalize, normalize, preprocess,
-                                     preprocess_batch, resize_pad)
+from hps_jax.data.preprocess import (
+  CLIP_MEAN,
+  CLIP_STD,
+  PreprocessConfig,
+  denormalize,
+  normalize,
+  preprocess,
+  preprocess_batch,
+  resize_pad,
+)
 
 SIZE = 224
 
@@ -36,8 +45,24 @@ def _content_box(h, w, size=SIZE):
 
 # ------------------------------------------------------------------------------------------------------- pad
 
-SHAPES = [(1, 1), (2, 3), (10, 300), (300, 10), (224, 224), (224, 100), (100, 224), (223, 225), (225, 224),
-          (224, 225), (500, 500), (1000, 37), (37, 1000), (57, 91), (1080, 1920), (600, 601)]
+SHAPES = [
+  (1, 1),
+  (2, 3),
+  (10, 300),
+  (300, 10),
+  (224, 224),
+  (224, 100),
+  (100, 224),
+  (223, 225),
+  (225, 224),
+  (224, 225),
+  (500, 500),
+  (1000, 37),
+  (37, 1000),
+  (57, 91),
+  (1080, 1920),
+  (600, 601),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -54,10 +79,10 @@ def test_pad_fitting_content_unscaled_and_padding_exact(shape, fill):
   out = preprocess(img, mode="pad", fill=fill)
   top, left = _content_box(h, w)
   pixels = denormalize(out)
-  np.testing.assert_array_equal(pixels[top:top + h, left:left + w], img)  # content copied unchanged
-  np.testing.assert_array_equal(out[top:top + h, left:left + w], normalize(img))
+  np.testing.assert_array_equal(pixels[top : top + h, left : left + w], img)  # content copied unchanged
+  np.testing.assert_array_equal(out[top : top + h, left : left + w], normalize(img))
   mask = np.ones((SIZE, SIZE), bool)
-  mask[top:top + h, left:left + w] = False
+  mask[top : top + h, left : left + w] = False
   pad_value = PreprocessConfig(fill=fill).pad_value()
   fill3 = np.broadcast_to(np.asarray(fill, np.float32), (3,))
   np.testing.assert_allclose(pad_value, (fill3 / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD), atol=1e-6)
@@ -80,10 +105,19 @@ def test_pad_placement_odd_margins():
   assert rows.tolist() == [111, 112]
 
 
-@pytest.mark.parametrize("shape,content", [((500, 500), (224, 224)), ((1000, 37), (224, 8)),
-                                           ((37, 1000), (8, 224)), ((1080, 1920), (126, 224)),
-                                           ((601, 600), (224, 224)), ((225, 224), (224, 223)),
-                                           ((5000, 3), (224, 1)), ((300, 200), (224, 149))])
+@pytest.mark.parametrize(
+  "shape,content",
+  [
+    ((500, 500), (224, 224)),
+    ((1000, 37), (224, 8)),
+    ((37, 1000), (8, 224)),
+    ((1080, 1920), (126, 224)),
+    ((601, 600), (224, 224)),
+    ((225, 224), (224, 223)),
+    ((5000, 3), (224, 1)),
+    ((300, 200), (224, 149)),
+  ],
+)
 def test_pad_resizes_longest_edge_to_size(shape, content):
   h, w = shape
   img = np.full((h, w, 3), 200, np.uint8)  # constant: bicubic keeps it exactly 200, so the box is exact
@@ -94,7 +128,7 @@ def test_pad_resizes_longest_edge_to_size(shape, content):
   assert max(box) == SIZE
   top, left = _content_box(*content)
   assert (ys.min(), xs.min()) == (top, left)
-  assert (g[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == 200).all()
+  assert (g[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] == 200).all()
 
 
 def test_pad_resized_content_matches_pil_bicubic():
@@ -103,8 +137,8 @@ def test_pad_resized_content_matches_pil_bicubic():
   nw = round(400 * SIZE / 600)  # 149
   want = np.asarray(Image.fromarray(img).resize((nw, SIZE), Image.Resampling.BICUBIC))
   left = (SIZE - nw) // 2
-  np.testing.assert_array_equal(g[:, left:left + nw], want)
-  assert (g[:, :left] == 0).all() and (g[:, left + nw:] == 0).all()
+  np.testing.assert_array_equal(g[:, left : left + nw], want)
+  assert (g[:, :left] == 0).all() and (g[:, left + nw :] == 0).all()
 
 
 def test_pad_upscale_option():
@@ -122,11 +156,12 @@ def test_pad_other_sizes_and_custom_normalization():
   out = preprocess(img, mode="pad", size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
   assert out.shape == (64, 64, 3)
   top, left = _content_box(30, 40, 64)
-  np.testing.assert_allclose(out[top:top + 30, left:left + 40], img / 127.5 - 1.0, atol=1e-6)
+  np.testing.assert_allclose(out[top : top + 30, left : left + 40], img / 127.5 - 1.0, atol=1e-6)
   assert (out[:top] == -1.0).all()
 
 
 # ------------------------------------------------------------------------------------------------------ clip
+
 
 def test_clip_geometry_small_cases():
   # a square image of exactly size: nothing but normalization
@@ -134,20 +169,40 @@ def test_clip_geometry_small_cases():
   np.testing.assert_array_equal(preprocess(img, mode="clip"), normalize(img))
   # short side already == size: no resize, pure centre crop at int((W - size) / 2)
   img = _natural(SIZE, 301)
-  np.testing.assert_array_equal(preprocess(img, mode="clip"), normalize(img[:, 38:38 + SIZE]))
+  np.testing.assert_array_equal(preprocess(img, mode="clip"), normalize(img[:, 38 : 38 + SIZE]))
   # upscaled tiny image still yields size x size
   assert preprocess(np.zeros((1, 1, 3), np.uint8), mode="clip").shape == (SIZE, SIZE, 3)
 
 
-CLIP_SHAPES = [(224, 224), (300, 400), (512, 512), (640, 360), (123, 457), (1000, 97), (97, 1000), (50, 60),
-               (225, 224), (768, 1024), (333, 250)]
+CLIP_SHAPES = [
+  (224, 224),
+  (300, 400),
+  (512, 512),
+  (640, 360),
+  (123, 457),
+  (1000, 97),
+  (97, 1000),
+  (50, 60),
+  (225, 224),
+  (768, 1024),
+  (333, 250),
+]
 
 
 def _hf_processor(cls):
   # default ViT-L/14 settings, constructed offline
-  return cls(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_resize=True,
-             do_center_crop=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,
-             image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3)
+  return cls(
+    size={"shortest_edge": 224},
+    crop_size={"height": 224, "width": 224},
+    do_resize=True,
+    do_center_crop=True,
+    do_rescale=True,
+    do_normalize=True,
+    do_convert_rgb=True,
+    image_mean=list(CLIP_MEAN),
+    image_std=list(CLIP_STD),
+    resample=3,
+  )
 
 
 def _hf(proc, img):
@@ -173,8 +228,10 @@ def test_clip_matches_transformers_default_processor():
     fracs.append(float((levels > 0).mean()))
   assert max(means) <= 3e-4, means
   assert max(fracs) < 0.02, fracs
-  print(f"clip vs CLIPImageProcessor: max|diff| {worst_max:.4f}, mean|diff| {np.mean(means):.2e}, "
-        f"values differing {100 * np.mean(fracs):.2f}%")
+  print(
+    f"clip vs CLIPImageProcessor: max|diff| {worst_max:.4f}, mean|diff| {np.mean(means):.2e}, "
+    f"values differing {100 * np.mean(fracs):.2f}%"
+  )
 
 
 def test_clip_matches_transformers_pil_processor_exactly():
@@ -193,6 +250,7 @@ def test_clip_matches_transformers_pil_processor_exactly():
 
 # ---------------------------------------------------------------------------------------------- config / API
 
+
 def test_config_frozen_hashable_and_equivalent():
   cfg = PreprocessConfig(mode="clip", size=64, mean=[0.1, 0.2, 0.3], std=np.array([0.5, 0.6, 0.7]), fill=(3, 3, 3))
   assert cfg.mean == (0.1, 0.2, 0.3) and isinstance(cfg.std, tuple) and cfg.fill == 3
@@ -204,8 +262,19 @@ def test_config_frozen_hashable_and_equivalent():
   assert PreprocessConfig() == PreprocessConfig("pad", 224, CLIP_MEAN, CLIP_STD, 0)
 
 
-@pytest.mark.parametrize("kwargs", [dict(mode="crop"), dict(size=0), dict(size=2.5), dict(std=(1, 0, 1)),
-                                    dict(mean=(0.5, 0.5)), dict(fill=256), dict(fill=(1, 2)), dict(fill=0.5)])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(mode="crop"),
+    dict(size=0),
+    dict(size=2.5),
+    dict(std=(1, 0, 1)),
+    dict(mean=(0.5, 0.5)),
+    dict(fill=256),
+    dict(fill=(1, 2)),
+    dict(fill=0.5),
+  ],
+)
 def test_config_validation(kwargs):
   with pytest.raises(ValueError):
     PreprocessConfig(**kwargs)

@@ -1,6 +1,7 @@
 """`hps-jax sample` with a LoRA: the adapted images differ from the base's, scale 0 is exactly the base model, the
 A/B mode renders both from the same seeds (and equals the two separate runs), best-of-N keeps the candidate with the
 highest HPS (as re-scored from the saved PNG)."""
+
 import json
 
 import jax
@@ -22,6 +23,7 @@ def setup(tmp_path_factory):
   from hps_jax.diffusion.tiny import write_tiny_sd
   from hps_jax.models.clip import CLIP, CLIPConfig
   from hps_jax.models.unet import load_unet
+
   d = tmp_path_factory.mktemp("sample_lora")
   model = write_tiny_sd(d / "sd", seed=1)
   unet = load_unet(model)
@@ -56,23 +58,40 @@ def test_lora_ab_and_scale(setup, tmp_path):
   ab_rows, ab_base = _images(tmp_path / "ab" / "base")
   _, ab_adapted = _images(tmp_path / "ab" / "adapted")
   assert [r["seed"] for r in base_rows] == [0, 1, 2, 3] == [r["seed"] for r in ab_rows]
-  np.testing.assert_array_equal(scale0, base)                       # scale 0 = the base model exactly
-  np.testing.assert_array_equal(ab_base, base)                      # A/B = the two separate runs
+  np.testing.assert_array_equal(scale0, base)  # scale 0 = the base model exactly
+  np.testing.assert_array_equal(ab_base, base)  # A/B = the two separate runs
   np.testing.assert_array_equal(ab_adapted, adapted)
   assert np.abs(adapted.astype(int) - base.astype(int)).mean() > 1  # the adapter changes the images
   grid = np.asarray(Image.open(tmp_path / "ab" / "ab_grid.png"))
   assert grid.shape == (4 * 32, 2 * 32, 3)
-  np.testing.assert_array_equal(grid[32:64, :32], base[1])          # row = image, left = base, right = adapted
+  np.testing.assert_array_equal(grid[32:64, :32], base[1])  # row = image, left = base, right = adapted
   np.testing.assert_array_equal(grid[32:64, 32:], adapted[1])
-  assert ab_rows[0]["negative_prompt"] == "" and _images(tmp_path / "ab" / "adapted")[0][0]["negative_prompt"] == \
-      "Weird image."
+  assert (
+    ab_rows[0]["negative_prompt"] == ""
+    and _images(tmp_path / "ab" / "adapted")[0][0]["negative_prompt"] == "Weird image."
+  )
 
 
 def test_best_of_keeps_the_highest_hps(setup, tmp_path):
   from hps_jax.preference.scorer import Scorer
+
   d, model, _ = setup
-  _run("sample", "--model", model, "--prompt", "a green triangle", "--num-images", "2", "--best-of", "3",
-       "--scorer", d / "hps", *STEPS, "--outdir", tmp_path / "best")
+  _run(
+    "sample",
+    "--model",
+    model,
+    "--prompt",
+    "a green triangle",
+    "--num-images",
+    "2",
+    "--best-of",
+    "3",
+    "--scorer",
+    d / "hps",
+    *STEPS,
+    "--outdir",
+    tmp_path / "best",
+  )
   rows, images = _images(tmp_path / "best")
   scorer = Scorer.from_checkpoint(d / "hps")
   for row, img in zip(rows, images):
@@ -87,5 +106,19 @@ def test_usage_errors(setup, tmp_path, capsys):
   assert main(["sample", "--model", str(model), "--prompt", "x", "--ab", "--outdir", str(tmp_path)]) == 2
   assert "--ab compares the base model with its LoRA" in capsys.readouterr().err
   assert main(["sample", "--model", str(model), "--prompt", "x", "--best-of", "2", "--outdir", str(tmp_path)]) == 2
-  assert main(["sample", "--model", str(model), "--prompt", "x", "--lora", str(tmp_path / "nope.safetensors"),
-               "--outdir", str(tmp_path)]) == 2
+  assert (
+    main(
+      [
+        "sample",
+        "--model",
+        str(model),
+        "--prompt",
+        "x",
+        "--lora",
+        str(tmp_path / "nope.safetensors"),
+        "--outdir",
+        str(tmp_path),
+      ]
+    )
+    == 2
+  )

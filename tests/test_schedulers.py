@@ -12,6 +12,7 @@ is PyTorch's CPU sqrt, which is not correctly rounded: with it substituted for t
 are bit-identical (tolerance 0). Under `jit`, XLA contracts multiply-adds into FMAs (in the fake model too), so the
 scanned loops differ from the eager ones by a few ulps as well.
 """
+
 import functools
 import json
 
@@ -27,9 +28,17 @@ diffusers = pytest.importorskip("diffusers")
 
 # stable-diffusion-v1-4/scheduler/scheduler_config.json
 SD_SCHEDULER_JSON = {
-  "_class_name": "PNDMScheduler", "_diffusers_version": "0.7.0.dev0", "beta_end": 0.012,
-  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
-  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+  "_class_name": "PNDMScheduler",
+  "_diffusers_version": "0.7.0.dev0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "num_train_timesteps": 1000,
+  "set_alpha_to_one": False,
+  "skip_prk_steps": True,
+  "steps_offset": 1,
+  "trained_betas": None,
+  "clip_sample": False,
 }
 SHAPE = (2, 4, 8, 8)
 TOL = 1e-6
@@ -103,6 +112,7 @@ def run_eager(kind, n, model, config, noises=None, eta=0.0):
 @functools.partial(jax.jit, static_argnames=("kind", "n", "config", "model"))
 def run_scan(x_T, ts, noises, eta, *, kind, n, config, model):
   """The same loop as one `lax.scan` under `jit`, timestep and step counter traced."""
+
   def body(carry, inputs):
     x, state = carry
     t, i, z = inputs
@@ -112,6 +122,7 @@ def run_scan(x_T, ts, noises, eta, *, kind, n, config, model):
     else:
       x = S.ddim_step(config, mo, t, x, n, eta=eta, variance_noise=z)
     return (x, state), x
+
   _, xs = jax.lax.scan(body, (x_T, S.pndm_init_state(x_T.shape, x_T.dtype)), (ts, jnp.arange(ts.shape[0]), noises))
   return xs
 
@@ -137,6 +148,7 @@ def check_loop(parity, name, ours, ref):
 # Config and noise table
 # --------------------------------------------------------------------------------------------------------------------
 
+
 def test_config_from_sd_json(tmp_path):
   (tmp_path / "scheduler").mkdir()
   (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER_JSON))
@@ -150,18 +162,25 @@ def test_config_from_sd_json(tmp_path):
     S.SchedulerConfig(prediction_type="x0")
 
 
-@pytest.mark.parametrize("overrides", [
-  {}, {"beta_schedule": "linear"}, {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
-                                    "num_train_timesteps": 999},
-  {"beta_schedule": "squaredcos_cap_v2"}, {"set_alpha_to_one": True},
-], ids=["sd", "linear", "linear-999", "cosine", "alpha-one"])
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    {},
+    {"beta_schedule": "linear"},
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 999},
+    {"beta_schedule": "squaredcos_cap_v2"},
+    {"set_alpha_to_one": True},
+  ],
+  ids=["sd", "linear", "linear-999", "cosine", "alpha-one"],
+)
 def test_noise_table_bit_identical(parity, overrides):
   config = S.SchedulerConfig.from_dict({**SD_SCHEDULER_JSON, **overrides})
   ref = reference("pndm", **overrides)
   tag = "-".join(f"{k}={v}" for k, v in overrides.items()) or "sd"
   parity(f"schedulers/betas {tag} (bit-exact)", max_abs(S.betas(config), ref.betas.numpy()), 0.0)
-  parity(f"schedulers/alphas_cumprod {tag} (bit-exact)",
-         max_abs(S.alphas_cumprod(config), ref.alphas_cumprod.numpy()), 0.0)
+  parity(
+    f"schedulers/alphas_cumprod {tag} (bit-exact)", max_abs(S.alphas_cumprod(config), ref.alphas_cumprod.numpy()), 0.0
+  )
   assert S.final_alpha_cumprod(config) == ref.final_alpha_cumprod.item()
   assert S.alphas_cumprod(config).dtype == np.float32
 
@@ -182,6 +201,7 @@ def test_timesteps_identical(n, spacing):
 # Sampling loops
 # --------------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["pndm", "ddim"])
 @pytest.mark.parametrize("n", [50, 25])
 def test_loop_matches_diffusers(parity, kind, n):
@@ -193,8 +213,16 @@ def test_loop_matches_diffusers(parity, kind, n):
   assert np.abs(ref).max() < 4  # the fake model keeps the sample O(1)
   check_loop(parity, f"schedulers/{kind} {n} steps, every step vs diffusers", ours, ref)
 
-  xs = run_scan(jnp.asarray(model.x_T), jnp.asarray(ts, jnp.int32), jnp.zeros((len(ts),) + SHAPE), 0.0,
-                kind=kind, n=n, config=config, model=model)
+  xs = run_scan(
+    jnp.asarray(model.x_T),
+    jnp.asarray(ts, jnp.int32),
+    jnp.zeros((len(ts),) + SHAPE),
+    0.0,
+    kind=kind,
+    n=n,
+    config=config,
+    model=model,
+  )
   check_loop(parity, f"schedulers/{kind} {n} steps, jit(scan) vs eager loop", xs, ours)
   check_loop(parity, f"schedulers/{kind} {n} steps, jit(scan) vs diffusers", xs, ref)
 
@@ -202,8 +230,10 @@ def test_loop_matches_diffusers(parity, kind, n):
 @pytest.fixture
 def torch_sqrt(monkeypatch):
   """Host tables computed with PyTorch's (CPU, not correctly rounded) sqrt instead of IEEE's."""
+
   def sqrt(a):
     return torch.sqrt(torch.from_numpy(np.array(a, np.float32))).numpy()
+
   S._clear_table_caches()
   monkeypatch.setattr(S, "_host_sqrt", sqrt)
   yield
@@ -238,8 +268,16 @@ def test_ddim_eta(parity, eta):
   ts, ours = run_eager("ddim", n, model, config, noises=noises, eta=eta)
   check_loop(parity, f"schedulers/ddim eta={eta} {n} steps vs diffusers (same noise)", ours, ref)
   # a traced eta takes the run-time path for the eta-dependent scalars
-  xs = run_scan(jnp.asarray(model.x_T), jnp.asarray(ts, jnp.int32), jnp.asarray(noises), jnp.float32(eta),
-                kind="ddim", n=n, config=config, model=model)
+  xs = run_scan(
+    jnp.asarray(model.x_T),
+    jnp.asarray(ts, jnp.int32),
+    jnp.asarray(noises),
+    jnp.float32(eta),
+    kind="ddim",
+    n=n,
+    config=config,
+    model=model,
+  )
   check_loop(parity, f"schedulers/ddim eta={eta} {n} steps, jit(scan) traced eta vs diffusers", xs, ref)
 
 
@@ -260,6 +298,7 @@ def test_ddim_eta_key():
 # Training: forward process
 # --------------------------------------------------------------------------------------------------------------------
 
+
 def test_add_noise_and_velocity(parity):
   config = S.SchedulerConfig()
   ref = reference("ddpm")
@@ -279,4 +318,3 @@ def test_add_noise_and_velocity(parity):
   # one timestep for the whole batch broadcasts like diffusers' flatten/unsqueeze
   want1 = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.tensor(500)).numpy()
   assert max_abs(S.add_noise(config, x0, noise, 500), want1) <= TOL
-

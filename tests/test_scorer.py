@@ -1,5 +1,6 @@
 """The Scorer API end to end: checkpoint -> preprocessing -> tokenizer -> sharded, bucketed jit -> HPS, against
 the PyTorch reference model fed the same inputs."""
+
 import io
 import json
 import os
@@ -20,8 +21,14 @@ from tests.refs import features, hf_clip
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-PROMPTS = ["a red circle", "an astronaut riding a horse", "Weird image. a bowl of fruit", "",
-           "a very long prompt " * 20, "café au lait &amp; croissant"]
+PROMPTS = [
+  "a red circle",
+  "an astronaut riding a horse",
+  "Weird image. a bowl of fruit",
+  "",
+  "a very long prompt " * 20,
+  "café au lait &amp; croissant",
+]
 
 
 def _images(n, seed=0):
@@ -131,7 +138,7 @@ def test_sharded_over_eight_devices_equals_one(hf_checkpoint, tmp_path):
   code = textwrap.dedent(f"""
       import json, numpy as np, jax
       from hps_jax.preference.scorer import Scorer
-      imgs = list(np.load({str(tmp_path / 'imgs.npy')!r}, allow_pickle=True))
+      imgs = list(np.load({str(tmp_path / "imgs.npy")!r}, allow_pickle=True))
       s = Scorer.from_checkpoint({str(d)!r}, batch_size=16)
       out = s.score(imgs, "a red circle")
       print(json.dumps({{"devices": jax.device_count(), "buckets": list(s._cos.buckets), "hps": out.tolist()}}))
@@ -147,6 +154,7 @@ def test_sharded_over_eight_devices_equals_one(hf_checkpoint, tmp_path):
 def test_aesthetic_scorer_end_to_end(aesthetic_weights, tmp_path, parity):
   """CLIP image embedding (normalized) -> MLP head, against transformers CLIP + the torch head on the same pixels."""
   from tests.test_aesthetic import reference_mlp
+
   cfg = CLIPConfig.tiny().replace(embed_dim=768)
   ref = hf_clip(cfg, seed=9)
   ref.save_pretrained(tmp_path / "clip")
@@ -167,7 +175,9 @@ def test_aesthetic_scorer_end_to_end(aesthetic_weights, tmp_path, parity):
   rows = list(scorer.iter_scores(images[:2] + [b"not an image"]))
   assert "error" in rows[2] and abs(rows[0]["aesthetic"] - want[0]) <= 1e-4
   from flax import nnx
+
   from hps_jax.convert.aesthetic import load_aesthetic
   from hps_jax.models.clip import CLIP
+
   with pytest.raises(ValueError, match="768-d"):  # the published heads need a 768-d (ViT-L/14) embedding
     AestheticScorer(CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(0)), load_aesthetic(mlp_path))

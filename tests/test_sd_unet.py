@@ -5,6 +5,7 @@ UNetMidBlock2DCrossAttn, UpBlock2D, CrossAttnUpBlock2D) and per-block head count
 attention_head_dim naming quirk and the reversed head order of the up path). Every torch parameter is randomized
 (norm scales around 1), the model is saved with `save_pretrained` and read back with `load_unet`.
 """
+
 import json
 
 import numpy as np
@@ -17,14 +18,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from hps_jax.models.unet import UNet2DConditionModel, UNetConfig, load_unet, timestep_embedding  # noqa: E402
+from hps_jax.models.unet import UNetConfig, load_unet, timestep_embedding  # noqa: E402
 
 TINY = dict(
-    sample_size=16, in_channels=4, out_channels=4,
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[2, 4], cross_attention_dim=32,
-    norm_num_groups=8,
+  sample_size=16,
+  in_channels=4,
+  out_channels=4,
+  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+  block_out_channels=[32, 64],
+  layers_per_block=1,
+  attention_head_dim=[2, 4],
+  cross_attention_dim=32,
+  norm_num_groups=8,
 )
 CTX_LEN = 7
 
@@ -70,8 +76,7 @@ def test_config_from_diffusers(saved_unet):
   cfg = UNetConfig.from_diffusers(json.loads((saved_unet[1] / "unet" / "config.json").read_text()))
   assert cfg.block_out_channels == (32, 64) and cfg.num_heads(0) == 2 and cfg.num_heads(1) == 4
   assert cfg.flip_sin_to_cos and cfg.freq_shift == 0 and not cfg.use_linear_projection
-  assert UNetConfig.from_diffusers(diffusers.UNet2DConditionModel.load_config(
-      saved_unet[1] / "unet")) == cfg
+  assert UNetConfig.from_diffusers(diffusers.UNet2DConditionModel.load_config(saved_unet[1] / "unet")) == cfg
   with pytest.raises(ValueError, match="upcast_attention"):
     UNetConfig.from_diffusers({**TINY, "upcast_attention": True})
   with pytest.raises(ValueError, match="unknown"):
@@ -83,6 +88,7 @@ def test_config_from_diffusers(saved_unet):
 
 def test_timestep_embedding(parity):
   from diffusers.models.embeddings import get_timestep_embedding
+
   t = np.array([0, 1, 250, 999], np.int64)
   for flip, shift in ((True, 0), (False, 1)):
     ref = get_timestep_embedding(torch.from_numpy(t), 32, flip_sin_to_cos=flip, downscale_freq_shift=shift).numpy()
@@ -118,6 +124,7 @@ def test_unet_parity_odd_size_scalar_timestep(saved_unet, ours, parity):
 def test_state_dict_round_trip(saved_unet, ours, tmp_path):
   from hps_jax.convert.diffusers import params_to_diffusers
   from hps_jax.models.unet import save_unet
+
   ref, _ = saved_unet
   want = {k: v.numpy() for k, v in ref.state_dict().items()}
   got = params_to_diffusers(ours)
@@ -135,6 +142,7 @@ def test_remat(saved_unet, ours, parity):
   """remat=True: the same forward values, and a backward pass that traces through one checkpoint per block
   (compiling the gradient of even this tiny UNet takes ~20 s on the CPU, so the backward is traced, not run)."""
   from flax import nnx
+
   remat = load_unet(saved_unet[1], remat=True)
   assert remat.config.remat
   rng = np.random.default_rng(3)
@@ -172,6 +180,11 @@ def test_bf16_dtypes(saved_unet):
   only, since compiling another UNet costs ~6 s on the CPU."""
   bf = load_unet(saved_unet[1], dtype=jnp.bfloat16)
   assert {v.dtype for v in jax.tree.leaves(nnx.state(bf, nnx.Param))} == {jnp.dtype(jnp.float32)}
-  out = nnx.eval_shape(lambda m, x, t, c: m(x, t, c), bf, jnp.zeros((2, 16, 16, 4)), jnp.zeros((2,), jnp.int32),
-                       jnp.zeros((2, CTX_LEN, 32)))
+  out = nnx.eval_shape(
+    lambda m, x, t, c: m(x, t, c),
+    bf,
+    jnp.zeros((2, 16, 16, 4)),
+    jnp.zeros((2,), jnp.int32),
+    jnp.zeros((2, CTX_LEN, 32)),
+  )
   assert out.shape == (2, 16, 16, 4) and out.dtype == jnp.bfloat16

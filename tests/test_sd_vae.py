@@ -1,6 +1,7 @@
 """Stable Diffusion's VAE: a diffusers `AutoencoderKL` folder (random weights, every block type SD 1.x uses) loaded
 through `hps_jax.convert.diffusers.load_vae` matches diffusers on encode (posterior mean / logvar) and decode;
 the state dict round-trips exactly; legacy attention names, `.bin` weights and malformed folders are handled."""
+
 import json
 import shutil
 
@@ -15,12 +16,21 @@ from hps_jax.models.vae import AutoencoderKL, VAEConfig
 
 torch = pytest.importorskip("torch")
 from tests.refs import randomize_fan_in_ as randomize_  # noqa: E402
+
 diffusers = pytest.importorskip("diffusers")
 
 # Three levels (two down/upsamplers), shortcut convs (32 -> 64) and identity shortcuts, the mid-block attention.
-TINY = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-            up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64], layers_per_block=1,
-            latent_channels=4, norm_num_groups=8, sample_size=32)
+TINY = dict(
+  in_channels=3,
+  out_channels=3,
+  down_block_types=["DownEncoderBlock2D"] * 3,
+  up_block_types=["UpDecoderBlock2D"] * 3,
+  block_out_channels=[32, 64, 64],
+  layers_per_block=1,
+  latent_channels=4,
+  norm_num_groups=8,
+  sample_size=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +62,9 @@ def test_encode_decode_match_diffusers(ref_dir, vae, parity):
     want_dec = ref.decode(z).sample
   mean, logvar = vae.encode(jnp.asarray(_nhwc(x)))  # eager: compiling the whole model costs more than it saves
   assert mean.shape == (2, 8, 8, 4)
-  parity("VAE encode posterior mean (vs diffusers AutoencoderKL)", np.abs(np.asarray(mean) - _nhwc(dist.mean)).max(),
-         1e-4)
+  parity(
+    "VAE encode posterior mean (vs diffusers AutoencoderKL)", np.abs(np.asarray(mean) - _nhwc(dist.mean)).max(), 1e-4
+  )
   parity("VAE encode posterior logvar", np.abs(np.asarray(logvar) - _nhwc(dist.logvar)).max(), 1e-4)
   dec = vae.decode(jnp.asarray(_nhwc(z)))
   assert dec.shape == (2, 32, 32, 3)
@@ -150,12 +161,14 @@ def test_converter_errors(ref_dir, tmp_path):
 
 
 def test_config_round_trip():
-  cfg = VAEConfig.from_diffusers({**TINY, "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1",
-                                  "force_upcast": True})
+  cfg = VAEConfig.from_diffusers(
+    {**TINY, "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "force_upcast": True}
+  )
   assert VAEConfig.from_diffusers(cfg.to_diffusers()) == cfg
   with pytest.raises(ValueError, match="unknown VAEConfig fields"):
     VAEConfig.from_diffusers({**TINY, "bogus": 1})
   from flax import nnx
+
   m = nnx.eval_shape(lambda: AutoencoderKL(VAEConfig()))  # SD 1.x defaults: 83.65M parameters
   n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
   assert n == 83_653_863

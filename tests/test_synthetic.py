@@ -1,5 +1,6 @@
 """The synthetic preference set: determinism, split separation, schema, and that the preference is really a
 function of prompt + pixels (a hand-written, non-learned oracle recovers every rank), plus the JSONL export."""
+
 import io
 import json
 
@@ -53,7 +54,7 @@ def _shape(img: np.ndarray) -> str:
   """By how much of its bounding box the shape fills: square ~1, circle ~pi/4, triangle ~1/2."""
   fg = _segment(img)
   rows, cols = np.flatnonzero(fg.sum(1) >= 2), np.flatnonzero(fg.sum(0) >= 2)  # isolated noise pixels drop out
-  box = fg[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+  box = fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
   fill = box.mean()
   return "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
 
@@ -92,6 +93,7 @@ def test_records_are_deterministic_and_order_free():
 def test_seeds_and_splits_differ():
   def key(rec):
     return (rec["prompt"], tuple(rec["images"]))
+
   train = {key(r) for r in SyntheticPreference(30, seed=0, split="train")}
   test = {key(r) for r in SyntheticPreference(30, seed=0, split="test")}
   other_seed = {key(r) for r in SyntheticPreference(30, seed=1, split="train")}
@@ -154,8 +156,12 @@ def test_a_hand_written_oracle_solves_it_and_chance_does_not():
   assert full["accuracy"] == 1.0 and full["pairwise_accuracy"] == 1.0
   # Colour alone (minus the distance of each image's mean colour to the named one) already does far better than
   # chance; it fails only where a wrong-shape distractor happens to have the named colour.
-  colour = [np.asarray([-np.linalg.norm(_mean_color(_decode(x)) - COLORS[_prompt_attributes(r["prompt"])[0]])
-                        for x in r["images"]]) for r in recs]
+  colour = [
+    np.asarray(
+      [-np.linalg.norm(_mean_color(_decode(x)) - COLORS[_prompt_attributes(r["prompt"])[0]]) for x in r["images"]]
+    )
+    for r in recs
+  ]
   rep_c = preference_report(colour, ranks)
   assert rep_c["accuracy"] >= 0.8
   # Random scores land near the random-guess expectation (mean of 1/n, about 0.36 here).
@@ -201,6 +207,7 @@ def test_records_feed_the_pipeline_transform():
 
 def test_generation_is_fast():
   import time
+
   src = SyntheticPreference(60, seed=9)
   t = time.perf_counter()
   n = sum(len(src[i]["images"]) for i in range(len(src)))

@@ -1,5 +1,6 @@
 """Stable Diffusion's text encoder (`text_encoder/`, a transformers CLIPTextModel) loaded into our CLIP text tower:
 hidden states equal transformers', ids from the pipeline's `tokenizer/` dir equal transformers'."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,13 +36,18 @@ def test_hidden_states_match_clip_text_model(tmp_path, parity):
   assert got.shape == want.shape == (len(PROMPTS), 77, cfg.text_width)
   parity("CLIPTextModel (SD text_encoder/) last_hidden_state", np.abs(got - want).max(), 1e-4)
   # state dict round trip is exact
-  sd = {(k if k.startswith("text_model.") else f"text_model.{k}"): v.numpy() for k, v in ref.state_dict().items()
-        if not k.endswith("position_ids")}
+  sd = {
+    (k if k.startswith("text_model.") else f"text_model.{k}"): v.numpy()
+    for k, v in ref.state_dict().items()
+    if not k.endswith("position_ids")
+  }
   back = cc.text_encoder_state_dict(enc)
   assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
   # the released SD layout (keys prefixed `text_model.`, as older transformers wrote them) loads the same
   import shutil
+
   from hps_jax.convert.io import save_safetensors
+
   (tmp_path / "released").mkdir()
   shutil.copy(tmp_path / "text_encoder" / "config.json", tmp_path / "released" / "config.json")
   save_safetensors(back, tmp_path / "released" / "model.safetensors")
@@ -52,8 +58,9 @@ def test_hidden_states_match_clip_text_model(tmp_path, parity):
 def test_pipeline_tokenizer_dir_matches_transformers(tmp_path):
   """SD's `tokenizer/` holds an HF CLIPTokenizer; the pipeline pads to 77 with the end token."""
   ours = CLIPTokenizer.default()
-  vocab = {{"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}.get(k, k): v
-           for k, v in ours.vocab.items()}
+  vocab = {
+    {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}.get(k, k): v for k, v in ours.vocab.items()
+  }
   merges = [m for m, _ in sorted(ours.ranks.items(), key=lambda kv: kv[1])]
   hf = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
   hf.save_pretrained(tmp_path / "tokenizer")

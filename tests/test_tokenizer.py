@@ -1,4 +1,5 @@
 """Tokenizer parity: our CLIP BPE ids equal open_clip's and transformers' on a varied prompt corpus."""
+
 import itertools
 import json
 
@@ -9,33 +10,124 @@ from hps_jax.data.tokenizer import BPE_FILENAME, CLIPTokenizer, default_bpe_path
 
 
 def _corpus() -> list[str]:
-  subjects = ["a cat", "an astronaut riding a horse", "the Eiffel Tower", "two dogs playing chess", "a bowl of ramen",
-              "a cyberpunk city", "an old man's portrait", "a red sports car", "a castle on a hill", "a robot",
-              "a bustling Tokyo street at night", "the Mona Lisa wearing sunglasses", "a tiny dragon in a teacup",
-              "an isometric village", "a watercolor fox", "a steampunk airship over London"]
-  styles = ["", ", oil painting", ", trending on artstation, 8k", " in the style of Van Gogh",
-            ", highly detailed, sharp focus, (masterpiece:1.2)", " -- photorealistic, 35mm f/1.8",
-            ", Studio Ghibli!!!", " | unreal engine | octane render"]
+  subjects = [
+    "a cat",
+    "an astronaut riding a horse",
+    "the Eiffel Tower",
+    "two dogs playing chess",
+    "a bowl of ramen",
+    "a cyberpunk city",
+    "an old man's portrait",
+    "a red sports car",
+    "a castle on a hill",
+    "a robot",
+    "a bustling Tokyo street at night",
+    "the Mona Lisa wearing sunglasses",
+    "a tiny dragon in a teacup",
+    "an isometric village",
+    "a watercolor fox",
+    "a steampunk airship over London",
+  ]
+  styles = [
+    "",
+    ", oil painting",
+    ", trending on artstation, 8k",
+    " in the style of Van Gogh",
+    ", highly detailed, sharp focus, (masterpiece:1.2)",
+    " -- photorealistic, 35mm f/1.8",
+    ", Studio Ghibli!!!",
+    " | unreal engine | octane render",
+  ]
   templates = ["{s}{t}", "A photo of {s}{t}", "{S}{t}", "   {s}\t{t}\n"]
   corpus = []
   for (s, t), tpl in zip(itertools.product(subjects, styles), itertools.cycle(templates)):
     corpus.append(tpl.format(s=s, S=s.upper(), t=t))
   long_words = " ".join(f"word{i}" for i in range(120))
   corpus += [
-      "", " ", "\n\t ", ".", "!!!???", "a", "A", "I", "it's", "IT'S", "they'll've", "we're here, aren't we?",
-      "don't stop", "rock'n'roll", "'quoted'", '"double quoted"', "1024x768", "3.14159", "2023-11-23", "#hashtag",
-      "@user", "https://example.com/a?b=c&d=e", "e-mail: foo@bar.baz", "C++ / C# / F#", "100% real", "$5 or €5 or ¥5",
-      "fish &amp; chips", "&lt;b&gt;bold&lt;/b&gt;", "Tom &quot;the cat&quot;", "it&#39;s", "&amp;amp; double",
-      "&nbsp;non-breaking", "café", "cafe\u0301 (combining accent)", "naïve façade", "Straße", "ÆØÅ æøå",
-      "İstanbul", "Ελληνικά γράμματα", "Русский текст", "中文提示词：一只猫", "日本語のプロンプト", "한국어 문장",
-      "العربية", "עברית", "हिन्दी", "ไทย", "emoji 😀🐱🚀", "flags 🇫🇷🇯🇵", "family 👨‍👩‍👧", "♥ ★ ☆ ✓",
-      "math ∑ ∫ √ ≠ ≤", "arrows → ← ↑", "cafÃ©", "mojibake â€™s", "tabs\tand\nnewlines\r\nhere",
-      "multiple     spaces", "\u00a0nbsp\u00a0inside\u00a0", "zero\u200bwidth", "soft\u00adhyphen", "ＦＵＬＬＷＩＤＴＨ",
-      "ligature ﬁne", "superscript x² y³", "½ ¼ ¾", "ALL CAPS PROMPT WITH NUMBERS 123 456", "MiXeD CaSe WoRdS",
-      "(((best quality))), [[worst]], {weird}", "a | b | c", "under_score_words", "kebab-case-words",
-      "...ellipsis...", "—em dash— –en dash–", "«guillemets» „quotes“", "semi;colon:colon", "back\\slash",
-      "<start_of_text>", "<|endoftext|> literal", long_words, "a " * 80, "supercalifragilisticexpialidocious " * 10,
-      "x" * 300, "1 2 3 4 5 6 7 8 9 0 " * 10, "!" * 200, "😀" * 40,
+    "",
+    " ",
+    "\n\t ",
+    ".",
+    "!!!???",
+    "a",
+    "A",
+    "I",
+    "it's",
+    "IT'S",
+    "they'll've",
+    "we're here, aren't we?",
+    "don't stop",
+    "rock'n'roll",
+    "'quoted'",
+    '"double quoted"',
+    "1024x768",
+    "3.14159",
+    "2023-11-23",
+    "#hashtag",
+    "@user",
+    "https://example.com/a?b=c&d=e",
+    "e-mail: foo@bar.baz",
+    "C++ / C# / F#",
+    "100% real",
+    "$5 or €5 or ¥5",
+    "fish &amp; chips",
+    "&lt;b&gt;bold&lt;/b&gt;",
+    "Tom &quot;the cat&quot;",
+    "it&#39;s",
+    "&amp;amp; double",
+    "&nbsp;non-breaking",
+    "café",
+    "cafe\u0301 (combining accent)",
+    "naïve façade",
+    "Straße",
+    "ÆØÅ æøå",
+    "İstanbul",
+    "Ελληνικά γράμματα",
+    "Русский текст",
+    "中文提示词：一只猫",
+    "日本語のプロンプト",
+    "한국어 문장",
+    "العربية",
+    "עברית",
+    "हिन्दी",
+    "ไทย",
+    "emoji 😀🐱🚀",
+    "flags 🇫🇷🇯🇵",
+    "family 👨‍👩‍👧",
+    "♥ ★ ☆ ✓",
+    "math ∑ ∫ √ ≠ ≤",
+    "arrows → ← ↑",
+    "cafÃ©",
+    "mojibake â€™s",
+    "tabs\tand\nnewlines\r\nhere",
+    "multiple     spaces",
+    "\u00a0nbsp\u00a0inside\u00a0",
+    "zero\u200bwidth",
+    "soft\u00adhyphen",
+    "ＦＵＬＬＷＩＤＴＨ",
+    "ligature ﬁne",
+    "superscript x² y³",
+    "½ ¼ ¾",
+    "ALL CAPS PROMPT WITH NUMBERS 123 456",
+    "MiXeD CaSe WoRdS",
+    "(((best quality))), [[worst]], {weird}",
+    "a | b | c",
+    "under_score_words",
+    "kebab-case-words",
+    "...ellipsis...",
+    "—em dash— –en dash–",
+    "«guillemets» „quotes“",
+    "semi;colon:colon",
+    "back\\slash",
+    "<start_of_text>",
+    "<|endoftext|> literal",
+    long_words,
+    "a " * 80,
+    "supercalifragilisticexpialidocious " * 10,
+    "x" * 300,
+    "1 2 3 4 5 6 7 8 9 0 " * 10,
+    "!" * 200,
+    "😀" * 40,
   ]
   return corpus
 
@@ -95,12 +187,16 @@ def test_transformers_parity_vocab_and_merges_files(hf_tokenizer_dir, tmp_path):
   """The older / hub layout: vocab.json + merges.txt (with its '#version' header) + special_tokens_map.json."""
   hf, _ = hf_tokenizer_dir
   ours = CLIPTokenizer.default()
-  (tmp_path / "vocab.json").write_text(json.dumps({_specials_hf(k): v for k, v in ours.vocab.items()}),
-                                       encoding="utf-8")
+  (tmp_path / "vocab.json").write_text(
+    json.dumps({_specials_hf(k): v for k, v in ours.vocab.items()}), encoding="utf-8"
+  )
   merges = [" ".join(m) for m, _ in sorted(ours.ranks.items(), key=lambda kv: kv[1])]
   (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-  (tmp_path / "special_tokens_map.json").write_text(json.dumps(
-      {"bos_token": {"content": "<|startoftext|>"}, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+  (tmp_path / "special_tokens_map.json").write_text(
+    json.dumps(
+      {"bos_token": {"content": "<|startoftext|>"}, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    )
+  )
   tok = CLIPTokenizer.from_path(tmp_path / "vocab.json")
   want = hf(CORPUS, padding="max_length", max_length=77, truncation=True, return_tensors="np")["input_ids"]
   np.testing.assert_array_equal(tok(CORPUS), want)

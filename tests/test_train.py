@@ -1,5 +1,6 @@
 """Preference training: learning on the synthetic set, sharded == unsharded, SIGKILL + resume == uninterrupted,
 trainable/frozen parameter accounting. Training runs in subprocesses (device counts are fixed per process)."""
+
 import json
 import os
 import signal
@@ -16,8 +17,18 @@ TINY = f"{ROOT}/configs/hps_classifier.py:tiny"
 
 
 def _cmd(workdir, *overrides):
-  return [sys.executable, "-m", "hps_jax.cli", "train-preference", "--config", TINY, "--workdir", str(workdir),
-          "--config.progress=False", *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "hps_jax.cli",
+    "train-preference",
+    "--config",
+    TINY,
+    "--workdir",
+    str(workdir),
+    "--config.progress=False",
+    *overrides,
+  ]
 
 
 def _env(devices: int = 1):
@@ -29,8 +40,9 @@ def _env(devices: int = 1):
 
 
 def _train(workdir, *overrides, devices=1, timeout=900):
-  res = subprocess.run(_cmd(workdir, *overrides), env=_env(devices), capture_output=True, text=True,
-                       timeout=timeout, cwd=ROOT)
+  res = subprocess.run(
+    _cmd(workdir, *overrides), env=_env(devices), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+  )
   assert res.returncode == 0, res.stderr[-4000:]
   return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
 
@@ -49,12 +61,14 @@ def test_tiny_preset_learns_the_synthetic_task(tmp_path):
   """Held-out n-way accuracy goes from about chance to >= 0.8 (the tiny preset, as `make demo` runs it)."""
   from hps_jax.cli import load_config
   from hps_jax.preference import train as tr
+
   config = load_config(TINY, [])
-  before = tr.evaluate_clip(tr.build_model(config.model, config.seed),
-                            tr.build_source(config, config.data.eval_split),
-                            tr.make_transform(config, tr.build_model(config.model, config.seed).config,
-                                              tr.build_tokenizer(config)),
-                            batch_size=config.eval_batch_size)
+  before = tr.evaluate_clip(
+    tr.build_model(config.model, config.seed),
+    tr.build_source(config, config.data.eval_split),
+    tr.make_transform(config, tr.build_model(config.model, config.seed).config, tr.build_tokenizer(config)),
+    batch_size=config.eval_batch_size,
+  )
   assert abs(before["accuracy"] - before["random_expectation"]) < 0.15, before
   summary, _ = _train(tmp_path / "wd")
   after = summary["eval"]
@@ -67,6 +81,7 @@ def test_tiny_preset_learns_the_synthetic_task(tmp_path):
   export = Path(summary["export"])
   assert (export / "config.json").exists() and (export / "model.safetensors").exists()
   from hps_jax.preference.scorer import Scorer
+
   scorer = Scorer.from_checkpoint(export)
   rec = tr.build_source(config, config.data.eval_split)[0]
   hps = scorer.score(list(rec["images"]), rec["prompt"])
@@ -75,8 +90,13 @@ def test_tiny_preset_learns_the_synthetic_task(tmp_path):
 
 @pytest.mark.parametrize("data, fsdp", [(4, 2), (2, 4)])
 def test_sharded_losses_equal_single_device(tmp_path, data, fsdp, single_device_losses):
-  common = ["--config.num_steps=20", "--config.log_every=1", "--config.checkpoint_every=0",
-            "--config.data.eval_split=", "--config.optim.warmup_steps=0"]
+  common = [
+    "--config.num_steps=20",
+    "--config.log_every=1",
+    "--config.checkpoint_every=0",
+    "--config.data.eval_split=",
+    "--config.optim.warmup_steps=0",
+  ]
   _train(tmp_path / "wd", *common, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", devices=8)
   rows = _metrics(tmp_path / "wd")
   got = np.array([rows[s]["loss"] for s in range(1, 21)])
@@ -86,8 +106,13 @@ def test_sharded_losses_equal_single_device(tmp_path, data, fsdp, single_device_
 @pytest.fixture(scope="module")
 def single_device_losses(tmp_path_factory):
   wd = tmp_path_factory.mktemp("single")
-  common = ["--config.num_steps=20", "--config.log_every=1", "--config.checkpoint_every=0",
-            "--config.data.eval_split=", "--config.optim.warmup_steps=0"]
+  common = [
+    "--config.num_steps=20",
+    "--config.log_every=1",
+    "--config.checkpoint_every=0",
+    "--config.data.eval_split=",
+    "--config.optim.warmup_steps=0",
+  ]
   _train(wd, *common)
   rows = _metrics(wd)
   losses = np.array([rows[s]["loss"] for s in range(1, 21)])
@@ -96,14 +121,19 @@ def single_device_losses(tmp_path_factory):
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
-  common = ["--config.num_steps=24", "--config.log_every=1", "--config.checkpoint_every=8",
-            "--config.data.eval_split="]
+  common = ["--config.num_steps=24", "--config.log_every=1", "--config.checkpoint_every=8", "--config.data.eval_split="]
   _train(tmp_path / "straight", *common)
   straight = _metrics(tmp_path / "straight")
 
   wd = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(wd, *common), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+  proc = subprocess.Popen(
+    _cmd(wd, *common),
+    env=_env(),
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   deadline = time.time() + 600
   try:
     while not (wd / "checkpoints" / "8").exists() or len(_lines(wd / "metrics.jsonl")) < 11:
@@ -122,7 +152,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
   resumed = _metrics(wd)
   assert sorted(resumed) == list(range(1, 25))
   for step in range(1, 25):
-    assert resumed[step]["loss"] == straight[step]["loss"], step           # bit-identical trajectory
+    assert resumed[step]["loss"] == straight[step]["loss"], step  # bit-identical trajectory
     assert resumed[step]["data_checksum"] == straight[step]["data_checksum"], step  # same data order
 
 
@@ -135,15 +165,30 @@ def test_paper_preset_parameter_counts():
   final LayerNorms and projections (see configs/hps_classifier.py). Counts derived by hand from the architecture."""
   from hps_jax.cli import load_config
   from hps_jax.preference.train import parameter_counts
+
   config = load_config(f"{ROOT}/configs/hps_classifier.py:paper", [])
   counts = parameter_counts(config)
 
   def block(w, mlp):  # q, k, v, out (w*w + w each), 2 LayerNorms (2w each), fc1, fc2
     return 4 * (w * w + w) + 2 * 2 * w + (w * mlp + mlp) + (mlp * w + w)
+
   vision_block, text_block = block(1024, 4096), block(768, 3072)
   trainable = 10 * vision_block + 6 * text_block + 2 * 1024 + 1024 * 768 + 2 * 768 + 768 * 768
-  total = (3 * 14 * 14 * 1024 + 1024 + 257 * 1024 + 2 * 1024 + 24 * vision_block + 2 * 1024 + 1024 * 768
-           + 49408 * 768 + 77 * 768 + 12 * text_block + 2 * 768 + 768 * 768 + 1)
+  total = (
+    3 * 14 * 14 * 1024
+    + 1024
+    + 257 * 1024
+    + 2 * 1024
+    + 24 * vision_block
+    + 2 * 1024
+    + 1024 * 768
+    + 49408 * 768
+    + 77 * 768
+    + 12 * text_block
+    + 2 * 768
+    + 768 * 768
+    + 1
+  )
   assert total == 427_616_513  # CLIP ViT-L/14's published parameter count
   assert counts["trainable"] == trainable == 169_869_312
   assert counts["frozen"] == total - trainable
@@ -152,8 +197,23 @@ def test_paper_preset_parameter_counts():
 
 
 def test_dry_run_prints_counts(tmp_path):
-  res = subprocess.run([sys.executable, "-m", "hps_jax.cli", "train-preference", "--config",
-                        f"{ROOT}/configs/hps_classifier.py:paper", "--workdir", str(tmp_path), "--dry-run"],
-                       env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "hps_jax.cli",
+      "train-preference",
+      "--config",
+      f"{ROOT}/configs/hps_classifier.py:paper",
+      "--workdir",
+      str(tmp_path),
+      "--dry-run",
+    ],
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
   assert res.returncode == 0, res.stderr
   assert "169,869,312 trainable" in res.stdout and "257,747,201 frozen" in res.stdout

@@ -1,6 +1,7 @@
 """LoRA training of the tiny SD (configs/lora_sd14.py:tiny): the loss falls over 200 steps, only adapters train and
 the export reloads; SIGKILL + resume reproduces the uninterrupted trajectory bit for bit; the latent cache holds what
 the encoders compute. Training runs in subprocesses (sharing the test run's XLA compilation cache)."""
+
 import json
 import os
 import signal
@@ -18,14 +19,24 @@ TINY = f"{ROOT}/configs/lora_sd14.py:tiny"
 
 @pytest.fixture(scope="module")
 def env():
-  e = dict(os.environ, JAX_PLATFORMS="cpu")   # with conftest's shared compilation cache: one compile for all runs
+  e = dict(os.environ, JAX_PLATFORMS="cpu")  # with conftest's shared compilation cache: one compile for all runs
   e.pop("XLA_FLAGS", None)
   return e
 
 
 def _cmd(workdir, *overrides):
-  return [sys.executable, "-m", "hps_jax.cli", "train-lora", "--config", TINY, "--workdir", str(workdir),
-          "--config.progress=False", *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "hps_jax.cli",
+    "train-lora",
+    "--config",
+    TINY,
+    "--workdir",
+    str(workdir),
+    "--config.progress=False",
+    *overrides,
+  ]
 
 
 def _train(env, workdir, *overrides, timeout=900):
@@ -37,7 +48,7 @@ def _train(env, workdir, *overrides, timeout=900):
 def _metrics(workdir) -> dict[int, dict]:
   rows = {}
   path = Path(workdir) / "metrics.jsonl"
-  for line in (path.read_text().splitlines() if path.exists() else []):
+  for line in path.read_text().splitlines() if path.exists() else []:
     row = json.loads(line)
     if "loss" in row:
       rows[row["step"]] = row
@@ -63,10 +74,11 @@ def test_loss_falls_only_adapters_train_and_export_reloads(straight):
   from hps_jax import lora
   from hps_jax.convert.lora import load_lora
   from hps_jax.models.unet import load_unet
+
   adapters, info = load_lora(summary["export"])
   assert len(adapters) == 32 and {a.down.shape[1] for a in adapters.values()} == {4}
-  assert all(np.abs(a.up).max() > 0 for a in adapters.values())   # every adapter moved away from B = 0
-  unet = load_unet(wd / "base_model")                              # the base stays what it was
+  assert all(np.abs(a.up).max() > 0 for a in adapters.values())  # every adapter moved away from B = 0
+  unet = load_unet(wd / "base_model")  # the base stays what it was
   lora.set_adapters(unet, adapters)
   assert len(lora.lora_layers(unet)) == 32
 
@@ -75,8 +87,9 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(env, straight, tmp_p
   _, _, reference = straight
   common = ["--config.num_steps=30", "--config.log_every=1", "--config.checkpoint_every=10"]
   wd = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(wd, *common), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+  proc = subprocess.Popen(
+    _cmd(wd, *common), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+  )
   deadline = time.time() + 600
   try:
     while not (wd / "checkpoints" / "10").exists() or len(_metrics(wd)) < 13:
@@ -94,23 +107,25 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(env, straight, tmp_p
   resumed = _metrics(wd)
   assert sorted(resumed) == list(range(1, 31))
   for step in range(1, 31):
-    assert resumed[step]["loss"] == reference[step]["loss"], step                    # bit-identical trajectory
+    assert resumed[step]["loss"] == reference[step]["loss"], step  # bit-identical trajectory
     assert resumed[step]["data_checksum"] == reference[step]["data_checksum"], step  # same examples and noise
 
 
 def test_latent_cache_holds_the_encoders_outputs(tmp_path, parity):
   """data.cache: the stored VAE moments and text embeddings are what the step would compute from the images."""
   from flax import nnx
+
   from hps_jax.adapt import train_lora as tl
   from hps_jax.cli import load_config
-  config = load_config(TINY, ["--config.data.synthetic_size=3"])   # an in-process override (demo, notebooks)
+
+  config = load_config(TINY, ["--config.data.synthetic_size=3"])  # an in-process override (demo, notebooks)
   model_dir = tl.base_model_dir(config, tmp_path)
   rows = tl.read_manifest(tl.manifest_path(config, tmp_path))
-  assert len(rows) == 6                                              # 3 prompts: a preferred + a non-preferred each
+  assert len(rows) == 6  # 3 prompts: a preferred + a non-preferred each
   rows = rows[:5]
   model, tok, _ = tl.build_model(config, model_dir)
   tf = tl.ExampleTransform(tok, config.data.resolution, random_crop=False)
-  cache = tl.build_cache(model, rows, tf, tmp_path / "cache.npz", batch_size=3)   # 2 batches, the last one short
+  cache = tl.build_cache(model, rows, tf, tmp_path / "cache.npz", batch_size=3)  # 2 batches, the last one short
   assert cache.moments.shape == (5, 8, 8, 8) and cache.context.shape == (5, 77, 32)
   enc = [tf.encode_row(r) for r in rows]
   mean, logvar = nnx.jit(lambda v, x: v.encode(x))(model.vae, np.stack([e["pixels"] for e in enc]))
@@ -118,16 +133,32 @@ def test_latent_cache_holds_the_encoders_outputs(tmp_path, parity):
   want = np.concatenate([np.asarray(mean), np.asarray(logvar)], -1)
   parity("LoRA latent cache vs VAE encode (moments)", np.abs(cache.moments - want).max(), 1e-5)
   parity("LoRA latent cache vs text encoder", np.abs(cache.context - np.asarray(context)).max(), 1e-5)
-  again = tl.build_cache(model, rows, tf, tmp_path / "cache.npz")   # reused from the file
+  again = tl.build_cache(model, rows, tf, tmp_path / "cache.npz")  # reused from the file
   np.testing.assert_array_equal(again.moments, cache.moments)
-  other = tl.build_cache(model, rows[:4], tf, tmp_path / "cache.npz")   # other rows: rebuilt, not reused
+  other = tl.build_cache(model, rows[:4], tf, tmp_path / "cache.npz")  # other rows: rebuilt, not reused
   assert len(other) == 4
 
 
 def test_dry_run_counts_adapters(tmp_path):
-  res = subprocess.run([sys.executable, "-m", "hps_jax.cli", "train-lora", "--config", TINY, "--workdir",
-                        str(tmp_path), "--dry-run", "--config.lora.rank=8"], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "hps_jax.cli",
+      "train-lora",
+      "--config",
+      TINY,
+      "--workdir",
+      str(tmp_path),
+      "--dry-run",
+      "--config.lora.rank=8",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=300,
+  )
   assert res.returncode == 0, res.stderr
   assert json.loads(res.stdout.splitlines()[0]) == {"lora_layers": 32, "lora_params": 2 * 9984}
 
@@ -135,9 +166,16 @@ def test_dry_run_counts_adapters(tmp_path):
 def test_data_parallel_losses_equal_single_device(env, straight, tmp_path):
   """Batch sharded over 2 devices (frozen base sharded by the logical rules, adapters replicated): the same losses."""
   _, _, reference = straight
-  _train(dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"), tmp_path / "dp",
-         "--config.num_steps=8", "--config.log_every=1", "--config.checkpoint_every=0", "--config.mesh.data=2")
+  _train(
+    dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    tmp_path / "dp",
+    "--config.num_steps=8",
+    "--config.log_every=1",
+    "--config.checkpoint_every=0",
+    "--config.mesh.data=2",
+  )
   got = _metrics(tmp_path / "dp")
-  np.testing.assert_allclose([got[s]["loss"] for s in range(1, 9)], [reference[s]["loss"] for s in range(1, 9)],
-                             rtol=2e-5, atol=0)
+  np.testing.assert_allclose(
+    [got[s]["loss"] for s in range(1, 9)], [reference[s]["loss"] for s in range(1, 9)], rtol=2e-5, atol=0
+  )
   assert [got[s]["data_checksum"] for s in range(1, 9)] == [reference[s]["data_checksum"] for s in range(1, 9)]

@@ -21,6 +21,7 @@ then the regularization images in file order. Images selected from zip archives 
 referenced by that path relative to the manifest's folder; images that already are files (JSONL input,
 regularization) are referenced by absolute path. Either way `manifest_dir / image` opens the file.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -39,6 +40,7 @@ KINDS = ("preferred", "non_preferred", "regularization")
 @dataclasses.dataclass(frozen=True)
 class LabelConfig:
   """The labelling rule. `blur_threshold` 0 and `min_images` 0 switch those filters off."""
+
   alpha: float = 2.0
   blur_threshold: int = 0
   min_images: int = 0
@@ -53,8 +55,8 @@ class LabelConfig:
 
 
 PRESETS = {
-    "paper": LabelConfig(),
-    "release": LabelConfig(blur_threshold=10, min_images=4),
+  "paper": LabelConfig(),
+  "release": LabelConfig(blur_threshold=10, min_images=4),
 }
 
 
@@ -109,8 +111,9 @@ class Selection:
   worst: Hashable | None
 
 
-def select_by_prompt(scored: Iterable[tuple[Hashable, str, float]], config: LabelConfig
-                     ) -> tuple[list[Selection], Counter]:
+def select_by_prompt(
+  scored: Iterable[tuple[Hashable, str, float]], config: LabelConfig
+) -> tuple[list[Selection], Counter]:
   """Groups (key, prompt, hps) by prompt (first-appearance order) and applies the rule to each group.
   Returns one Selection per prompt that kept at least one image, and counts: prompts, prompts_below_min_images,
   prompts_n_le_alpha (n <= alpha: nothing can pass)."""
@@ -132,8 +135,9 @@ def select_by_prompt(scored: Iterable[tuple[Hashable, str, float]], config: Labe
   return out, stats
 
 
-def manifest_rows(selections: Sequence[Selection], image_path: Callable[[Hashable], str],
-                  negative_prefix: str = "Weird image. ") -> list[dict]:
+def manifest_rows(
+  selections: Sequence[Selection], image_path: Callable[[Hashable], str], negative_prefix: str = "Weird image. "
+) -> list[dict]:
   rows = []
   for s in selections:
     if s.best is not None:
@@ -154,7 +158,7 @@ def read_manifest(path) -> list[dict]:
       except json.JSONDecodeError as e:
         raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
       if not isinstance(row, dict) or not {"image", "caption", "kind"} <= set(row):
-        raise ValueError(f"{p}:{n}: expected {{\"image\", \"caption\", \"kind\"}}")
+        raise ValueError(f'{p}:{n}: expected {{"image", "caption", "kind"}}')
       rows.append({**row, "image": str(p.parent / row["image"])})
   return rows
 
@@ -168,14 +172,16 @@ def read_regularization(path, skip: Callable[[str, str], None]) -> list[tuple[st
   p = Path(path)
   meta = p / "metadata.jsonl" if p.is_dir() else p
   if p.is_dir() and not meta.is_file():
-    raise ValueError(f"{p}: no metadata.jsonl (expected {{\"file_name\", \"caption\"}} rows, the imagefolder layout)")
+    raise ValueError(f'{p}: no metadata.jsonl (expected {{"file_name", "caption"}} rows, the imagefolder layout)')
   if not meta.exists():
     raise FileNotFoundError(f"{meta}: no such file or directory")
   from hps_jax.data.pairs import jsonl_objects
+
   out = []
   for where, row in jsonl_objects(meta, skip):
-    if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("caption"),
-                                                                                               str):
+    if (
+      not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("caption"), str)
+    ):
       skip(where, 'expected an object with string fields "file_name" and "caption"')
       continue
     out.append((os.path.abspath(meta.parent / row["file_name"]), row["caption"], where))
@@ -186,43 +192,67 @@ def read_regularization(path, skip: Callable[[str, str], None]) -> list[tuple[st
 # CLI
 # ------------------------------------------------------------------------------------------------------------
 def add_label(sub):
-  p = sub.add_parser("label", help="HPS-label generated images (DiffusionDB) for the LoRA adaptation",
-                     description="Scores every (image, prompt) with an HPS model; per prompt keeps the best image when "
-                                 "softmax(HPS)[best] > alpha/n and the worst symmetrically (caption prefixed 'Weird "
-                                 "image. '); adds regularization images; writes a JSONL manifest of {image, caption, "
-                                 "kind}. Images from zip archives are written under <manifest dir>/images/.")
-  p.add_argument("--scorer", "--checkpoint", dest="scorer", required=True, metavar="CKPT",
-                 help="HPS checkpoint (hpc.pt, HPS_v2*.pt, HF dir, safetensors)")
+  p = sub.add_parser(
+    "label",
+    help="HPS-label generated images (DiffusionDB) for the LoRA adaptation",
+    description="Scores every (image, prompt) with an HPS model; per prompt keeps the best image when "
+    "softmax(HPS)[best] > alpha/n and the worst symmetrically (caption prefixed 'Weird "
+    "image. '); adds regularization images; writes a JSONL manifest of {image, caption, "
+    "kind}. Images from zip archives are written under <manifest dir>/images/.",
+  )
+  p.add_argument(
+    "--scorer",
+    "--checkpoint",
+    dest="scorer",
+    required=True,
+    metavar="CKPT",
+    help="HPS checkpoint (hpc.pt, HPS_v2*.pt, HF dir, safetensors)",
+  )
   p.add_argument("--format", default="auto", choices=["auto", "hf", "openai", "open_clip"])
   p.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the inferred MLP activation")
   p.add_argument("--tokenizer", help="CLIP BPE file or HF tokenizer dir")
   p.add_argument("--preprocess", default="pad", choices=["pad", "clip"])
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--images", required=True, help="DiffusionDB folder (part-*.zip + metadata*.parquet) or a JSONL of "
-                                                 '{"image", "prompt"} rows')
-  p.add_argument("--regularization", required=True,
-                 help="folder with metadata.jsonl, or a JSONL, of {file_name, caption} rows")
+  p.add_argument(
+    "--images",
+    required=True,
+    help='DiffusionDB folder (part-*.zip + metadata*.parquet) or a JSONL of {"image", "prompt"} rows',
+  )
+  p.add_argument(
+    "--regularization", required=True, help="folder with metadata.jsonl, or a JSONL, of {file_name, caption} rows"
+  )
   p.add_argument("--out", required=True, metavar="MANIFEST.jsonl")
-  p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                 help="paper: the rule only; release: also drop near-constant images and prompts with < 4 images")
+  p.add_argument(
+    "--preset",
+    default="paper",
+    choices=sorted(PRESETS),
+    help="paper: the rule only; release: also drop near-constant images and prompts with < 4 images",
+  )
   p.add_argument("--alpha", type=float, help="selection factor (default: the preset's, 2.0)")
-  p.add_argument("--blur-threshold", type=int, help="drop images whose max horizontal neighbour difference is below "
-                                                    "this (0 = off; release: 10)")
+  p.add_argument(
+    "--blur-threshold",
+    type=int,
+    help="drop images whose max horizontal neighbour difference is below this (0 = off; release: 10)",
+  )
   p.add_argument("--min-images", type=int, help="drop prompts left with fewer images (0 = off; release: 4)")
   p.add_argument("--scores", metavar="SCORES.jsonl", help="also write every scored image: {image, prompt, hps, kind}")
   p.set_defaults(run=run_label)
 
 
 def _config(args) -> LabelConfig:
-  over = {k: v for k, v in (("alpha", args.alpha), ("blur_threshold", args.blur_threshold),
-                            ("min_images", args.min_images)) if v is not None}
+  over = {
+    k: v
+    for k, v in (("alpha", args.alpha), ("blur_threshold", args.blur_threshold), ("min_images", args.min_images))
+    if v is not None
+  }
   return dataclasses.replace(PRESETS[args.preset], **over).validate()
 
 
 def _prepare(src, preprocess, blur_threshold: int):
   """Worker: decode, blur test, preprocess -> (pixels or None, blurry, error message or None)."""
   from hps_jax.data.images import ImageError, load_image
+
   try:
     img = load_image(src)
   except ImageError as e:
@@ -234,12 +264,13 @@ def _prepare(src, preprocess, blur_threshold: int):
 
 def _chunks(items, size):
   for start in range(0, len(items), size):
-    yield items[start:start + size]
+    yield items[start : start + size]
 
 
 def _decoded(chunks, reader, pool, work, skips):
   """Reads (main thread) and decodes (pool) chunk k+1 while the caller scores chunk k."""
   from hps_jax.data.diffusiondb import DiffusionDBError, MemberError
+
   pending = None
   for chunk in chunks:
     futures = []
@@ -264,6 +295,7 @@ def _safe_member(name: str) -> PurePosixPath:
 def run_label(args) -> int:
   from hps_jax.cli import Skips, UsageError, progress
   from hps_jax.data.diffusiondb import ArchiveReader, DiffusionDBError, MemberError, read_records
+
   try:
     config = _config(args)
   except ValueError as e:
@@ -281,14 +313,25 @@ def run_label(args) -> int:
   counts = Counter(r.prompt for r in records)
   candidates = [(i, r) for i, r in enumerate(records) if selectable(counts[r.prompt], config)]
   from hps_jax.preference.scorer import Scorer
-  scorer = Scorer.from_checkpoint(args.scorer, args.format, args.preprocess, args.dtype, tokenizer=args.tokenizer,
-                                  activation=args.activation, batch_size=args.batch_size)
+
+  scorer = Scorer.from_checkpoint(
+    args.scorer,
+    args.format,
+    args.preprocess,
+    args.dtype,
+    tokenizer=args.tokenizer,
+    activation=args.activation,
+    batch_size=args.batch_size,
+  )
 
   scored: list[tuple[int, str, float]] = []
   blurry = 0
   work = lambda src: _prepare(src, scorer.preprocess, config.blur_threshold)  # noqa: E731
-  with ArchiveReader() as reader, cf.ThreadPoolExecutor(scorer.workers) as pool, \
-      progress(len(candidates), "labelling") as bar:
+  with (
+    ArchiveReader() as reader,
+    cf.ThreadPoolExecutor(scorer.workers) as pool,
+    progress(len(candidates), "labelling") as bar,
+  ):
     for chunk in _decoded(_chunks(candidates, args.batch_size), reader, pool, work, skips):
       ok = []
       for i, r, res in chunk:
@@ -330,8 +373,10 @@ def run_label(args) -> int:
       (out.parent / rel).parent.mkdir(parents=True, exist_ok=True)
       (out.parent / rel).write_bytes(data)
       paths[i] = rel.as_posix()
-  selections = [dataclasses.replace(s, best=s.best if s.best in paths else None,
-                                    worst=s.worst if s.worst in paths else None) for s in selections]
+  selections = [
+    dataclasses.replace(s, best=s.best if s.best in paths else None, worst=s.worst if s.worst in paths else None)
+    for s in selections
+  ]
   selections = [s for s in selections if s.best is not None or s.worst is not None]
   rows = manifest_rows(selections, paths.__getitem__, config.negative_prefix)
   rows += _check_regularization(regularization, skips, scorer.workers, progress)
@@ -345,12 +390,19 @@ def run_label(args) -> int:
     _write_scores(args.scores, scored, records, selections)
 
   kinds = Counter(row["kind"] for row in rows)
-  summary = {"manifest": str(out), "counts": {k: kinds[k] for k in KINDS},
-             "config": {"preset": args.preset, **dataclasses.asdict(config)},
-             "images": len(records), "scored": len(scored), "blurry": blurry, "skipped": len(skips.items),
-             "prompts": len(counts), "prompts_selected": len(selections),
-             "prompts_not_scored": sum(1 for n in counts.values() if not selectable(n, config)),
-             "prompts_too_few_after_drops": stats["prompts_below_min_images"] + stats["prompts_n_le_alpha"]}
+  summary = {
+    "manifest": str(out),
+    "counts": {k: kinds[k] for k in KINDS},
+    "config": {"preset": args.preset, **dataclasses.asdict(config)},
+    "images": len(records),
+    "scored": len(scored),
+    "blurry": blurry,
+    "skipped": len(skips.items),
+    "prompts": len(counts),
+    "prompts_selected": len(selections),
+    "prompts_not_scored": sum(1 for n in counts.values() if not selectable(n, config)),
+    "prompts_too_few_after_drops": stats["prompts_below_min_images"] + stats["prompts_n_le_alpha"],
+  }
   print(json.dumps(summary))
   return skips.report(len(scored))
 
@@ -365,6 +417,7 @@ def _check_regularization(items, skips, workers, progress) -> list[dict]:
       return None
     except ImageError as e:
       return e.message
+
   rows = []
   with cf.ThreadPoolExecutor(workers) as pool, progress(len(items), "regularization") as bar:
     for (path, caption, where), err in zip(items, pool.map(check, items)):
@@ -382,5 +435,7 @@ def _write_scores(path, scored, records, selections):
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     for i, prompt, hps in scored:
-      f.write(json.dumps({"image": records[i].where, "prompt": prompt, "hps": hps, "kind": kind.get(i)},
-                         ensure_ascii=False) + "\n")
+      f.write(
+        json.dumps({"image": records[i].where, "prompt": prompt, "hps": hps, "kind": kind.get(i)}, ensure_ascii=False)
+        + "\n"
+      )

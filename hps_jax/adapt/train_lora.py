@@ -11,6 +11,7 @@ Training runs in the generic loop (hps_jax.train_loop: sharded AOT step, orbax c
 resume, NaN stop, metrics). The export is `WORKDIR/export/pytorch_lora_weights.safetensors` in today's
 diffusers / PEFT layout (diffusers' `load_lora_weights` and `hps-jax sample --lora` read it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,6 +48,7 @@ def base_model_dir(config, workdir) -> Path:
     d = Path(workdir) / "base_model"
     if not (d / "model_index.json").exists():
       from hps_jax.diffusion.tiny import write_tiny_sd
+
       if jax.process_index() == 0:
         write_tiny_sd(d, seed=config.seed)
     return d
@@ -62,8 +64,9 @@ def base_model_dir(config, workdir) -> Path:
 
 def lora_config(config) -> lora.LoRAConfig:
   lc = config.lora
-  return lora.LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha) or None, init=lc.init, targets=lc.targets,
-                         seed=int(config.seed))
+  return lora.LoRAConfig(
+    rank=int(lc.rank), alpha=float(lc.alpha) or None, init=lc.init, targets=lc.targets, seed=int(config.seed)
+  )
 
 
 def build_model(config, model_dir):
@@ -73,13 +76,17 @@ def build_model(config, model_dir):
   from hps_jax.data.tokenizer import CLIPTokenizer
   from hps_jax.models.unet import load_unet
   from hps_jax.preference.scorer import as_dtype
+
   dtype = as_dtype(config.model.dtype)
   d = Path(model_dir)
   unet = load_unet(d, dtype=dtype, remat=bool(config.model.remat))
   lora.apply_lora(unet, lora_config(config))
   model = SDTrainModel(unet, load_vae(d, dtype=dtype), load_text_encoder(d / "text_encoder", dtype=dtype))
-  return (model, CLIPTokenizer.from_hf_dir(d / "tokenizer"),
-          sch.SchedulerConfig.from_json(d / "scheduler" / "scheduler_config.json"))
+  return (
+    model,
+    CLIPTokenizer.from_hf_dir(d / "tokenizer"),
+    sch.SchedulerConfig.from_json(d / "scheduler" / "scheduler_config.json"),
+  )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -88,6 +95,7 @@ def build_model(config, model_dir):
 def read_manifest(path) -> list[dict]:
   """`hps-jax label`'s manifest rows, image paths resolved against its folder; a malformed row raises naming it."""
   from hps_jax.adapt.label import read_manifest as read
+
   p = Path(path)
   if not p.is_file():
     raise ValueError(f"{p}: no such manifest (write one with `hps-jax label`)")
@@ -105,8 +113,10 @@ def manifest_path(config, workdir) -> Path:
     out = Path(workdir) / "synthetic_data"
     if not (out / "manifest.jsonl").exists() and jax.process_index() == 0:
       from hps_jax.data.synthetic import SyntheticPreference, write_lora_manifest
-      write_lora_manifest(SyntheticPreference(d.synthetic_size, seed=config.seed, split="lora",
-                                              image_size=d.resolution), out)
+
+      write_lora_manifest(
+        SyntheticPreference(d.synthetic_size, seed=config.seed, split="lora", image_size=d.resolution), out
+      )
     return out / "manifest.jsonl"
   raise ValueError("no training data: set --config.data.manifest=MANIFEST.jsonl (from `hps-jax label`)")
 
@@ -115,6 +125,7 @@ def crop_and_scale(image: np.ndarray, resolution: int, rng: np.random.Generator 
   """uint8 (H, W, 3) -> float32 (R, R, 3) in [-1, 1]: shorter side resized to R (bicubic), then a random crop
   (with `rng`) or the center crop, optional random horizontal flip."""
   from PIL import Image
+
   h, w = image.shape[:2]
   s = resolution / min(h, w)
   nh, nw = max(resolution, round(h * s)), max(resolution, round(w * s))
@@ -124,7 +135,7 @@ def crop_and_scale(image: np.ndarray, resolution: int, rng: np.random.Generator 
     top, left = (nh - resolution) // 2, (nw - resolution) // 2
   else:
     top, left = int(rng.integers(nh - resolution + 1)), int(rng.integers(nw - resolution + 1))
-  image = image[top:top + resolution, left:left + resolution]
+  image = image[top : top + resolution, left : left + resolution]
   if flip and rng is not None and rng.random() < 0.5:
     image = image[:, ::-1]
   return image.astype(np.float32) / 127.5 - 1.0
@@ -134,19 +145,21 @@ def crop_and_scale(image: np.ndarray, resolution: int, rng: np.random.Generator 
 class ExampleTransform:
   """(manifest row, rng) -> {pixels (R,R,3) f32 in [-1,1], ids (77,) i32, seed u32}; or, over a cached source
   ({moments, context}), -> {moments, context, seed}."""
+
   tokenizer: object
   resolution: int
   random_crop: bool = True
   random_flip: bool = False
 
   def __call__(self, row, rng: np.random.Generator) -> dict:
-    seed = np.uint32(rng.integers(0, 2 ** 32, dtype=np.uint64))
+    seed = np.uint32(rng.integers(0, 2**32, dtype=np.uint64))
     if "moments" in row:
       return {"moments": row["moments"], "context": row["context"], "seed": seed}
     return {**self.encode_row(row, rng if self.random_crop else None, self.random_flip), "seed": seed}
 
   def encode_row(self, row, rng=None, flip=False) -> dict:
     from hps_jax.data.images import ImageError, load_image
+
     try:
       image = load_image(row["image"])
     except ImageError as e:
@@ -168,7 +181,9 @@ class CachedSource:
     return {"moments": self.moments[i], "context": self.context[i]}
 
 
-def build_cache(model: SDTrainModel, rows, transform: ExampleTransform, path: Path, batch_size: int = 8) -> CachedSource:
+def build_cache(
+  model: SDTrainModel, rows, transform: ExampleTransform, path: Path, batch_size: int = 8
+) -> CachedSource:
   """Encodes every row once (center crop) and stores the result in `path` (.npz); a later run (or a resume)
   reuses the file when it covers the same rows."""
   key = json.dumps([[r["image"], r["caption"]] for r in rows] + [transform.resolution])
@@ -185,10 +200,12 @@ def build_cache(model: SDTrainModel, rows, transform: ExampleTransform, path: Pa
     return jnp.concatenate([mean, logvar], -1).astype(jnp.float32), text(ids).astype(jnp.float32)
 
   from tqdm import tqdm
+
   moments, context = [], []
-  for start in tqdm(range(0, len(rows), batch_size), desc="caching latents", unit="batch",
-                    disable=jax.process_index() != 0):
-    ex = [transform.encode_row(r) for r in rows[start:start + batch_size]]
+  for start in tqdm(
+    range(0, len(rows), batch_size), desc="caching latents", unit="batch", disable=jax.process_index() != 0
+  ):
+    ex = [transform.encode_row(r) for r in rows[start : start + batch_size]]
     m, c = encode(state, np.stack([e["pixels"] for e in ex]), np.stack([e["ids"] for e in ex]))
     moments.append(np.asarray(m))
     context.append(np.asarray(c))
@@ -244,9 +261,12 @@ def diffusion_loss(model: SDTrainModel, batch: dict, sched: sch.SchedulerConfig,
     weights = clipped / (s + 1.0) if sched.prediction_type == "v_prediction" else clipped / s
   loss = jnp.mean(weights * per_example)
   rows = jnp.arange(1, per_example.shape[0] + 1, dtype=jnp.uint32)
-  return loss, {"mse": jnp.mean(per_example), "timestep_mean": jnp.mean(t.astype(jnp.float32)),
-                # which examples and noise this step saw: a resumed run's must equal the uninterrupted one's
-                "data_checksum": jnp.sum(batch["seed"] * rows).astype(jnp.float32)}
+  return loss, {
+    "mse": jnp.mean(per_example),
+    "timestep_mean": jnp.mean(t.astype(jnp.float32)),
+    # which examples and noise this step saw: a resumed run's must equal the uninterrupted one's
+    "data_checksum": jnp.sum(batch["seed"] * rows).astype(jnp.float32),
+  }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -266,27 +286,35 @@ def build_task(config, workdir) -> Task:
   epochs = -(-total * b // len(source))
 
   def make_iterator():
-    ds = pipeline.train_dataset(source, transform, global_batch_size=b, seed=config.seed, num_epochs=epochs,
-                                random=True)
+    ds = pipeline.train_dataset(
+      source, transform, global_batch_size=b, seed=config.seed, num_epochs=epochs, random=True
+    )
     return pipeline.to_iterator(ds, prefetch_threads=d.prefetch_threads)
 
   if d.cache:
     m0 = source[0]
-    shapes = {"moments": jax.ShapeDtypeStruct((b,) + m0["moments"].shape, jnp.float32),
-              "context": jax.ShapeDtypeStruct((b,) + m0["context"].shape, jnp.float32)}
+    shapes = {
+      "moments": jax.ShapeDtypeStruct((b,) + m0["moments"].shape, jnp.float32),
+      "context": jax.ShapeDtypeStruct((b,) + m0["context"].shape, jnp.float32),
+    }
   else:
     r = int(d.resolution)
-    shapes = {"pixels": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
-              "ids": jax.ShapeDtypeStruct((b, CONTEXT_LENGTH), jnp.int32)}
+    shapes = {
+      "pixels": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
+      "ids": jax.ShapeDtypeStruct((b, CONTEXT_LENGTH), jnp.int32),
+    }
   shapes["seed"] = jax.ShapeDtypeStruct((b,), jnp.uint32)
   gamma = float(config.loss.min_snr_gamma)
   loss_fn = lambda model, batch: diffusion_loss(model, batch, sched, gamma)  # noqa: E731
 
   evaluate = None
   if d.eval_examples > 0:
-    held = [transform.encode_row(r) for r in rows[:d.eval_examples]]
-    eval_batch = {"pixels": np.stack([e["pixels"] for e in held]), "ids": np.stack([e["ids"] for e in held]),
-                  "seed": np.arange(len(held), dtype=np.uint32)}   # fixed noise: comparable across evaluations
+    held = [transform.encode_row(r) for r in rows[: d.eval_examples]]
+    eval_batch = {
+      "pixels": np.stack([e["pixels"] for e in held]),
+      "ids": np.stack([e["ids"] for e in held]),
+      "seed": np.arange(len(held), dtype=np.uint32),
+    }  # fixed noise: comparable across evaluations
     eval_loss = nnx.jit(lambda m, bt: diffusion_loss(m, bt, sched, gamma)[0])
 
     def evaluate(model):
@@ -294,15 +322,24 @@ def build_task(config, workdir) -> Task:
 
   def export(model, directory):
     from hps_jax.convert.lora import save_peft
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = save_peft(model.unet, directory / "pytorch_lora_weights.safetensors")
-    (directory / "lora_config.json").write_text(json.dumps(
-        {"base_model": str(model_dir), **dataclasses.asdict(lora_config(config))}, indent=2))
+    (directory / "lora_config.json").write_text(
+      json.dumps({"base_model": str(model_dir), **dataclasses.asdict(lora_config(config))}, indent=2)
+    )
     return out
 
-  return Task(model=model, trainable=lora.LORA, loss_fn=loss_fn, make_iterator=make_iterator, batch_shapes=shapes,
-              evaluate=evaluate, export=export)
+  return Task(
+    model=model,
+    trainable=lora.LORA,
+    loss_fn=loss_fn,
+    make_iterator=make_iterator,
+    batch_shapes=shapes,
+    evaluate=evaluate,
+    export=export,
+  )
 
 
 def run(config, workdir) -> TrainResult:

@@ -4,6 +4,7 @@ The files are state dicts of a torch `nn.Sequential` named `layers`: Linear modu
 dropouts between them (linear variant) or at {0,3,6,9,11} with ReLU + dropout between them (ReLU variant). The
 variant is read off the indices; layer sizes off the shapes.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,9 @@ def aesthetic_params(sd, source="checkpoint"):
   idx = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.weight$", k))})
   variant = _INDEX_VARIANT.get(tuple(idx))
   if variant is None:
-    raise CheckpointError(f"{source}: not a LAION aesthetic MLP (Linear layers at indices {idx}; expected "
-                          f"{sorted(_INDEX_VARIANT)})")
+    raise CheckpointError(
+      f"{source}: not a LAION aesthetic MLP (Linear layers at indices {idx}; expected {sorted(_INDEX_VARIANT)})"
+    )
   dims = [sd[f"layers.{idx[0]}.weight"].shape[1]] + [sd[f"layers.{i}.weight"].shape[0] for i in idx]
   flat = {}
   for j, i in enumerate(idx):
@@ -35,9 +37,11 @@ def aesthetic_params(sd, source="checkpoint"):
 
 def load_aesthetic(path):
   """Reads an aesthetic MLP checkpoint (.pth pickle or .safetensors) into an `AestheticMLP`."""
-  from flax import nnx
   import jax.numpy as jnp
+  from flax import nnx
+
   from hps_jax.models.aesthetic import AestheticMLP
+
   variant, dims, flat = aesthetic_params(load_state_dict(path), str(path))
   model = AestheticMLP(dims, variant)
   state = nnx.state(model, nnx.Param)
@@ -51,6 +55,7 @@ def save_aesthetic(model, path) -> Path:
   """Writes an `AestheticMLP` as .safetensors in the LAION state-dict layout (`layers.{i}.weight` (out, in) /
   `.bias`, Linear indices of its variant) that `load_aesthetic` and the torch reference read."""
   from safetensors.numpy import save_file
+
   idx = next(i for i, v in _INDEX_VARIANT.items() if v == model.variant)
   sd = {}
   for i, layer in zip(idx, model.layers):
@@ -65,6 +70,7 @@ def save_aesthetic(model, path) -> Path:
 def default_weights_dir() -> Path:
   """Where the real aesthetic heads are looked for: $HPS_JAX_WEIGHTS, else ../shared/weights next to a checkout."""
   import os
+
   env = os.environ.get("HPS_JAX_WEIGHTS")
   if env:
     return Path(env)

@@ -14,13 +14,13 @@ for the LAION-only sizes (ViT-H and up). Pass `activation=` to override; a wrong
 Conventions of the maps: torch Linear weight (out, in) -> kernel (in, out); Conv OIHW -> HWIO; LayerNorm
 weight -> scale; OpenAI's fused attention `in_proj_weight` (3W, W) is split into query/key/value.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -58,14 +58,14 @@ def hf_key_map(cfg: CLIPConfig):
         m += _linear(f"{o}/attn/{ours}", f"{t}.self_attn.{theirs}")
       m += _linear(f"{o}/mlp/fc1", f"{t}.mlp.fc1") + _linear(f"{o}/mlp/fc2", f"{t}.mlp.fc2")
   m += [
-      ("vision/patch_embed/kernel", "vision_model.embeddings.patch_embedding.weight", _CONV_TO_HWIO, _HWIO_TO_CONV),
-      ("vision/class_embedding", "vision_model.embeddings.class_embedding", _ID, _ID),
-      ("vision/pos_embedding", "vision_model.embeddings.position_embedding.weight", _ID, _ID),
-      ("vision/proj", "visual_projection.weight", _T, _T),
-      ("text/token_embedding/embedding", "text_model.embeddings.token_embedding.weight", _ID, _ID),
-      ("text/pos_embedding", "text_model.embeddings.position_embedding.weight", _ID, _ID),
-      ("text/proj", "text_projection.weight", _T, _T),
-      ("logit_scale", "logit_scale", _ID, _ID),
+    ("vision/patch_embed/kernel", "vision_model.embeddings.patch_embedding.weight", _CONV_TO_HWIO, _HWIO_TO_CONV),
+    ("vision/class_embedding", "vision_model.embeddings.class_embedding", _ID, _ID),
+    ("vision/pos_embedding", "vision_model.embeddings.position_embedding.weight", _ID, _ID),
+    ("vision/proj", "visual_projection.weight", _T, _T),
+    ("text/token_embedding/embedding", "text_model.embeddings.token_embedding.weight", _ID, _ID),
+    ("text/pos_embedding", "text_model.embeddings.position_embedding.weight", _ID, _ID),
+    ("text/proj", "text_projection.weight", _T, _T),
+    ("logit_scale", "logit_scale", _ID, _ID),
   ]
   m += _norm("vision/ln_pre", "vision_model.pre_layrnorm") + _norm("vision/ln_post", "vision_model.post_layernorm")
   m += _norm("text/ln_final", "text_model.final_layer_norm")
@@ -75,22 +75,24 @@ def hf_key_map(cfg: CLIPConfig):
 def openai_key_map(cfg: CLIPConfig):
   """OpenAI / open_clip names. The fused in_proj tensors are handled separately (see `_split_in_proj`)."""
   m = []
-  for tower, prefix, layers in (("vision", "visual.transformer", cfg.vision_layers),
-                                ("text", "transformer", cfg.text_layers)):
+  for tower, prefix, layers in (
+    ("vision", "visual.transformer", cfg.vision_layers),
+    ("text", "transformer", cfg.text_layers),
+  ):
     for i in range(layers):
       o, t = f"{tower}/blocks/{i}", f"{prefix}.resblocks.{i}"
       m += _norm(f"{o}/ln1", f"{t}.ln_1") + _norm(f"{o}/ln2", f"{t}.ln_2")
       m += _linear(f"{o}/attn/out", f"{t}.attn.out_proj")
       m += _linear(f"{o}/mlp/fc1", f"{t}.mlp.c_fc") + _linear(f"{o}/mlp/fc2", f"{t}.mlp.c_proj")
   m += [
-      ("vision/patch_embed/kernel", "visual.conv1.weight", _CONV_TO_HWIO, _HWIO_TO_CONV),
-      ("vision/class_embedding", "visual.class_embedding", _ID, _ID),
-      ("vision/pos_embedding", "visual.positional_embedding", _ID, _ID),
-      ("vision/proj", "visual.proj", _ID, _ID),
-      ("text/token_embedding/embedding", "token_embedding.weight", _ID, _ID),
-      ("text/pos_embedding", "positional_embedding", _ID, _ID),
-      ("text/proj", "text_projection", _ID, _ID),
-      ("logit_scale", "logit_scale", _ID, _ID),
+    ("vision/patch_embed/kernel", "visual.conv1.weight", _CONV_TO_HWIO, _HWIO_TO_CONV),
+    ("vision/class_embedding", "visual.class_embedding", _ID, _ID),
+    ("vision/pos_embedding", "visual.positional_embedding", _ID, _ID),
+    ("vision/proj", "visual.proj", _ID, _ID),
+    ("text/token_embedding/embedding", "token_embedding.weight", _ID, _ID),
+    ("text/pos_embedding", "positional_embedding", _ID, _ID),
+    ("text/proj", "text_projection", _ID, _ID),
+    ("logit_scale", "logit_scale", _ID, _ID),
   ]
   m += _norm("vision/ln_pre", "visual.ln_pre") + _norm("vision/ln_post", "visual.ln_post")
   m += _norm("text/ln_final", "ln_final")
@@ -98,8 +100,10 @@ def openai_key_map(cfg: CLIPConfig):
 
 
 def _in_proj_blocks(cfg: CLIPConfig):
-  for tower, prefix, layers in (("vision", "visual.transformer", cfg.vision_layers),
-                                ("text", "transformer", cfg.text_layers)):
+  for tower, prefix, layers in (
+    ("vision", "visual.transformer", cfg.vision_layers),
+    ("text", "transformer", cfg.text_layers),
+  ):
     for i in range(layers):
       yield f"{tower}/blocks/{i}/attn", f"{prefix}.resblocks.{i}.attn"
 
@@ -120,8 +124,9 @@ def _count_layers(sd, pattern):
 def _heads(width: int) -> int:
   """State dicts do not store the head count; OpenAI and open_clip use 64-wide heads."""
   if width % 64:
-    raise CheckpointError(f"cannot infer the attention heads of a {width}-wide tower (not a multiple of 64): pass "
-                          "an explicit config")
+    raise CheckpointError(
+      f"cannot infer the attention heads of a {width}-wide tower (not a multiple of 64): pass an explicit config"
+    )
   return width // 64
 
 
@@ -142,13 +147,21 @@ def infer_openai_config(sd, activation: str | None = None, fmt: str = "auto") ->
   if activation is None:
     activation = {"openai": "quick_gelu", "open_clip": "gelu"}.get(fmt) or default_activation(vw)
   return CLIPConfig(
-      embed_dim=sd["text_projection"].shape[1], image_size=p * grid, patch_size=p, vision_width=vw,
-      vision_layers=_count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
-      vision_heads=_heads(vw), vision_mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-      vocab_size=sd["token_embedding.weight"].shape[0], context_length=sd["positional_embedding"].shape[0],
-      text_width=tw, text_layers=_count_layers(sd, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
-      text_heads=_heads(tw), text_mlp_dim=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-      activation=activation)
+    embed_dim=sd["text_projection"].shape[1],
+    image_size=p * grid,
+    patch_size=p,
+    vision_width=vw,
+    vision_layers=_count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
+    vision_heads=_heads(vw),
+    vision_mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+    vocab_size=sd["token_embedding.weight"].shape[0],
+    context_length=sd["positional_embedding"].shape[0],
+    text_width=tw,
+    text_layers=_count_layers(sd, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
+    text_heads=_heads(tw),
+    text_mlp_dim=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+    activation=activation,
+  )
 
 
 _HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
@@ -159,35 +172,65 @@ def config_from_hf(hf: dict) -> CLIPConfig:
   tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
   acts = {tc.get("hidden_act", "quick_gelu"), vc.get("hidden_act", "quick_gelu")}
   if len(acts) != 1 or not acts <= set(_HF_ACT):
-    raise CheckpointError(f"unsupported CLIP activations {sorted(acts)} (need one of {sorted(_HF_ACT)} for both towers)")
+    raise CheckpointError(
+      f"unsupported CLIP activations {sorted(acts)} (need one of {sorted(_HF_ACT)} for both towers)"
+    )
   eps = {tc.get("layer_norm_eps", 1e-5), vc.get("layer_norm_eps", 1e-5)}
   if len(eps) != 1:
     raise CheckpointError(f"different layer_norm_eps per tower {sorted(eps)} are not supported")
   return CLIPConfig(
-      embed_dim=hf.get("projection_dim", 512), image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 32),
-      vision_width=vc.get("hidden_size", 768), vision_layers=vc.get("num_hidden_layers", 12),
-      vision_heads=vc.get("num_attention_heads", 12), vision_mlp_dim=vc.get("intermediate_size", 3072),
-      vocab_size=tc.get("vocab_size", 49408), context_length=tc.get("max_position_embeddings", 77),
-      text_width=tc.get("hidden_size", 512), text_layers=tc.get("num_hidden_layers", 12),
-      text_heads=tc.get("num_attention_heads", 8), text_mlp_dim=tc.get("intermediate_size", 2048),
-      activation=_HF_ACT[acts.pop()], layer_norm_eps=float(eps.pop()),
-      logit_scale_init=float(hf.get("logit_scale_init_value", 2.6592)))
+    embed_dim=hf.get("projection_dim", 512),
+    image_size=vc.get("image_size", 224),
+    patch_size=vc.get("patch_size", 32),
+    vision_width=vc.get("hidden_size", 768),
+    vision_layers=vc.get("num_hidden_layers", 12),
+    vision_heads=vc.get("num_attention_heads", 12),
+    vision_mlp_dim=vc.get("intermediate_size", 3072),
+    vocab_size=tc.get("vocab_size", 49408),
+    context_length=tc.get("max_position_embeddings", 77),
+    text_width=tc.get("hidden_size", 512),
+    text_layers=tc.get("num_hidden_layers", 12),
+    text_heads=tc.get("num_attention_heads", 8),
+    text_mlp_dim=tc.get("intermediate_size", 2048),
+    activation=_HF_ACT[acts.pop()],
+    layer_norm_eps=float(eps.pop()),
+    logit_scale_init=float(hf.get("logit_scale_init_value", 2.6592)),
+  )
 
 
 def config_to_hf(cfg: CLIPConfig) -> dict:
   common = dict(hidden_act=cfg.activation, layer_norm_eps=cfg.layer_norm_eps)
   return {
-      "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
-      "logit_scale_init_value": cfg.logit_scale_init,
-      "text_config": dict(model_type="clip_text_model", hidden_size=cfg.text_width, intermediate_size=cfg.text_mlp_dim,
-                          num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                          max_position_embeddings=cfg.context_length, vocab_size=cfg.vocab_size,
-                          projection_dim=cfg.embed_dim, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-                          **common),
-      "vision_config": dict(model_type="clip_vision_model", hidden_size=cfg.vision_width,
-                            intermediate_size=cfg.vision_mlp_dim, num_hidden_layers=cfg.vision_layers,
-                            num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
-                            patch_size=cfg.patch_size, projection_dim=cfg.embed_dim, num_channels=3, **common),
+    "architectures": ["CLIPModel"],
+    "model_type": "clip",
+    "projection_dim": cfg.embed_dim,
+    "logit_scale_init_value": cfg.logit_scale_init,
+    "text_config": dict(
+      model_type="clip_text_model",
+      hidden_size=cfg.text_width,
+      intermediate_size=cfg.text_mlp_dim,
+      num_hidden_layers=cfg.text_layers,
+      num_attention_heads=cfg.text_heads,
+      max_position_embeddings=cfg.context_length,
+      vocab_size=cfg.vocab_size,
+      projection_dim=cfg.embed_dim,
+      bos_token_id=49406,
+      eos_token_id=49407,
+      pad_token_id=1,
+      **common,
+    ),
+    "vision_config": dict(
+      model_type="clip_vision_model",
+      hidden_size=cfg.vision_width,
+      intermediate_size=cfg.vision_mlp_dim,
+      num_hidden_layers=cfg.vision_layers,
+      num_attention_heads=cfg.vision_heads,
+      image_size=cfg.image_size,
+      patch_size=cfg.patch_size,
+      projection_dim=cfg.embed_dim,
+      num_channels=3,
+      **common,
+    ),
   }
 
 
@@ -197,14 +240,21 @@ def infer_hf_config(sd, activation: str | None = None) -> CLIPConfig:
   grid = int(round(math.sqrt(sd["vision_model.embeddings.position_embedding.weight"].shape[0] - 1)))
   tw = sd["text_model.final_layer_norm.weight"].shape[0]
   return CLIPConfig(
-      embed_dim=sd["text_projection.weight"].shape[0], image_size=p * grid, patch_size=p, vision_width=vw,
-      vision_layers=_count_layers(sd, r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
-      vision_heads=_heads(vw), vision_mlp_dim=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-      vocab_size=sd["text_model.embeddings.token_embedding.weight"].shape[0],
-      context_length=sd["text_model.embeddings.position_embedding.weight"].shape[0], text_width=tw,
-      text_layers=_count_layers(sd, r"text_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
-      text_heads=_heads(tw), text_mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-      activation=activation or default_activation(vw))
+    embed_dim=sd["text_projection.weight"].shape[0],
+    image_size=p * grid,
+    patch_size=p,
+    vision_width=vw,
+    vision_layers=_count_layers(sd, r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
+    vision_heads=_heads(vw),
+    vision_mlp_dim=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+    vocab_size=sd["text_model.embeddings.token_embedding.weight"].shape[0],
+    context_length=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+    text_width=tw,
+    text_layers=_count_layers(sd, r"text_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
+    text_heads=_heads(tw),
+    text_mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+    activation=activation or default_activation(vw),
+  )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -224,8 +274,10 @@ def _check_unused(sd, used, source):
   extra = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
   if extra:
     more = f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""
-    raise CheckpointError(f"{source}: {len(extra)} unexpected keys, e.g. {extra[:8]}{more}; the architecture "
-                          "does not match a plain ViT CLIP")
+    raise CheckpointError(
+      f"{source}: {len(extra)} unexpected keys, e.g. {extra[:8]}{more}; the architecture "
+      "does not match a plain ViT CLIP"
+    )
 
 
 def params_from_hf(sd, cfg: CLIPConfig, source="state dict") -> dict[str, np.ndarray]:
@@ -251,8 +303,8 @@ def params_from_openai(sd, cfg: CLIPConfig, source="state dict") -> dict[str, np
     if weight.shape != (3 * w, w):
       raise CheckpointError(f"{source}: {wk} has shape {weight.shape}, expected {(3 * w, w)}")
     for j, name in enumerate(("query", "key", "value")):
-      flat[f"{ours}/{name}/kernel"] = _T(weight[j * w:(j + 1) * w])
-      flat[f"{ours}/{name}/bias"] = bias[j * w:(j + 1) * w]
+      flat[f"{ours}/{name}/kernel"] = _T(weight[j * w : (j + 1) * w])
+      flat[f"{ours}/{name}/bias"] = bias[j * w : (j + 1) * w]
     used |= {wk, bk}
   _check_unused(sd, used, source)
   return flat
@@ -262,7 +314,9 @@ def params_to_openai(flat, cfg: CLIPConfig) -> dict[str, np.ndarray]:
   sd = {theirs: to_theirs(flat[ours]) for ours, theirs, _, to_theirs in openai_key_map(cfg)}
   for ours, theirs in _in_proj_blocks(cfg):
     sd[f"{theirs}.in_proj_weight"] = np.concatenate([_T(flat[f"{ours}/{n}/kernel"]) for n in ("query", "key", "value")])
-    sd[f"{theirs}.in_proj_bias"] = np.concatenate([np.asarray(flat[f"{ours}/{n}/bias"]) for n in ("query", "key", "value")])
+    sd[f"{theirs}.in_proj_bias"] = np.concatenate(
+      [np.asarray(flat[f"{ours}/{n}/bias"]) for n in ("query", "key", "value")]
+    )
   return sd
 
 
@@ -272,15 +326,20 @@ def params_to_openai(flat, cfg: CLIPConfig) -> dict[str, np.ndarray]:
 def model_params(model) -> dict[str, np.ndarray]:
   """The model's parameters as {'vision/blocks/0/attn/query/kernel': np.ndarray, ...}."""
   from flax import nnx
-  return {"/".join(map(str, path)): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+  return {
+    "/".join(map(str, path)): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
-def build_model(cfg: CLIPConfig, flat: dict[str, np.ndarray], *, dtype=None, param_dtype=None, source="checkpoint",
-                cls=None):
+def build_model(
+  cfg: CLIPConfig, flat: dict[str, np.ndarray], *, dtype=None, param_dtype=None, source="checkpoint", cls=None
+):
   """Creates a CLIP (or `cls`, e.g. CLIPTextEncoder) whose parameters are `flat` (shapes checked, every parameter
   required, nothing left over), without running the random initializers."""
   import jax.numpy as jnp
   from flax import nnx
+
   dtype = dtype or jnp.float32
   param_dtype = param_dtype or jnp.float32
   cls = cls or CLIP
@@ -304,7 +363,12 @@ def build_model(cfg: CLIPConfig, flat: dict[str, np.ndarray], *, dtype=None, par
 # Format detection and the public loaders
 # ------------------------------------------------------------------------------------------------------------
 def _hf_weights_file(d: Path) -> Path:
-  for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+  for name in (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+  ):
     if (d / name).exists():
       return d / name
   raise CheckpointError(f"{d}: a Hugging Face model dir needs model.safetensors or pytorch_model.bin")
@@ -315,12 +379,15 @@ def detect_format(sd: dict) -> str:
     return "hf"
   if "visual.conv1.weight" in sd or "token_embedding.weight" in sd:
     return "openai"
-  raise CheckpointError("unrecognised CLIP state dict: expected Hugging Face keys (vision_model.*, text_model.*) "
-                        "or OpenAI/open_clip keys (visual.*, transformer.*)")
+  raise CheckpointError(
+    "unrecognised CLIP state dict: expected Hugging Face keys (vision_model.*, text_model.*) "
+    "or OpenAI/open_clip keys (visual.*, transformer.*)"
+  )
 
 
-def load_clip_params(path, format: str = "auto", activation: str | None = None,
-                     config: CLIPConfig | None = None) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
+def load_clip_params(
+  path, format: str = "auto", activation: str | None = None, config: CLIPConfig | None = None
+) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
   """Reads any supported CLIP checkpoint into (config, flat params). `config` overrides inferred architecture."""
   if format not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -348,8 +415,15 @@ def load_clip_params(path, format: str = "auto", activation: str | None = None,
   return cfg, params_from_openai(sd, cfg, str(weights))
 
 
-def load_clip(path, format: str = "auto", *, activation: str | None = None, dtype=None, param_dtype=None,
-              config: CLIPConfig | None = None) -> CLIP:
+def load_clip(
+  path,
+  format: str = "auto",
+  *,
+  activation: str | None = None,
+  dtype=None,
+  param_dtype=None,
+  config: CLIPConfig | None = None,
+) -> CLIP:
   cfg, flat = load_clip_params(path, format, activation, config)
   return build_model(cfg, flat, dtype=dtype, param_dtype=param_dtype, source=str(path))
 
@@ -376,13 +450,19 @@ def text_key_map(cfg: CLIPConfig):
 def text_config_from_hf(tc: dict) -> CLIPConfig:
   """A CLIPTextConfig dict (`text_encoder/config.json`) -> our config (vision fields unused)."""
   act, eps = tc.get("hidden_act", "quick_gelu"), tc.get("layer_norm_eps", 1e-5)
-  return config_from_hf({"text_config": tc, "vision_config": {"hidden_act": act, "layer_norm_eps": eps},
-                         "projection_dim": tc.get("projection_dim", 512)})
+  return config_from_hf(
+    {
+      "text_config": tc,
+      "vision_config": {"hidden_act": act, "layer_norm_eps": eps},
+      "projection_dim": tc.get("projection_dim", 512),
+    }
+  )
 
 
 def load_text_encoder(path, *, dtype=None, param_dtype=None):
   """A transformers CLIPTextModel dir (config.json + model.safetensors / pytorch_model.bin) -> CLIPTextEncoder."""
   from hps_jax.models.clip import CLIPTextEncoder
+
   d = Path(path)
   if not (d / "config.json").exists():
     raise CheckpointError(f"{d}: a CLIPTextModel dir needs config.json")
@@ -403,8 +483,11 @@ def save_text_encoder(model, out_dir) -> Path:
   """Writes our CLIPTextEncoder as a transformers CLIPTextModel dir (Stable Diffusion's `text_encoder/`)."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  save_safetensors({k: v.astype(np.float32) for k, v in text_encoder_state_dict(model).items()},
-                   out / "model.safetensors", metadata={"format": "pt"})
+  save_safetensors(
+    {k: v.astype(np.float32) for k, v in text_encoder_state_dict(model).items()},
+    out / "model.safetensors",
+    metadata={"format": "pt"},
+  )
   tc = {"architectures": ["CLIPTextModel"], **config_to_hf(model.config)["text_config"]}
   (out / "config.json").write_text(json.dumps(tc, indent=2))
   return out

@@ -16,6 +16,7 @@ Loading is strict: a parameter without a key, a key without a parameter, or a sh
 `CheckpointError` naming the weights file. The pre-0.14 names of the VAE's attention (`query`, `key`, `value`,
 `proj_attn`) are read as `to_q`, `to_k`, `to_v`, `to_out.0`, as diffusers itself does.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,16 @@ import numpy as np
 from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensors
 
 # Weights file names in the order diffusers / transformers prefer them.
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
-                "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_NAMES = (
+  "diffusion_pytorch_model.safetensors",
+  "diffusion_pytorch_model.safetensors.index.json",
+  "diffusion_pytorch_model.bin",
+  "diffusion_pytorch_model.bin.index.json",
+  "model.safetensors",
+  "model.safetensors.index.json",
+  "pytorch_model.bin",
+  "pytorch_model.bin.index.json",
+)
 # Leaf names of NNX parameters that torch calls `weight`.
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 # Current attention sub-module name -> its pre-0.14 diffusers name.
@@ -76,8 +83,11 @@ def save_component(out_dir, config: Mapping, state_dict: Mapping[str, np.ndarray
   """Writes config.json + diffusion_pytorch_model.safetensors (float32) into `out_dir`."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  save_safetensors({k: np.asarray(v, np.float32) for k, v in state_dict.items()},
-                   out / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+  save_safetensors(
+    {k: np.asarray(v, np.float32) for k, v in state_dict.items()},
+    out / "diffusion_pytorch_model.safetensors",
+    metadata={"format": "pt"},
+  )
   (out / "config.json").write_text(json.dumps(dict(config), indent=2))
   return out
 
@@ -121,6 +131,7 @@ def to_torch_value(path: str, value: np.ndarray) -> np.ndarray:
 def model_params(model) -> dict[str, np.ndarray]:
   """{'encoder/conv_in/kernel': np.ndarray, ...} for every nnx.Param of `model`."""
   from flax import nnx
+
   return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -129,17 +140,23 @@ def _legacy_alias(key: str) -> str | None:
     for leaf in ("weight", "bias"):
       suffix = f".{new}.{leaf}"
       if key.endswith(suffix):
-        return key[:-len(suffix)] + f".{old}.{leaf}"
+        return key[: -len(suffix)] + f".{old}.{leaf}"
   return None
 
 
-def params_from_diffusers(model, state_dict: Mapping[str, np.ndarray], source: str = "state dict", *,
-                          ignore: Callable[[str], bool] | None = None):
+def params_from_diffusers(
+  model,
+  state_dict: Mapping[str, np.ndarray],
+  source: str = "state dict",
+  *,
+  ignore: Callable[[str], bool] | None = None,
+):
   """Returns `model` (concrete or from `nnx.eval_shape`) with every nnx.Param replaced by its value from the
   diffusers `state_dict`, cast to the parameter's dtype. Keys for which `ignore(key)` is true may be left over.
   Raises CheckpointError (naming `source`) on missing keys, unexpected keys and shape mismatches."""
   import jax.numpy as jnp
   from flax import nnx
+
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   remaining = dict(state_dict)
   missing, mismatched = [], []
@@ -171,10 +188,12 @@ def params_from_diffusers(model, state_dict: Mapping[str, np.ndarray], source: s
   return nnx.merge(graphdef, params, rest)
 
 
-def build_from_diffusers(constructor: Callable[[], object], state_dict: Mapping[str, np.ndarray],
-                         source: str = "state dict", **kw):
+def build_from_diffusers(
+  constructor: Callable[[], object], state_dict: Mapping[str, np.ndarray], source: str = "state dict", **kw
+):
   """Builds `constructor()` abstractly (no random initialization) and fills it from `state_dict`."""
   from flax import nnx
+
   return params_from_diffusers(nnx.eval_shape(constructor), state_dict, source, **kw)
 
 
@@ -186,12 +205,21 @@ def params_to_diffusers(model) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------------------------
 # Components
 # ------------------------------------------------------------------------------------------------------------
-def load_vae(model_dir, subfolder: str | None = "vae", *, dtype=None, param_dtype=None, variant: str | None = None,
-             attention_backend: str = "auto"):
+def load_vae(
+  model_dir,
+  subfolder: str | None = "vae",
+  *,
+  dtype=None,
+  param_dtype=None,
+  variant: str | None = None,
+  attention_backend: str = "auto",
+):
   """A diffusers AutoencoderKL folder (`model_dir/vae`, or `model_dir` itself with subfolder=None; falls back to
   it when `model_dir/vae` does not exist) -> `hps_jax.models.vae.AutoencoderKL`."""
   import jax.numpy as jnp
+
   from hps_jax.models.vae import AutoencoderKL, VAEConfig
+
   if subfolder and not (Path(model_dir) / subfolder).is_dir() and (Path(model_dir) / "config.json").exists():
     subfolder = None
   config_path, weights = component_files(model_dir, subfolder, variant)

@@ -14,6 +14,7 @@ layout serves pytorch-fid's `pt_inception-...pth` and torch-fidelity's `weights-
 with <module> e.g. `Conv2d_1a_3x3`, `Mixed_5b.branch1x1`, `Mixed_7c.branch3x3dbl_3b`. Conversion is strict: a
 missing key, an unknown key or a wrong shape raises `CheckpointError` naming the file and the keys.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,11 +27,11 @@ from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensor
 
 # ours (last path components) <-> torch (key suffix)
 _SUFFIXES = (
-    ("conv/kernel", "conv.weight"),
-    ("bn/scale", "bn.weight"),
-    ("bn/bias", "bn.bias"),
-    ("bn/mean", "bn.running_mean"),
-    ("bn/var", "bn.running_var"),
+  ("conv/kernel", "conv.weight"),
+  ("bn/scale", "bn.weight"),
+  ("bn/bias", "bn.bias"),
+  ("bn/mean", "bn.running_mean"),
+  ("bn/var", "bn.running_var"),
 )
 _IGNORED_SUFFIX = ".num_batches_tracked"
 
@@ -42,7 +43,7 @@ def _torch_name(ours: str) -> str:
     return "fc.bias"
   for mine, theirs in _SUFFIXES:
     if ours.endswith("/" + mine):
-      return ours[:-len(mine)].replace("/", ".") + theirs
+      return ours[: -len(mine)].replace("/", ".") + theirs
   raise KeyError(f"no torch name for parameter {ours}")
 
 
@@ -65,14 +66,18 @@ def _from_torch(ours: str, arr: np.ndarray) -> np.ndarray:
 def _abstract_model(cfg=None, dtype=None, param_dtype=None):
   import jax.numpy as jnp
   from flax import nnx
+
   from hps_jax.models.inception import FIDInception
-  return nnx.eval_shape(lambda: FIDInception(cfg, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32,
-                                             rngs=nnx.Rngs(0)))
+
+  return nnx.eval_shape(
+    lambda: FIDInception(cfg, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32, rngs=nnx.Rngs(0))
+  )
 
 
 @functools.lru_cache(maxsize=8)
 def _expected_shapes(cfg) -> tuple[tuple[str, tuple[int, ...]], ...]:
   from flax import nnx
+
   state = nnx.state(_abstract_model(cfg), nnx.Param)
   return tuple(("/".join(map(str, p)), tuple(v.shape)) for p, v in nnx.to_flat_state(state))
 
@@ -121,6 +126,7 @@ def inception_params_to_torch(flat: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 def model_params(model) -> dict[str, np.ndarray]:
   from flax import nnx
+
   return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -128,6 +134,7 @@ def build_inception(flat: dict[str, np.ndarray], *, cfg=None, dtype=None, param_
   """An `FIDInception` holding `flat` (every parameter must be present), without running the initializers."""
   import jax.numpy as jnp
   from flax import nnx
+
   param_dtype = param_dtype or jnp.float32
   graphdef, params, rest = nnx.split(_abstract_model(cfg, dtype, param_dtype), nnx.Param, ...)
   for path, var in nnx.to_flat_state(params):
@@ -151,11 +158,12 @@ def save_inception_torch(model, path: str | os.PathLike, num_batches_tracked: bo
     save_safetensors(sd, path)
     return path
   import torch
+
   tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}
   if num_batches_tracked:
     for k in sd:
       if k.endswith(".bn.running_mean"):
-        tensors[k[:-len("running_mean")] + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+        tensors[k[: -len("running_mean")] + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
   path.parent.mkdir(parents=True, exist_ok=True)
   torch.save(tensors, str(path))
   return path

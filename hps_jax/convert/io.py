@@ -3,6 +3,7 @@
 torch is imported lazily and only for the pickled formats (`.pt`, `.pth`, `.bin`, `.ckpt`); everything returns
 plain `dict[str, np.ndarray]` (float tensors as float32 unless `keep_dtype`).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ def _is_safetensors(path: Path) -> bool:
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   from safetensors import safe_open
+
   out = {}
   try:
     with safe_open(str(path), framework="flax") as f:  # the flax framework handles bf16 through ml_dtypes
@@ -48,6 +50,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _torch_to_numpy(t) -> np.ndarray:
   import torch
+
   if t.dtype in (torch.bfloat16, torch.float16):
     t = t.float()
   return t.detach().cpu().numpy()
@@ -58,17 +61,19 @@ def load_torch_pickle(path: str | os.PathLike):
     import torch
   except ImportError as e:
     raise CheckpointError(
-        f"{path}: reading PyTorch pickles needs torch (pip install 'hps_jax[torch]'), or convert the file to "
-        "safetensors first") from e
+      f"{path}: reading PyTorch pickles needs torch (pip install 'hps_jax[torch]'), or convert the file to "
+      "safetensors first"
+    ) from e
   try:
     return torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises pickle/zip/runtime errors of many kinds, often with long messages
     first = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
     reason = first if len(first) <= 200 else first[:197] + "..."
     raise CheckpointError(
-        f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: {reason}). TorchScript archives (the "
-        "OpenAI CLIP release .pt) are not plain state dicts: load them with torch.jit.load(...).state_dict() "
-        "and save that") from e
+      f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: {reason}). TorchScript archives (the "
+      "OpenAI CLIP release .pt) are not plain state dicts: load them with torch.jit.load(...).state_dict() "
+      "and save that"
+    ) from e
 
 
 def unwrap_state_dict(obj, path="checkpoint") -> dict:
@@ -85,7 +90,7 @@ def unwrap_state_dict(obj, path="checkpoint") -> dict:
     raise CheckpointError(f"{path}: expected a state dict (mapping of name -> tensor), got {type(obj).__name__}")
   out = {}
   for k, v in obj.items():
-    k = k[len("module."):] if k.startswith("module.") else k
+    k = k[len("module.") :] if k.startswith("module.") else k
     out[k] = v
   return out
 
@@ -127,6 +132,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None):
   from safetensors.numpy import save_file
+
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   # (np.ascontiguousarray would turn 0-d tensors such as logit_scale into shape (1,))
   save_file({k: np.array(v, order="C", copy=True) for k, v in tensors.items()}, str(path), metadata=metadata)

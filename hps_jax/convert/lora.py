@@ -32,6 +32,7 @@ diffusers' kohya conversion), `save_legacy` (the attn-procs layout; scale folded
 `save_merged_unet` (a plain diffusers `unet/` folder with W + scale * down @ up). torch is needed only to read or
 write `.bin` pickles and is imported lazily.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,9 +47,13 @@ import numpy as np
 from hps_jax.convert.io import CheckpointError, _is_safetensors, load_state_dict, save_safetensors
 from hps_jax.lora import Adapter
 
-LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin", "adapter_model.safetensors",
-                     "adapter_model.bin")
-METADATA_KEY = "lora_adapter_metadata"     # diffusers' safetensors metadata entry (a JSON LoraConfig)
+LORA_WEIGHT_NAMES = (
+  "pytorch_lora_weights.safetensors",
+  "pytorch_lora_weights.bin",
+  "adapter_model.safetensors",
+  "adapter_model.bin",
+)
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry (a JSON LoraConfig)
 _TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
 _STRIP_PREFIXES = ("base_model.model.", "unet.")
 _LEGACY_TARGETS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -58,15 +63,43 @@ _ATTN_PROCS = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_
 _DIFFUSERS = re.compile(r"^(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<part>down|up)\.weight$")
 _PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _MODULE_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
-_UNSUPPORTED = re.compile(r"(lora_magnitude_vector|dora_scale|lora_B(\.[^.]+)?\.bias|lora_up\.bias|hada_|lokr_"
-                          r"|lora_mid\.)")
+_UNSUPPORTED = re.compile(
+  r"(lora_magnitude_vector|dora_scale|lora_B(\.[^.]+)?\.bias|lora_up\.bias|hada_|lokr_"
+  r"|lora_mid\.)"
+)
 
 # diffusers UNet module names that contain underscores, as token tuples (for kohya names, where every `.` became
 # `_`). Longest first: the greedy parse must prefer conv_norm_out to conv_out.
-_COMPOUNDS = sorted((tuple(w.split("_")) for w in (
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
-    "proj_out", "conv_in", "conv_out", "conv_norm_out", "conv_shortcut", "time_emb_proj", "time_embedding",
-    "linear_1", "linear_2", "add_embedding", "add_time_proj", "encoder_hid_proj")), key=len, reverse=True)
+_COMPOUNDS = sorted(
+  (
+    tuple(w.split("_"))
+    for w in (
+      "down_blocks",
+      "up_blocks",
+      "mid_block",
+      "transformer_blocks",
+      "to_q",
+      "to_k",
+      "to_v",
+      "to_out",
+      "proj_in",
+      "proj_out",
+      "conv_in",
+      "conv_out",
+      "conv_norm_out",
+      "conv_shortcut",
+      "time_emb_proj",
+      "time_embedding",
+      "linear_1",
+      "linear_2",
+      "add_embedding",
+      "add_time_proj",
+      "encoder_hid_proj",
+    )
+  ),
+  key=len,
+  reverse=True,
+)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -91,7 +124,7 @@ def _parse_kohya(name: str) -> str:
   tokens, parts, i = name.split("_"), [], 0
   while i < len(tokens):
     for c in _COMPOUNDS:
-      if tuple(tokens[i:i + len(c)]) == c:
+      if tuple(tokens[i : i + len(c)]) == c:
         parts.append("_".join(c))
         i += len(c)
         break
@@ -104,6 +137,7 @@ def _parse_kohya(name: str) -> str:
 def _model_kohya_names(model) -> dict[str, str]:
   """{kohya name without 'lora_unet_': module name} for every linear layer of `model` (exact resolution)."""
   from hps_jax.lora import _linears
+
   return {p.replace("/", "_"): module_name(p) for p, _ in _linears(model)}
 
 
@@ -113,7 +147,7 @@ def _strip(key: str) -> str:
     changed = False
     for p in _STRIP_PREFIXES:
       if key.startswith(p):
-        key, changed = key[len(p):], True
+        key, changed = key[len(p) :], True
   return key
 
 
@@ -130,8 +164,10 @@ def resolve_lora_file(path) -> Path:
     found = sorted(p.glob("*.safetensors"))
     if len(found) == 1:
       return found[0]
-    raise CheckpointError(f"{p}: no LoRA weights file; expected one of {list(LORA_WEIGHT_NAMES)} or a single "
-                          f".safetensors file (found {[f.name for f in found]})")
+    raise CheckpointError(
+      f"{p}: no LoRA weights file; expected one of {list(LORA_WEIGHT_NAMES)} or a single "
+      f".safetensors file (found {[f.name for f in found]})"
+    )
   if not p.exists():
     raise CheckpointError(f"{p}: no such file")
   return p
@@ -141,6 +177,7 @@ def _file_metadata(path: Path) -> dict[str, str]:
   if not _is_safetensors(path):
     return {}
   from safetensors import safe_open
+
   try:
     with safe_open(str(path), framework="numpy") as f:
       return dict(f.metadata() or {})
@@ -157,7 +194,7 @@ def _peft_config(path: Path, metadata: Mapping[str, str]) -> tuple[dict | None, 
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from e
     if any(k.startswith("unet.") for k in conf):
-      conf = {k[len("unet."):]: v for k, v in conf.items() if k.startswith("unet.")}
+      conf = {k[len("unet.") :]: v for k, v in conf.items() if k.startswith("unet.")}
     elif any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in conf):
       conf = {}
     if conf:
@@ -184,14 +221,14 @@ def _config_alpha(conf: Mapping, module: str, rank: int) -> float:
   if alpha is None:
     alpha = conf.get("lora_alpha", rank)
   alpha = float(alpha)
-  if conf.get("use_rslora"):     # PEFT's rsLoRA scale alpha / sqrt(r), in our alpha / r convention
+  if conf.get("use_rslora"):  # PEFT's rsLoRA scale alpha / sqrt(r), in our alpha / r convention
     alpha *= math.sqrt(rank)
   return alpha
 
 
 def _as_matrix(a: np.ndarray, key: str, source) -> np.ndarray:
   a = np.asarray(a, np.float32)
-  if a.ndim == 4 and a.shape[2:] == (1, 1):   # 1x1-conv LoRA (kohya's proj_in / proj_out on SD 1.x)
+  if a.ndim == 4 and a.shape[2:] == (1, 1):  # 1x1-conv LoRA (kohya's proj_in / proj_out on SD 1.x)
     a = a[:, :, 0, 0]
   if a.ndim != 2:
     raise CheckpointError(f"{source}: {key} has shape {a.shape}; only linear (and 1x1-conv) LoRA is supported")
@@ -220,8 +257,10 @@ def load_lora(path, model=None) -> tuple[dict[str, Adapter], dict]:
       skipped += 1
       continue
     if _UNSUPPORTED.search(key):
-      raise CheckpointError(f"{source}: key {key!r} belongs to an unsupported adapter type (DoRA, LoRA bias, LyCORIS "
-                            "LoHa / LoKr / LoCon-mid); only plain LoRA is supported")
+      raise CheckpointError(
+        f"{source}: key {key!r} belongs to an unsupported adapter type (DoRA, LoRA bias, LyCORIS "
+        "LoHa / LoKr / LoCon-mid); only plain LoRA is supported"
+      )
     k = _strip(key)
     value = sd[key]
     if m := _KOHYA.match(k):
@@ -238,8 +277,10 @@ def load_lora(path, model=None) -> tuple[dict[str, Adapter], dict]:
     elif m := _MODULE_ALPHA.match(k):
       fmt, module, part = None, m["module"], "alpha"
     else:
-      raise CheckpointError(f"{source}: unrecognized LoRA key {key!r} (expected the attn-procs, diffusers, PEFT or "
-                            "kohya layout of a UNet LoRA)")
+      raise CheckpointError(
+        f"{source}: unrecognized LoRA key {key!r} (expected the attn-procs, diffusers, PEFT or "
+        "kohya layout of a UNet LoRA)"
+      )
     if fmt:
       formats[fmt] += 1
     if part == "alpha":
@@ -280,15 +321,15 @@ def load_lora(path, model=None) -> tuple[dict[str, Adapter], dict]:
   ranks = sorted({a.rank for a in adapters.values()})
   alpha_values = sorted({a.alpha for a in adapters.values()})
   info = {
-      "format": "+".join(sorted(formats)) or "unknown",
-      "file": source,
-      "layers": len(adapters),
-      "rank": ranks[0] if len(ranks) == 1 else None,
-      "ranks": ranks,
-      "alpha": alpha_values[0] if len(alpha_values) == 1 else None,
-      "alphas": alpha_values,
-      "alpha_source": ("alpha keys" if alphas else conf_source if conf is not None else "rank (no alpha stored)"),
-      "skipped_text_encoder": skipped,
+    "format": "+".join(sorted(formats)) or "unknown",
+    "file": source,
+    "layers": len(adapters),
+    "rank": ranks[0] if len(ranks) == 1 else None,
+    "ranks": ranks,
+    "alpha": alpha_values[0] if len(alpha_values) == 1 else None,
+    "alphas": alpha_values,
+    "alpha_source": ("alpha keys" if alphas else conf_source if conf is not None else "rank (no alpha stored)"),
+    "skipped_text_encoder": skipped,
   }
   return adapters, info
 
@@ -301,6 +342,7 @@ def _adapters(model_or_adapters) -> dict[str, Adapter]:
     out = dict(model_or_adapters)
   else:
     from hps_jax.lora import get_adapters
+
     out = get_adapters(model_or_adapters)
   if not out:
     raise ValueError("no LoRA adapters to save")
@@ -330,15 +372,15 @@ def peft_config(adapters: Mapping[str, Adapter]) -> dict:
   r = collections.Counter(a.rank for a in modules.values()).most_common(1)[0][0]
   alpha = collections.Counter(a.alpha for a in modules.values()).most_common(1)[0][0]
   return {
-      "r": r,
-      "lora_alpha": _number(alpha),
-      "rank_pattern": {m: a.rank for m, a in modules.items() if a.rank != r},
-      "alpha_pattern": {m: _number(a.alpha) for m, a in modules.items() if a.alpha != alpha},
-      "target_modules": sorted(modules),
-      "init_lora_weights": True,
-      "use_dora": False,
-      "use_rslora": False,
-      "lora_bias": False,
+    "r": r,
+    "lora_alpha": _number(alpha),
+    "rank_pattern": {m: a.rank for m, a in modules.items() if a.rank != r},
+    "alpha_pattern": {m: _number(a.alpha) for m, a in modules.items() if a.alpha != alpha},
+    "target_modules": sorted(modules),
+    "init_lora_weights": True,
+    "use_dora": False,
+    "use_rslora": False,
+    "lora_bias": False,
   }
 
 
@@ -382,9 +424,11 @@ def save_kohya(model_or_adapters, path, *, fp16: bool = False) -> Path:
     tensors[f"{name}.alpha"] = np.asarray(a.alpha, np.float32)
   ranks = sorted({a.rank for a in adapters.values()})
   alphas = sorted({a.alpha for a in adapters.values()})
-  meta = {"ss_network_module": "networks.lora",
-          "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
-          "ss_network_alpha": str(_number(alphas[0])) if len(alphas) == 1 else "Dynamic"}
+  meta = {
+    "ss_network_module": "networks.lora",
+    "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
+    "ss_network_alpha": str(_number(alphas[0])) if len(alphas) == 1 else "Dynamic",
+  }
   save_safetensors(tensors, out, metadata=meta)
   return out
 
@@ -404,13 +448,14 @@ def save_legacy(model_or_adapters, path) -> Path:
     attn, proj = None, None
     for target, name in inverse.items():
       if m.endswith("." + target):
-        attn, proj = m[:-len(target) - 1], name
+        attn, proj = m[: -len(target) - 1], name
         break
     if attn is None:
       raise ValueError(f"{p}: the legacy attn-procs layout holds only to_q / to_k / to_v / to_out.0 adapters")
     tensors[f"{attn}.processor.{proj}_lora.down.weight"] = np.ascontiguousarray(np.asarray(a.down, np.float32).T)
     tensors[f"{attn}.processor.{proj}_lora.up.weight"] = np.ascontiguousarray(
-        (np.asarray(a.up, np.float32) * (a.alpha / a.rank)).T)
+      (np.asarray(a.up, np.float32) * (a.alpha / a.rank)).T
+    )
   if out.suffix == ".safetensors":
     save_safetensors(tensors, out, metadata={"format": "pt"})
   else:
@@ -430,14 +475,17 @@ def apply_lora_file(model, path, multiplier: float = 1.0, *, replace: bool = Tru
   ranks, then every adapter's scale is alpha / r * `multiplier`. With `replace`, adapters on layers the file does
   not name are removed, so the model runs exactly the file's LoRA. Returns load_lora's info."""
   from hps_jax.lora import _linears, lora_layers, remove_lora_at, set_adapters, set_lora_scale
+
   adapters, info = load_lora(path, model=model)
   linear = {p for p, _ in _linears(model)}
   other = sorted(p for p in adapters if p not in linear)
-  if other:    # before touching the model
-    raise CheckpointError(f"{info['file']}: {len(other)} adapters target layers that are not linear layers of "
-                          f"{type(model).__name__} (LoRA on convolutions, LoCon, is not supported): {other[:4]}")
+  if other:  # before touching the model
+    raise CheckpointError(
+      f"{info['file']}: {len(other)} adapters target layers that are not linear layers of "
+      f"{type(model).__name__} (LoRA on convolutions, LoCon, is not supported): {other[:4]}"
+    )
   if replace:
-    for p, m in list(lora_layers(model).items()):
+    for p in list(lora_layers(model)):
       if p not in adapters:
         remove_lora_at(model, p)
   set_adapters(model, adapters, source=info["file"])
@@ -450,9 +498,10 @@ def merged_state_dict(model) -> dict[str, np.ndarray]:
   computed on a copy: the model is left as it is."""
   from hps_jax.convert.diffusers import params_to_diffusers
   from hps_jax.lora import lora_layers
+
   sd = params_to_diffusers(model)
   for p, m in lora_layers(model).items():
-    if m.merged:          # already in the kernel
+    if m.merged:  # already in the kernel
       continue
     key = f"{module_name(p)}.weight"
     sd[key] = np.asarray(sd[key], np.float32) + np.asarray(m.delta(), np.float32).T
@@ -464,5 +513,6 @@ def save_merged_unet(model, out_dir) -> Path:
   diffusion_pytorch_model.safetensors, float32) with the adapters merged at their current scale; loadable by
   `load_unet` and diffusers without any LoRA support. The model itself is not modified."""
   from hps_jax.convert.diffusers import save_component
+
   config = {"_class_name": "UNet2DConditionModel", **model.config.to_diffusers()}
   return save_component(out_dir, config, merged_state_dict(model))

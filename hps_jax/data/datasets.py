@@ -35,10 +35,10 @@ false or no labels), ``not_different`` (``are_different`` false) and ``tie`` (0.
 Records keep the order of the source files (``disable_shuffling``), so index i of a data source is the i-th valid
 record. Entry points: `prepare` (build once, reuse after) and `data_source` (the records of one split).
 """
+
 from __future__ import annotations
 
 import abc
-
 import concurrent.futures
 import dataclasses
 import itertools
@@ -56,8 +56,20 @@ import tensorflow_datasets as tfds
 
 from hps_jax.data.images import ImageError, load_image
 
-__all__ = ["BUILDERS", "BAD_KINDS", "SKIP_KINDS", "HpdV1", "HpdV2", "Pickapic", "PickapicConfig", "PreferenceJsonl",
-           "PreferenceSource", "bad_record_report", "data_source", "prepare"]
+__all__ = [
+  "BUILDERS",
+  "BAD_KINDS",
+  "SKIP_KINDS",
+  "HpdV1",
+  "HpdV2",
+  "Pickapic",
+  "PickapicConfig",
+  "PreferenceJsonl",
+  "PreferenceSource",
+  "bad_record_report",
+  "data_source",
+  "prepare",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +85,17 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def _features() -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
-    "id": tfds.features.Text(),
-    "prompt": tfds.features.Text(),
-    # A sequence of scalar object tensors is stored as a bytes list and read back, without TensorFlow, as a list of
-    # `bytes` equal to what was written (the encoded file, untouched).
-    "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-    "ranks": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-    "chosen": tfds.features.Scalar(dtype=np.int32),
-  })
+  return tfds.features.FeaturesDict(
+    {
+      "id": tfds.features.Text(),
+      "prompt": tfds.features.Text(),
+      # A sequence of scalar object tensors is stored as a bytes list and read back, without TensorFlow, as a list of
+      # `bytes` equal to what was written (the encoded file, untouched).
+      "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+      "ranks": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      "chosen": tfds.features.Scalar(dtype=np.int32),
+    }
+  )
 
 
 _RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -104,6 +118,7 @@ class BadRecord(Exception):
 @dataclasses.dataclass
 class BadRecordLog:
   """Per-split counters: records kept, records left out per kind, and the first few of each kind."""
+
   split: str
   kept: int = 0
   counts: Counter = dataclasses.field(default_factory=Counter)
@@ -117,10 +132,13 @@ class BadRecordLog:
     logger.debug("%s: record %s left out: %s: %s", self.split, bad.record_id, bad.kind, bad.detail)
 
   def to_dict(self) -> dict:
-    return {"split": self.split, "kept": self.kept,
-            "bad": {k: self.counts[k] for k in BAD_KINDS if self.counts[k]},
-            "skipped": {k: self.counts[k] for k in SKIP_KINDS if self.counts[k]},
-            "examples": {k: list(v) for k, v in self.examples.items()}}
+    return {
+      "split": self.split,
+      "kept": self.kept,
+      "bad": {k: self.counts[k] for k in BAD_KINDS if self.counts[k]},
+      "skipped": {k: self.counts[k] for k in SKIP_KINDS if self.counts[k]},
+      "examples": {k: list(v) for k, v in self.examples.items()},
+    }
 
   def summary(self) -> str:
     d = self.to_dict()
@@ -138,6 +156,7 @@ class _Candidate:
   """A parsed record before its images are checked. An image is encoded bytes (None: absent) or a tuple of paths
   tried in order (the first that exists is read). ranks=None: 0 for the chosen image, 1 for the others.
   where: the record's place in the source (file:line, file[index], file row), prefixed to problem reports."""
+
   id: str
   prompt: str
   images: list
@@ -189,8 +208,13 @@ def _to_example(c: _Candidate) -> dict:
     if ranks[c.chosen] != min(ranks):
       raise BadRecord("bad_label", f"chosen image {c.chosen} does not have the best (lowest) rank in {ranks}")
   images = [_read_image(ref, f"image {i}") for i, ref in enumerate(c.images)]
-  return {"id": c.id, "prompt": c.prompt, "images": images, "ranks": np.asarray(ranks, np.int32),
-          "chosen": np.int32(c.chosen)}
+  return {
+    "id": c.id,
+    "prompt": c.prompt,
+    "images": images,
+    "ranks": np.asarray(ranks, np.int32),
+    "chosen": np.int32(c.chosen),
+  }
 
 
 def _check(item: _Candidate | BadRecord) -> dict | BadRecord:
@@ -217,6 +241,7 @@ def _chunks(iterable: Iterable, size: int) -> Iterator[list]:
 
 
 # Field parsing helpers: each raises BadRecord("bad_label", ...) naming the field.
+
 
 def _require(rec: dict, key: str):
   if key not in rec:
@@ -301,9 +326,13 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-      builder=self, description=(type(self).__doc__ or "").strip(),
+      builder=self,
+      description=(type(self).__doc__ or "").strip(),
       features=_features(),
-      homepage=self.HOMEPAGE, citation=self.CITATION, disable_shuffling=True)
+      homepage=self.HOMEPAGE,
+      citation=self.CITATION,
+      disable_shuffling=True,
+    )
 
   @abc.abstractmethod
   def split_sources(self, manual_dir) -> dict[str, Any]:
@@ -333,13 +362,14 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   def _close_split(self, log: BadRecordLog) -> None:
     name = self.info.full_name
     if log.kept == 0:
-      raise ValueError(f"{name}: split {log.split!r} has no valid record ({log.summary()}); "
-                       f"first problems: {json.dumps(log.examples)[:2000]}")
+      raise ValueError(
+        f"{name}: split {log.split!r} has no valid record ({log.summary()}); "
+        f"first problems: {json.dumps(log.examples)[:2000]}"
+      )
     # The generator runs in this process (no Beam), while data_path is TFDS's temporary sibling directory
     # (<parent>/incomplete.<id>_<version>), renamed to <parent>/<version> once every split is written.
     tmp = Path(os.fspath(self.data_path))
-    (tmp / REPORT_NAME.format(split=log.split)).write_text(json.dumps(log.to_dict(), indent=1) + "\n",
-                                                          encoding="utf-8")
+    (tmp / REPORT_NAME.format(split=log.split)).write_text(json.dumps(log.to_dict(), indent=1) + "\n", encoding="utf-8")
     final = tmp.parent / str(self.version) / REPORT_NAME.format(split=log.split)
     if sum(log.counts.values()):
       logger.warning("%s split %r: %s (details: %s)", name, log.split, log.summary(), final)
@@ -378,8 +408,9 @@ class HpdV1(_PreferenceBuilder):
     manual_dir = Path(manual_dir)
     missing = [f for f in self.FILES.values() if not (manual_dir / f).is_file()]
     if missing:
-      raise _missing_error(self.name, manual_dir, missing,
-                           "preference_train.json, preference_test.json and preference_images/")
+      raise _missing_error(
+        self.name, manual_dir, missing, "preference_train.json, preference_test.json and preference_images/"
+      )
     return {split: manual_dir / f for split, f in self.FILES.items()}
 
   def _records(self, split: str, source: Path):
@@ -391,10 +422,16 @@ class HpdV1(_PreferenceBuilder):
           raise BadRecord("bad_json", "not a JSON object")
         rid = _record_id(rec, default_id)
         paths = _path_list(rec, "file_path")
-        yield i, _Candidate(id=rid, prompt=_prompt(rec, "prompt"),
-                            images=[(root / p, root / "preference_images" / p) for p in paths],
-                            chosen=_chosen_from_preference(_require(rec, "human_preference"), len(paths)),
-                            where=f"{source.name}[{i}]")
+        yield (
+          i,
+          _Candidate(
+            id=rid,
+            prompt=_prompt(rec, "prompt"),
+            images=[(root / p, root / "preference_images" / p) for p in paths],
+            chosen=_chosen_from_preference(_require(rec, "human_preference"), len(paths)),
+            where=f"{source.name}[{i}]",
+          ),
+        )
       except BadRecord as e:
         yield i, _located(e, f"{source.name}[{i}]", rid)
 
@@ -431,8 +468,9 @@ class HpdV2(_PreferenceBuilder):
   def split_sources(self, manual_dir) -> dict[str, Path]:
     manual_dir = Path(manual_dir)
     expected = ["train.json", "test.json", "train/", "test/"]
-    missing = [e for e in expected
-               if not ((manual_dir / e).is_dir() if e.endswith("/") else (manual_dir / e).is_file())]
+    missing = [
+      e for e in expected if not ((manual_dir / e).is_dir() if e.endswith("/") else (manual_dir / e).is_file())
+    ]
     if missing:
       raise _missing_error(self.name, manual_dir, missing, "train.json, test.json, train/ and test/")
     return {"train": manual_dir / "train.json", "test": manual_dir / "test.json"}
@@ -452,8 +490,17 @@ class HpdV2(_PreferenceBuilder):
         else:
           paths = _path_list(rec, "file_path")
           ranks, chosen = None, _chosen_from_preference(_require(rec, "human_preference"), len(paths))
-        yield i, _Candidate(id=rid, prompt=_prompt(rec, "prompt"), images=[(folder / p, root / p) for p in paths],
-                            chosen=chosen, ranks=ranks, where=f"{source.name}[{i}]")
+        yield (
+          i,
+          _Candidate(
+            id=rid,
+            prompt=_prompt(rec, "prompt"),
+            images=[(folder / p, root / p) for p in paths],
+            chosen=chosen,
+            ranks=ranks,
+            where=f"{source.name}[{i}]",
+          ),
+        )
       except BadRecord as e:
         yield i, _located(e, f"{source.name}[{i}]", rid)
 
@@ -461,6 +508,7 @@ class HpdV2(_PreferenceBuilder):
 @dataclasses.dataclass(eq=False)
 class PickapicConfig(tfds.core.BuilderConfig):
   """include_ties: keep 0.5 / 0.5 rows as ties (ranks [0, 0], chosen 0) instead of skipping them."""
+
   include_ties: bool = False
 
 
@@ -491,8 +539,7 @@ class Pickapic(_PreferenceBuilder):
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [
     PickapicConfig(name="default", include_ties=False, description="ties (0.5 / 0.5) are skipped"),
-    PickapicConfig(name="with_ties", include_ties=True,
-                   description="ties are kept with ranks [0, 0] and chosen 0"),
+    PickapicConfig(name="with_ties", include_ties=True, description="ties are kept with ranks [0, 0] and chosen 0"),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = "default"
   HOMEPAGE = "https://huggingface.co/datasets/yuvalkirstain/pickapic_v2"
@@ -508,20 +555,26 @@ class Pickapic(_PreferenceBuilder):
 
   def split_sources(self, manual_dir) -> dict[str, list[Path]]:
     import pyarrow.parquet as pq
+
     manual_dir = Path(manual_dir)
     folder = manual_dir / "data"
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
       files = sorted(manual_dir.glob("*.parquet")) if manual_dir.is_dir() else []
     if not files:
-      raise _missing_error(self.name, manual_dir, ["parquet files"],
-                           "<split>-*.parquet or <split>.parquet files in manual_dir/data/ or manual_dir")
+      raise _missing_error(
+        self.name,
+        manual_dir,
+        ["parquet files"],
+        "<split>-*.parquet or <split>.parquet files in manual_dir/data/ or manual_dir",
+      )
     splits: dict[str, list[Path]] = {}
     for f in files:
       split = f.name[: -len(".parquet")].split("-", 1)[0]
       if not _SPLIT_NAME.match(split):
-        raise ValueError(f"{self.name}: cannot tell the split of {f}: the name must start with <split>- "
-                         f"(letters, digits, underscores)")
+        raise ValueError(
+          f"{self.name}: cannot tell the split of {f}: the name must start with <split>- (letters, digits, underscores)"
+        )
       columns = set(pq.read_schema(f).names)
       missing = [c for c in self.REQUIRED_COLUMNS if c not in columns]
       if missing:
@@ -531,6 +584,7 @@ class Pickapic(_PreferenceBuilder):
 
   def _records(self, split: str, source: list[Path]):
     import pyarrow.parquet as pq
+
     include_ties = bool(getattr(self.builder_config, "include_ties", False))
     row = 0
     for path in source:
@@ -630,14 +684,27 @@ class PreferenceJsonl(_PreferenceBuilder):
           if not _is_int(chosen):
             raise BadRecord("bad_label", f"'chosen' must be an integer, got {chosen!r:.80}")
           ranks = _int_list(rec, "ranks", len(paths)) if rec.get("ranks") is not None else None
-          yield line_no, _Candidate(id=rid, prompt=_prompt(rec, "prompt"), images=[(root / p,) for p in paths],
-                                    chosen=int(chosen), ranks=ranks, where=f"{source.name}:{line_no}")
+          yield (
+            line_no,
+            _Candidate(
+              id=rid,
+              prompt=_prompt(rec, "prompt"),
+              images=[(root / p,) for p in paths],
+              chosen=int(chosen),
+              ranks=ranks,
+              where=f"{source.name}:{line_no}",
+            ),
+          )
         except BadRecord as e:
           yield line_no, _located(e, f"{source.name}:{line_no}", rid)
 
 
 BUILDERS: dict[str, type[_PreferenceBuilder]] = {
-  "hpd_v1": HpdV1, "hpd_v2": HpdV2, "pickapic": Pickapic, "preference_jsonl": PreferenceJsonl}
+  "hpd_v1": HpdV1,
+  "hpd_v2": HpdV2,
+  "pickapic": Pickapic,
+  "preference_jsonl": PreferenceJsonl,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -650,8 +717,9 @@ def _builder(name: str, data_dir, builder_config: str = "") -> _PreferenceBuilde
   cls = BUILDERS[name]
   configs = [c.name for c in cls.BUILDER_CONFIGS]
   if builder_config and builder_config not in configs:
-    raise ValueError(f"{name} has no builder config {builder_config!r}; "
-                     + (f"one of {configs}" if configs else "it has none"))
+    raise ValueError(
+      f"{name} has no builder config {builder_config!r}; " + (f"one of {configs}" if configs else "it has none")
+    )
   return cls(data_dir=os.fspath(data_dir), config=builder_config or None)
 
 
@@ -671,8 +739,9 @@ def prepare(name: str, manual_dir, data_dir, builder_config: str = "") -> _Prefe
   if manual_dir is None or not manual_dir.is_dir():
     raise ValueError(f"{name}: manual_dir {manual_dir} is not a directory. {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   builder.split_sources(manual_dir)  # fails early with the clear error
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-    manual_dir=os.fspath(manual_dir), try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), try_download_gcs=False)
+  )
   return builder
 
 
@@ -680,8 +749,10 @@ def bad_record_report(builder: _PreferenceBuilder, split: str) -> dict:
   """The bad-record report written when `split` was prepared: {"split", "kept", "bad", "skipped", "examples"}."""
   path = Path(os.fspath(builder.data_path)) / REPORT_NAME.format(split=split)
   if not path.is_file():
-    raise FileNotFoundError(f"no bad-record report for split {split!r} at {path} (is {builder.info.full_name} "
-                            f"prepared, and does it have that split? splits: {sorted(builder.info.splits)})")
+    raise FileNotFoundError(
+      f"no bad-record report for split {split!r} at {path} (is {builder.info.full_name} "
+      f"prepared, and does it have that split? splits: {sorted(builder.info.splits)})"
+    )
   return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -691,9 +762,13 @@ def _text(value) -> str:
 
 def to_record(example: dict) -> dict:
   """A TFDS-decoded example (numpy values) -> the shared record schema."""
-  return {"id": _text(example["id"]), "prompt": _text(example["prompt"]),
-          "images": [bytes(b) for b in example["images"]], "ranks": np.asarray(example["ranks"], np.int32),
-          "chosen": int(example["chosen"])}
+  return {
+    "id": _text(example["id"]),
+    "prompt": _text(example["prompt"]),
+    "images": [bytes(b) for b in example["images"]],
+    "ranks": np.asarray(example["ranks"], np.int32),
+    "chosen": int(example["chosen"]),
+  }
 
 
 class PreferenceSource:

@@ -19,6 +19,7 @@ data fails its CRC is skipped and passed to `skip(where, why)`; an unreadable zi
 Records carry where their image is, not its bytes (a 14M-image listing fits in memory); read the bytes with
 :class:`ArchiveReader` (or `iter_diffusiondb(..., with_bytes=True)`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,6 +47,7 @@ class Record:
   """One generated image. `archive` is the part zip holding member `name`; for a plain file (JSONL input)
   `archive` is None and `name` is the image path. `part` is the zip's path under ROOT without `.zip`
   (e.g. `images/part-000001`), unique per zip."""
+
   name: str
   prompt: str | None
   archive: str | None = None
@@ -72,8 +74,10 @@ def find_parts(root) -> list[Path]:
     raise FileNotFoundError(f"{root}: no such directory")
   parts = [p for p in root.rglob("part-*.zip") if _PART.match(p.name) and p.is_file()]
   if not parts:
-    raise DiffusionDBError(f"{root}: no part-NNNNNN.zip archives (expected a DiffusionDB download: part zips in "
-                           "the folder, images/ or diffusiondb-large-part-N/)")
+    raise DiffusionDBError(
+      f"{root}: no part-NNNNNN.zip archives (expected a DiffusionDB download: part zips in "
+      "the folder, images/ or diffusiondb-large-part-N/)"
+    )
   return sorted(parts, key=lambda p: (int(_PART.match(p.name).group(1)), str(p)))
 
 
@@ -96,8 +100,10 @@ def read_parquet_metadata(root, names: set[str], part_ids: set[int] | None = Non
       schema = pq.read_schema(f)
       missing = {"image_name", "prompt"} - set(schema.names)
       if missing:
-        raise DiffusionDBError(f"{f}: missing column(s) {sorted(missing)} (DiffusionDB metadata has image_name, "
-                               f"prompt, part_id, seed, step, cfg, sampler, width, height)")
+        raise DiffusionDBError(
+          f"{f}: missing column(s) {sorted(missing)} (DiffusionDB metadata has image_name, "
+          f"prompt, part_id, seed, step, cfg, sampler, width, height)"
+        )
       cols = ["image_name", "prompt"] + [c for c in ("part_id",) + _FIELDS if c in schema.names]
       filters = [("part_id", "in", sorted(part_ids))] if part_ids and "part_id" in schema.names else None
       table = pq.read_table(f, columns=cols, filters=filters)
@@ -120,8 +126,10 @@ def _read_part_json(zf: zipfile.ZipFile, zip_path: Path) -> dict:
   except (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise DiffusionDBError(f"{zip_path}:{member}: unreadable part metadata ({e})") from e
   if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
-    raise DiffusionDBError(f"{zip_path}:{member}: expected an object mapping image names to "
-                           '{"p": prompt, "se": seed, "c": cfg, "st": steps, "sa": sampler}')
+    raise DiffusionDBError(
+      f"{zip_path}:{member}: expected an object mapping image names to "
+      '{"p": prompt, "se": seed, "c": cfg, "st": steps, "sa": sampler}'
+    )
   return meta
 
 
@@ -224,6 +232,7 @@ def read_jsonl_records(path, skip: Skip) -> list[Record]:
   """Records of a JSONL of {"image": PATH, "prompt": TEXT} rows (relative paths resolve against its folder);
   bad rows go to `skip` (see hps_jax.data.pairs). Raises ValueError for an unreadable file."""
   from hps_jax.data.pairs import read_image_rows
+
   return [Record(name=img, prompt=prompt) for img, prompt in read_image_rows(path, skip, require_prompt=True)]
 
 
@@ -236,5 +245,6 @@ def read_records(path, skip: Skip) -> list[Record]:
     raise FileNotFoundError(f"{p}: no such file or directory")
   if p.suffix.lower() == ".jsonl":
     return read_jsonl_records(p, skip)
-  raise ValueError(f"{p}: expected a DiffusionDB folder (part-*.zip + metadata*.parquet) or a .jsonl of "
-                   '{"image", "prompt"} rows')
+  raise ValueError(
+    f'{p}: expected a DiffusionDB folder (part-*.zip + metadata*.parquet) or a .jsonl of {{"image", "prompt"}} rows'
+  )

@@ -41,6 +41,7 @@ Decisions (each is tested in ``tests/test_images.py``):
   PIL's own ``DecompressionBombError`` is reported the same way. ``max_pixels=None`` disables the check here
   (PIL still refuses images above twice its limit). Arrays and PIL images are already in memory and not checked.
 """
+
 from __future__ import annotations
 
 import io
@@ -115,8 +116,9 @@ def _parse_background(background) -> tuple[int, int, int] | None:
   except TypeError:
     raise TypeError(f"background must be None, an int or an (r, g, b) triple, got {background!r}") from None
   if len(bg) != 3 or not all(0 <= v <= 255 for v in bg):
-    raise ValueError(f"background must be None, an int in [0, 255] or an (r, g, b) triple in [0, 255], "
-                     f"got {background!r}")
+    raise ValueError(
+      f"background must be None, an int in [0, 255] or an (r, g, b) triple in [0, 255], got {background!r}"
+    )
   return bg
 
 
@@ -140,8 +142,11 @@ def _float_to_uint8(src: Any, arr: np.ndarray) -> np.ndarray:
   if arr.size and not np.all(np.isfinite(arr)):
     raise ImageError(src, "float image contains NaN or infinite values")
   if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-    raise ImageError(src, f"float image values must lie in [0, 1] (got range [{arr.min():.6g}, {arr.max():.6g}]); "
-                          "convert 0..255 data to uint8 first")
+    raise ImageError(
+      src,
+      f"float image values must lie in [0, 1] (got range [{arr.min():.6g}, {arr.max():.6g}]); "
+      "convert 0..255 data to uint8 first",
+    )
   return np.round(arr * 255.0).astype(np.uint8)
 
 
@@ -155,8 +160,11 @@ def _int_to_uint8(src: Any, arr: np.ndarray) -> np.ndarray:
     return (arr >> 8).astype(np.uint8)
   if np.issubdtype(arr.dtype, np.integer):
     if arr.size and (arr.min() < 0 or arr.max() > 255):
-      raise ImageError(src, f"{arr.dtype} image values must lie in [0, 255] (got range [{arr.min()}, {arr.max()}]); "
-                            "pass uint16 for 16-bit data")
+      raise ImageError(
+        src,
+        f"{arr.dtype} image values must lie in [0, 255] (got range [{arr.min()}, {arr.max()}]); "
+        "pass uint16 for 16-bit data",
+      )
     return arr.astype(np.uint8)
   if np.issubdtype(arr.dtype, np.floating):
     return _float_to_uint8(src, arr)
@@ -167,8 +175,9 @@ def _array_to_rgb(src: Any, arr: np.ndarray, background) -> np.ndarray:
   if arr.ndim == 3 and arr.shape[-1] == 1:
     arr = arr[..., 0]
   if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (2, 3, 4)):
-    raise ImageError(src, f"expected a channels-last array of shape (H, W) or (H, W, C) with C in 1..4, "
-                          f"got shape {tuple(arr.shape)}")
+    raise ImageError(
+      src, f"expected a channels-last array of shape (H, W) or (H, W, C) with C in 1..4, got shape {tuple(arr.shape)}"
+    )
   if arr.shape[0] == 0 or arr.shape[1] == 0:
     raise ImageError(src, f"image has no pixels (shape {tuple(arr.shape)})")
   arr = _int_to_uint8(src, arr)
@@ -188,8 +197,9 @@ def _pil_to_rgb(src: Any, img: Image.Image, background) -> np.ndarray:
     arr = np.asarray(img)
     if mode == "I":
       if arr.size and (arr.min() < 0 or arr.max() > 65535):
-        raise ImageError(src, f"32-bit integer image values outside the 16-bit range [0, 65535] "
-                              f"(got [{arr.min()}, {arr.max()}])")
+        raise ImageError(
+          src, f"32-bit integer image values outside the 16-bit range [0, 65535] (got [{arr.min()}, {arr.max()}])"
+        )
     return _gray_to_rgb((arr.astype(np.uint32) >> 8).astype(np.uint8))
   if mode == "F":
     return _gray_to_rgb(_float_to_uint8(src, np.asarray(img)))
@@ -235,8 +245,11 @@ def _open_encoded(src: Any, fp, max_pixels) -> Image.Image:
   if w <= 0 or h <= 0:
     raise ImageError(src, f"image header declares no pixels ({w}x{h})")
   if max_pixels is not None and w * h > max_pixels:
-    raise ImageError(src, f"refusing to decode a possible decompression bomb: {w}x{h} = {w * h} pixels exceeds "
-                          f"the limit of {max_pixels} (pass max_pixels to raise it)")
+    raise ImageError(
+      src,
+      f"refusing to decode a possible decompression bomb: {w}x{h} = {w * h} pixels exceeds "
+      f"the limit of {max_pixels} (pass max_pixels to raise it)",
+    )
   _load_pixels(src, img)
   return img
 
@@ -256,8 +269,13 @@ def _load_pixels(src: Any, img: Image.Image) -> None:
     raise ImageError(src, f"corrupt image data: {type(e).__name__}: {msg}") from e
 
 
-def load_image(src: ImageSource, *, background: int | tuple[int, int, int] | None = (0, 0, 0),
-               max_pixels: int | None | object = _DEFAULT, exif_transpose: bool = True) -> np.ndarray:
+def load_image(
+  src: ImageSource,
+  *,
+  background: int | tuple[int, int, int] | None = (0, 0, 0),
+  max_pixels: int | None | object = _DEFAULT,
+  exif_transpose: bool = True,
+) -> np.ndarray:
   """Loads ``src`` as a ``uint8`` RGB array of shape ``(H, W, 3)`` (C-contiguous, owning its memory).
 
   Args:
@@ -314,8 +332,11 @@ def load_image(src: ImageSource, *, background: int | tuple[int, int, int] | Non
   elif hasattr(src, "read"):
     img = _open_encoded(name, src, max_pixels)
   else:
-    raise ImageError(name, f"unsupported image source type {type(src).__name__}; expected a path, bytes, "
-                           "a file object, a PIL image or a numpy array")
+    raise ImageError(
+      name,
+      f"unsupported image source type {type(src).__name__}; expected a path, bytes, "
+      "a file object, a PIL image or a numpy array",
+    )
   return _decode_to_rgb(name, img, bg, exif_transpose)
 
 

@@ -1,5 +1,6 @@
 """JSONL lists of images (and prompts), the input format of `hps-jax score --pairs` and `hps-jax metrics`:
 one {"image": PATH, "prompt": TEXT} object per line; relative image paths are relative to the JSONL file."""
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,25 @@ def jsonl_objects(path, skip: Callable[[str, str], None]) -> Iterator[tuple[str,
       skip(where, f"not valid JSON ({e.msg})")
 
 
-def read_image_rows(path, skip: Callable[[str, str], None], require_prompt: bool = True
-                    ) -> Iterator[tuple[str, str | None]]:
+def read_image_rows(
+  path, skip: Callable[[str, str], None], require_prompt: bool = True
+) -> Iterator[tuple[str, str | None]]:
   """Yields (image path, prompt or None). A line that is not valid JSON or lacks the required fields is passed to
   `skip(where, why)` with its `file:line` and the run goes on; an unreadable file raises ValueError."""
   p = Path(path)
   for where, row in jsonl_objects(p, skip):
     prompt = row.get("prompt") if isinstance(row, dict) else None
-    if not isinstance(row, dict) or not isinstance(row.get("image"), str) or (
-        require_prompt and not isinstance(prompt, str)):
-      skip(where, 'expected an object with string fields "image" and "prompt"' if require_prompt
-           else 'expected an object with a string field "image"')
+    if (
+      not isinstance(row, dict)
+      or not isinstance(row.get("image"), str)
+      or (require_prompt and not isinstance(prompt, str))
+    ):
+      skip(
+        where,
+        'expected an object with string fields "image" and "prompt"'
+        if require_prompt
+        else 'expected an object with a string field "image"',
+      )
       continue
     img = Path(row["image"])
     yield str(img if img.is_absolute() else p.parent / img), prompt if isinstance(prompt, str) else None

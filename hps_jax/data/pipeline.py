@@ -6,6 +6,7 @@ A source is any random-access sequence of preference records (`len`, `__getitem_
 `{"id", "prompt", "images": [encoded bytes], "ranks": int array (lower = better), "chosen": int}` — the TFDS data
 sources of `hps_jax.data.datasets` and the synthetic set both are.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ class RecordTransform:
   """record -> fixed-shape arrays: pixels (K,S,S,3) f32, mask (K,) bool, ids (T,) i32, chosen i32, ranks (K,) i32.
 
   A prompt with more than K images keeps the chosen one plus the first K-1 others, in their order (deterministic)."""
+
   tokenizer: object
   preprocess: PreprocessConfig
   max_images: int = 4
@@ -61,9 +63,17 @@ def process_shard(ds: grain.MapDataset, process_index: int | None = None, proces
   return ds[pi::pc]
 
 
-def train_dataset(source, transform, *, global_batch_size: int, seed: int, num_epochs: int | None = 1,
-                  process_index: int | None = None, process_count: int | None = None,
-                  random: bool = False) -> grain.MapDataset:
+def train_dataset(
+  source,
+  transform,
+  *,
+  global_batch_size: int,
+  seed: int,
+  num_epochs: int | None = 1,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  random: bool = False,
+) -> grain.MapDataset:
   """Shuffled (a new order every epoch), repeated, transformed, batched (drop remainder), process-sharded.
   The per-process batch is global_batch_size / process_count: global batch g is records [g*B, (g+1)*B) of the
   shuffled stream, process p holding rows [p*B/P, (p+1)*B/P) of it — in the row order of a global array whose batch
@@ -77,7 +87,7 @@ def train_dataset(source, transform, *, global_batch_size: int, seed: int, num_e
   ds = grain.MapDataset.source(source).shuffle(seed=seed)  # each repetition gets its own permutation
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.random_map(transform, seed=seed) if random else ds.map(transform)   # lazy: only this shard's are computed
+  ds = ds.random_map(transform, seed=seed) if random else ds.map(transform)  # lazy: only this shard's are computed
   ds = ds[: len(ds) // global_batch_size * global_batch_size]
   return process_shard(ds.batch(global_batch_size // pc, drop_remainder=True), process_index, pc)
 

@@ -31,6 +31,7 @@ with its defaults (alpha composited onto black).
 
 numpy + PIL only (no torch / transformers).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,18 @@ from PIL import Image
 
 from hps_jax.data.images import load_image
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "MODES", "PreprocessConfig", "preprocess", "preprocess_batch",
-           "resize_clip", "resize_pad", "normalize", "denormalize"]
+__all__ = [
+  "CLIP_MEAN",
+  "CLIP_STD",
+  "MODES",
+  "PreprocessConfig",
+  "preprocess",
+  "preprocess_batch",
+  "resize_clip",
+  "resize_pad",
+  "normalize",
+  "denormalize",
+]
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -52,8 +63,14 @@ _BICUBIC = Image.Resampling.BICUBIC
 
 
 def _as_rgb_uint8(image: Any) -> np.ndarray:
-  if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3 \
-      and image.shape[0] > 0 and image.shape[1] > 0:
+  if (
+    isinstance(image, np.ndarray)
+    and image.dtype == np.uint8
+    and image.ndim == 3
+    and image.shape[-1] == 3
+    and image.shape[0] > 0
+    and image.shape[1] > 0
+  ):
     return image
   return load_image(image)
 
@@ -73,7 +90,8 @@ def _fill_triple(fill) -> tuple[int, int, int]:
   """Validates ``fill`` (an int or an (r, g, b) triple of ints in [0, 255]); returns the triple."""
   values = (fill,) * 3 if np.ndim(fill) == 0 else tuple(np.asarray(fill).ravel().tolist())
   ok = len(values) == 3 and all(
-      isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in values)
+    isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in values
+  )
   if not ok:
     raise ValueError(f"fill must be an int in [0, 255] or an (r, g, b) triple of such ints, got {fill!r}")
   return tuple(int(v) for v in values)
@@ -95,7 +113,7 @@ def resize_clip(image: np.ndarray, size: int = 224) -> np.ndarray:
     nh, nw = size, int(size * w / h)
   image = _resize(image, nh, nw)
   top, left = int((nh - size) / 2.0), int((nw - size) / 2.0)
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 def resize_pad(image: np.ndarray, size: int = 224, fill=0, upscale: bool = False) -> np.ndarray:
@@ -114,7 +132,7 @@ def resize_pad(image: np.ndarray, size: int = 224, fill=0, upscale: bool = False
   canvas = np.empty((size, size, 3), dtype=np.uint8)
   canvas[...] = np.asarray(fill, dtype=np.uint8)
   top, left = (size - h) // 2, (size - w) // 2
-  canvas[top:top + h, left:left + w] = image
+  canvas[top : top + h, left : left + w] = image
   return canvas
 
 
@@ -138,6 +156,7 @@ class PreprocessConfig:
   ``fill`` is used by ``pad`` mode only; ``upscale`` (pad mode only) also scales images whose longest edge is
   smaller than ``size`` up to ``size`` (HPSv2 behaviour); by default they are padded unscaled.
   """
+
   mode: str = "pad"
   size: int = 224
   mean: tuple[float, float, float] = CLIP_MEAN
@@ -179,13 +198,27 @@ class PreprocessConfig:
     return normalize(np.asarray(_fill_triple(self.fill), dtype=np.uint8), self.mean, self.std)
 
 
-def preprocess(image: Any, mode: str = "pad", size: int = 224, mean: Sequence[float] = CLIP_MEAN,
-               std: Sequence[float] = CLIP_STD, fill=0, upscale: bool = False) -> np.ndarray:
+def preprocess(
+  image: Any,
+  mode: str = "pad",
+  size: int = 224,
+  mean: Sequence[float] = CLIP_MEAN,
+  std: Sequence[float] = CLIP_STD,
+  fill=0,
+  upscale: bool = False,
+) -> np.ndarray:
   """One image (uint8 (H, W, 3) array, or anything :func:`load_image` accepts) -> float32 ``(size, size, 3)``."""
   return PreprocessConfig(mode, size, mean, std, fill, upscale).apply(image)
 
 
-def preprocess_batch(images: Iterable[Any], mode: str = "pad", size: int = 224, mean: Sequence[float] = CLIP_MEAN,
-                     std: Sequence[float] = CLIP_STD, fill=0, upscale: bool = False) -> np.ndarray:
+def preprocess_batch(
+  images: Iterable[Any],
+  mode: str = "pad",
+  size: int = 224,
+  mean: Sequence[float] = CLIP_MEAN,
+  std: Sequence[float] = CLIP_STD,
+  fill=0,
+  upscale: bool = False,
+) -> np.ndarray:
   """Images -> float32 ``(N, size, size, 3)`` NHWC."""
   return PreprocessConfig(mode, size, mean, std, fill, upscale).apply_batch(images)

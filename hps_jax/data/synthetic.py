@@ -9,6 +9,7 @@ Record i of a split is a pure function of (seed, split, i): splits never overlap
 Records follow the shared schema of `hps_jax.data.pipeline`: {"id", "prompt", "images": [PNG bytes], "ranks",
 "chosen"}. `write_jsonl` writes a split in the generic `preference_jsonl` layout (image files + {split}.jsonl).
 """
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-          "purple": (150, 60, 190), "white": (245, 245, 245)}
+COLORS = {
+  "red": (220, 40, 40),
+  "green": (40, 180, 60),
+  "blue": (40, 70, 220),
+  "yellow": (235, 210, 40),
+  "purple": (150, 60, 190),
+  "white": (245, 245, 245),
+}
 SHAPES = ("circle", "square", "triangle")
 TEMPLATES = ("a {c} {s}", "a photo of a {c} {s}", "{c} {s}", "an image showing a {c} {s}", "a picture of one {c} {s}")
 
@@ -43,7 +50,7 @@ def render(color: str, shape: str, size: int, rng: np.random.Generator) -> np.nd
   bg = rng.integers(70, 140)
   img = np.clip(bg + rng.normal(0, 12, (size, size, 3)), 0, 255)
   r = size * rng.uniform(0.25, 0.36)
-  cx, cy = (size / 2 + rng.uniform(-0.12, 0.12, 2) * size)
+  cx, cy = size / 2 + rng.uniform(-0.12, 0.12, 2) * size
   m = _mask(shape, size, cx, cy, r)
   col = np.asarray(COLORS[color], np.float32) + rng.normal(0, 8, 3)
   img[m] = np.clip(col + rng.normal(0, 6, (int(m.sum()), 3)), 0, 255)
@@ -72,15 +79,28 @@ def make_record(rng: np.random.Generator, image_size: int, n_images: int, record
   prompt = TEMPLATES[rng.integers(len(TEMPLATES))].format(c=color, s=shape)
   images = [_png(render(c, s, image_size, rng)) for c, s, _ in items]
   ranks = np.asarray([rk for _, _, rk in items], np.int32)
-  return {"id": record_id, "prompt": prompt, "images": images, "ranks": ranks, "chosen": int(np.argmin(ranks)),
-          "attributes": [(c, s) for c, s, _ in items]}
+  return {
+    "id": record_id,
+    "prompt": prompt,
+    "images": images,
+    "ranks": ranks,
+    "chosen": int(np.argmin(ranks)),
+    "attributes": [(c, s) for c, s, _ in items],
+  }
 
 
 class SyntheticPreference:
   """Random-access source of `num_records` synthetic preference records."""
 
-  def __init__(self, num_records: int, seed: int = 0, split: str = "train", image_size: int = 48,
-               min_images: int = 2, max_images: int = 4):
+  def __init__(
+    self,
+    num_records: int,
+    seed: int = 0,
+    split: str = "train",
+    image_size: int = 48,
+    min_images: int = 2,
+    max_images: int = 4,
+  ):
     if not 2 <= min_images <= max_images:
       raise ValueError(f"need 2 <= min_images <= max_images, got {min_images}, {max_images}")
     self.num_records, self.seed, self.split, self.image_size = int(num_records), int(seed), split, int(image_size)
@@ -120,8 +140,18 @@ def write_jsonl(source, out_dir, split: str) -> Path:
         name = f"{split}/{i:06d}_{j}.png"
         (out / name).write_bytes(data)
         names.append(name)
-      f.write(json.dumps({"id": rec["id"], "prompt": rec["prompt"], "images": names, "chosen": int(rec["chosen"]),
-                          "ranks": [int(r) for r in rec["ranks"]]}) + "\n")
+      f.write(
+        json.dumps(
+          {
+            "id": rec["id"],
+            "prompt": rec["prompt"],
+            "images": names,
+            "chosen": int(rec["chosen"]),
+            "ranks": [int(r) for r in rec["ranks"]],
+          }
+        )
+        + "\n"
+      )
   return path
 
 
@@ -152,8 +182,10 @@ def write_lora_manifest(source, out_dir, negative_prefix: str = "Weird image. ")
     for i in range(len(source)):
       rec = source[i]
       worst = int(np.argmax(rec["ranks"]))
-      for j, kind, caption in ((rec["chosen"], "preferred", rec["prompt"]),
-                               (worst, "non_preferred", negative_prefix + rec["prompt"])):
+      for j, kind, caption in (
+        (rec["chosen"], "preferred", rec["prompt"]),
+        (worst, "non_preferred", negative_prefix + rec["prompt"]),
+      ):
         file = f"images/{i:06d}_{j}.png"
         (out / file).write_bytes(rec["images"][j])
         f.write(json.dumps({"image": file, "caption": caption, "kind": kind}) + "\n")

@@ -14,6 +14,7 @@ Each sequence is [start] + tokens + [end], truncated to the context length keepi
 with `pad_id` (0 in OpenAI/open_clip, the end token in HF). Padding never changes CLIP's text embedding: it sits
 after the end token, which the causal mask protects and the pooling reads.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -58,12 +59,14 @@ def default_bpe_path() -> Path:
     if path.exists():
       return path
   raise FileNotFoundError(
-      f"no CLIP BPE file: set HPS_JAX_BPE to a {BPE_FILENAME}, pass --tokenizer PATH (a BPE file or a Hugging Face "
-      "tokenizer dir), or `pip install --no-deps open_clip_torch`, whose wheel ships the file")
+    f"no CLIP BPE file: set HPS_JAX_BPE to a {BPE_FILENAME}, pass --tokenizer PATH (a BPE file or a Hugging Face "
+    "tokenizer dir), or `pip install --no-deps open_clip_torch`, whose wheel ships the file"
+  )
 
 
 def _clean_open_clip(text: str) -> str:
   import ftfy
+
   text = html.unescape(html.unescape(ftfy.fix_text(text)))
   return " ".join(text.split()).lower()
 
@@ -78,8 +81,17 @@ _CLEANERS = {"open_clip": _clean_open_clip, "hf": _clean_hf}
 class CLIPTokenizer:
   """`tok(texts, context_length=77) -> int32 (len(texts), context_length)`; `tok.encode(text)` -> BPE ids."""
 
-  def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, start_token: str,
-               end_token: str, pad_id: int = 0, clean: str = "open_clip", context_length: int = 77):
+  def __init__(
+    self,
+    vocab: dict[str, int],
+    merges: Sequence[tuple[str, str]],
+    *,
+    start_token: str,
+    end_token: str,
+    pad_id: int = 0,
+    clean: str = "open_clip",
+    context_length: int = 77,
+  ):
     if clean not in _CLEANERS:
       raise ValueError(f"clean must be one of {sorted(_CLEANERS)}, got {clean!r}")
     self.vocab = dict(vocab)
@@ -103,7 +115,7 @@ class CLIPTokenizer:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-      lines = f.read().split("\n")[1:NUM_MERGES + 1]
+      lines = f.read().split("\n")[1 : NUM_MERGES + 1]
     merges = [tuple(line.split()) for line in lines if line.strip()]
     if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
       raise ValueError(f"{path}: expected {NUM_MERGES} BPE merges of two symbols, got {len(merges)}")
@@ -149,11 +161,19 @@ class CLIPTokenizer:
     merges = [" ".join(m) for m, _ in sorted(self.ranks.items(), key=lambda kv: kv[1])]
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": inverse[self.start_id], "eos_token": inverse[self.end_id], "pad_token": inverse[self.pad_id],
-               "unk_token": inverse[self.end_id]}
+    special = {
+      "bos_token": inverse[self.start_id],
+      "eos_token": inverse[self.end_id],
+      "pad_token": inverse[self.pad_id],
+      "unk_token": inverse[self.end_id],
+    }
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length, "do_lower_case": True,
-              **special}
+    config = {
+      "tokenizer_class": "CLIPTokenizer",
+      "model_max_length": self.context_length,
+      "do_lower_case": True,
+      **special,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out
 
@@ -242,8 +262,10 @@ class CLIPTokenizer:
     return len(self.vocab)
 
   def __repr__(self):
-    return (f"CLIPTokenizer(vocab={self.vocab_size}, clean={self.clean_name!r}, pad_id={self.pad_id}, "
-            f"context_length={self.context_length})")
+    return (
+      f"CLIPTokenizer(vocab={self.vocab_size}, clean={self.clean_name!r}, pad_id={self.pad_id}, "
+      f"context_length={self.context_length})"
+    )
 
 
 def _hf_special_tokens(path: Path) -> dict[str, str]:

@@ -5,6 +5,7 @@ The whole denoising loop is one jitted `lax.scan` (UNet on [negative; positive] 
 step), then the VAE decodes. Initial latents come from one PRNG key per image (`seeds`), so an image depends only on
 its own seed and prompt, never on the batch it was drawn in. The batch is sharded over the mesh's batch axes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ class SampleConfig:
   steps: int = 50
   guidance: float = 7.5
   scheduler: str = "pndm"
-  eta: float = 0.0          # DDIM only (0 = deterministic)
+  eta: float = 0.0  # DDIM only (0 = deterministic)
   height: int = 512
   width: int = 512
 
@@ -48,15 +49,22 @@ class StableDiffusion:
     from hps_jax.convert.diffusers import load_vae
     from hps_jax.data.tokenizer import CLIPTokenizer
     from hps_jax.models.unet import load_unet
+
     d = Path(model_dir)
-    return cls(load_unet(d, dtype=dtype), load_vae(d, dtype=dtype), load_text_encoder(d / "text_encoder", dtype=dtype),
-               CLIPTokenizer.from_hf_dir(d / "tokenizer"),
-               sch.SchedulerConfig.from_json(d / "scheduler" / "scheduler_config.json"), mesh=mesh)
+    return cls(
+      load_unet(d, dtype=dtype),
+      load_vae(d, dtype=dtype),
+      load_text_encoder(d / "text_encoder", dtype=dtype),
+      CLIPTokenizer.from_hf_dir(d / "tokenizer"),
+      sch.SchedulerConfig.from_json(d / "scheduler" / "scheduler_config.json"),
+      mesh=mesh,
+    )
 
   def load_lora(self, path, scale: float = 1.0) -> dict:
     """Adapts the UNet with a LoRA file (PEFT / diffusers, kohya / A1111 or the HPS v1 release; see
     `hps_jax.convert.lora.load_lora`) at `scale`; returns what was loaded."""
     from hps_jax.convert.lora import apply_lora_file
+
     info = apply_lora_file(self.unet, path, multiplier=scale)
     self._refresh()
     return info
@@ -64,6 +72,7 @@ class StableDiffusion:
   def set_lora_scale(self, scale: float):
     """Scale of the loaded adapters (0 = the base model, 1 = as trained)."""
     from hps_jax import lora
+
     lora.set_lora_scale(self.unet, scale)
     self._refresh()
 
@@ -92,28 +101,47 @@ class StableDiffusion:
     keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
-  def sample(self, prompts: Sequence[str], seeds: Sequence[int], config: SampleConfig = SampleConfig(),
-             negative_prompt: str | Sequence[str] = "", latents=None, output: str = "uint8") -> np.ndarray:
+  def sample(
+    self,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    config: SampleConfig = SampleConfig(),
+    negative_prompt: str | Sequence[str] = "",
+    latents=None,
+    output: str = "uint8",
+  ) -> np.ndarray:
     """Images (B, H, W, 3): uint8, or float32 in [0, 1] with output="float". `latents` (B, h, w, C) override the
     seeded initial noise."""
     prompts = list(prompts)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(seeds) != len(prompts) or len(negatives) != len(prompts):
-      raise ValueError(f"{len(prompts)} prompts need as many seeds and negative prompts "
-                       f"(got {len(seeds)} and {len(negatives)})")
+      raise ValueError(
+        f"{len(prompts)} prompts need as many seeds and negative prompts (got {len(seeds)} and {len(negatives)})"
+      )
     if config.scheduler not in SCHEDULERS:
       raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {config.scheduler!r}")
     if latents is None:
       latents = self.initial_latents(seeds, config.height, config.width)
     latents, cond, uncond = parallel.put_global(
-        self.mesh, (np.asarray(latents, np.float32), self.tokenize(prompts), self.tokenize(negatives)))
+      self.mesh, (np.asarray(latents, np.float32), self.tokenize(prompts), self.tokenize(negatives))
+    )
     if config.scheduler == "pndm":
       timesteps = sch.pndm_timesteps(self.scheduler_config, config.steps)
     else:
       timesteps = sch.ddim_timesteps(self.scheduler_config, config.steps)
-    images = _sample(self._graph, self._state, latents, cond, uncond, jnp.asarray(timesteps, jnp.int32),
-                     jnp.float32(config.guidance), self.scheduler_config, config.steps, config.scheduler,
-                     float(config.eta))
+    images = _sample(
+      self._graph,
+      self._state,
+      latents,
+      cond,
+      uncond,
+      jnp.asarray(timesteps, jnp.int32),
+      jnp.float32(config.guidance),
+      self.scheduler_config,
+      config.steps,
+      config.scheduler,
+      float(config.eta),
+    )
     images = np.asarray(images)
     return images if output == "float" else np.round(images * 255).astype(np.uint8)
 

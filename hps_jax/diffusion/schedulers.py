@@ -41,6 +41,7 @@ which PyTorch's eager kernels never do, so a jitted sampling loop differs from d
 run op by op (no `jit`), and with the host sqrt replaced by torch's, the step functions reproduce diffusers' CPU
 results bit for bit (see tests/test_schedulers.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,19 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-  "SchedulerConfig", "PNDMState", "add_noise", "alphas_cumprod", "betas", "ddim_step", "ddim_timesteps",
-  "final_alpha_cumprod", "pndm_init_state", "pndm_step", "pndm_timesteps", "training_target", "velocity",
+  "SchedulerConfig",
+  "PNDMState",
+  "add_noise",
+  "alphas_cumprod",
+  "betas",
+  "ddim_step",
+  "ddim_timesteps",
+  "final_alpha_cumprod",
+  "pndm_init_state",
+  "pndm_step",
+  "pndm_timesteps",
+  "training_target",
+  "velocity",
 ]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -76,6 +88,7 @@ class SchedulerConfig:
   Note that diffusers' own class defaults differ (beta_schedule "linear", steps_offset 0, and for DDIM
   set_alpha_to_one=True and clip_sample=True); a scheduler built from the SD config, as the pipelines do, gets these.
   """
+
   num_train_timesteps: int = 1000
   beta_start: float = 0.00085
   beta_end: float = 0.012
@@ -95,8 +108,9 @@ class SchedulerConfig:
     if self.trained_betas is not None:
       object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
       if len(self.trained_betas) != self.num_train_timesteps:
-        raise ValueError(f"trained_betas has {len(self.trained_betas)} entries, num_train_timesteps is "
-                         f"{self.num_train_timesteps}")
+        raise ValueError(
+          f"trained_betas has {len(self.trained_betas)} entries, num_train_timesteps is {self.num_train_timesteps}"
+        )
     if self.prediction_type not in PREDICTION_TYPES:
       raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
     if self.timestep_spacing not in TIMESTEP_SPACINGS:
@@ -118,8 +132,10 @@ class SchedulerConfig:
     """Reads a `scheduler_config.json`; `path` may also be the `scheduler/` folder or a model folder containing it."""
     path = os.fspath(path)
     if os.path.isdir(path):
-      for candidate in (os.path.join(path, "scheduler_config.json"),
-                        os.path.join(path, "scheduler", "scheduler_config.json")):
+      for candidate in (
+        os.path.join(path, "scheduler_config.json"),
+        os.path.join(path, "scheduler", "scheduler_config.json"),
+      ):
         if os.path.exists(candidate):
           path = candidate
           break
@@ -139,13 +155,16 @@ class SchedulerConfig:
 # The training noise schedule (host side, NumPy)
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def _round_to_f32(q: Fraction) -> np.float32:
   """The float32 nearest to the rational q (ties to even), i.e. one correct rounding."""
   guess = np.float32(float(q))  # two roundings (to float64, then float32): off by one ulp at worst
   candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+
   def key(c):
     even = int(np.asarray(c, np.float32).view(np.uint32)) & 1
     return abs(Fraction(float(c)) - q), even
+
   return min(candidates, key=key)
 
 
@@ -166,8 +185,10 @@ def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
 
 def _alpha_bar_cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
   """diffusers' `betas_for_alpha_bar` (Glide cosine): float64 arithmetic, stored as float32."""
+
   def alpha_bar(t):
     return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
   return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], np.float32)
 
 
@@ -179,7 +200,7 @@ def _betas(config: SchedulerConfig) -> np.ndarray:
   elif config.beta_schedule == "linear":
     b = _torch_linspace_f32(config.beta_start, config.beta_end, n)
   elif config.beta_schedule == "scaled_linear":
-    root = _torch_linspace_f32(config.beta_start ** 0.5, config.beta_end ** 0.5, n)
+    root = _torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n)
     b = root * root  # torch's `** 2` is an exact float32 square
   else:
     b = _alpha_bar_cosine_betas(n)
@@ -233,6 +254,7 @@ def _prev_alphas(config: SchedulerConfig, ratio: int) -> tuple[np.ndarray, np.nd
 # Timesteps
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def _ascending_timesteps(config: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
   """The inference grid in ascending order, by diffusers' `timestep_spacing` rules."""
   n_train = config.num_train_timesteps
@@ -275,9 +297,11 @@ def _check_plms(config: SchedulerConfig):
 # PNDM (PLMS)
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 class PNDMState(NamedTuple):
   """PLMS history. `ets` holds the last (up to) four stored model outputs, newest last, zero-padded at the front;
   `counter` is the number of steps taken; `cur_sample` is the sample of the first step, reused by the second."""
+
   ets: jax.Array
   counter: jax.Array
   cur_sample: jax.Array
@@ -287,8 +311,9 @@ def pndm_init_state(shape, dtype=jnp.float32) -> PNDMState:
   """The state before the first `pndm_step`, for samples of the given shape and dtype (keep the dtype equal to
   the sample's so that the state is a fixed-type `lax.scan` carry)."""
   shape = tuple(shape)
-  return PNDMState(ets=jnp.zeros((4,) + shape, dtype), counter=jnp.zeros((), jnp.int32),
-                   cur_sample=jnp.zeros(shape, dtype))
+  return PNDMState(
+    ets=jnp.zeros((4,) + shape, dtype), counter=jnp.zeros((), jnp.int32), cur_sample=jnp.zeros(shape, dtype)
+  )
 
 
 # Linear-multistep cases, indexed by min(counter, 4): weights of the appended history (newest first), then a factor
@@ -327,8 +352,9 @@ def _gather(table: np.ndarray, index, dtype):
   return jnp.asarray(table)[index].astype(dtype)
 
 
-def pndm_step(config: SchedulerConfig, state: PNDMState, model_output, timestep, sample,
-              num_inference_steps: int) -> tuple[jax.Array, PNDMState]:
+def pndm_step(
+  config: SchedulerConfig, state: PNDMState, model_output, timestep, sample, num_inference_steps: int
+) -> tuple[jax.Array, PNDMState]:
   """One step of `PNDMScheduler.step` (PLMS path) for the current `timestep` (an entry of `pndm_timesteps`).
 
   Returns the previous sample and the new state. `timestep` and `state` may be traced; `config` and
@@ -360,17 +386,22 @@ def pndm_step(config: SchedulerConfig, state: PNDMState, model_output, timestep,
     eps = _gather(tab["sqrt_alpha"], t_from, dtype) * eps + _gather(tab["sqrt_beta"], t_from, dtype) * x
   elif config.prediction_type != "epsilon":
     raise ValueError(f"PNDM supports prediction_type 'epsilon' or 'v_prediction', not {config.prediction_type!r}")
-  prev_sample = (_gather(tab["sample_coeff"], t_from, dtype) * x
-                 - _divide(_gather(tab["alpha_diff"], t_from, dtype) * eps, _gather(tab["denom"], t_from, dtype)))
+  prev_sample = _gather(tab["sample_coeff"], t_from, dtype) * x - _divide(
+    _gather(tab["alpha_diff"], t_from, dtype) * eps, _gather(tab["denom"], t_from, dtype)
+  )
 
-  new_state = PNDMState(ets=jnp.where(second, state.ets, appended), counter=counter + 1,
-                        cur_sample=jnp.where(first, sample, state.cur_sample))
+  new_state = PNDMState(
+    ets=jnp.where(second, state.ets, appended),
+    counter=counter + 1,
+    cur_sample=jnp.where(first, sample, state.cur_sample),
+  )
   return prev_sample, new_state
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # DDIM
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=None)
 def _ddim_tables(config: SchedulerConfig, num_inference_steps: int, eta: float | None) -> dict[str, np.ndarray]:
@@ -380,8 +411,13 @@ def _ddim_tables(config: SchedulerConfig, num_inference_steps: int, eta: float |
   one = np.float32(1)
   b_t, b_prev = one - a_t, one - a_prev
   variance = (b_prev / b_t) * (one - a_t / a_prev)
-  tab = {"sqrt_alpha": _host_sqrt(a_t), "sqrt_beta": _host_sqrt(b_t), "sqrt_alpha_prev": _host_sqrt(a_prev),
-         "one_minus_alpha_prev": one - a_prev, "sqrt_variance": _host_sqrt(variance)}
+  tab = {
+    "sqrt_alpha": _host_sqrt(a_t),
+    "sqrt_beta": _host_sqrt(b_t),
+    "sqrt_alpha_prev": _host_sqrt(a_prev),
+    "one_minus_alpha_prev": one - a_prev,
+    "sqrt_variance": _host_sqrt(variance),
+  }
   if eta is not None:
     std = np.float32(eta) * tab["sqrt_variance"]
     tab["std"] = std
@@ -390,9 +426,17 @@ def _ddim_tables(config: SchedulerConfig, num_inference_steps: int, eta: float |
   return tab
 
 
-def ddim_step(config: SchedulerConfig, model_output, timestep, sample, num_inference_steps: int,
-              eta: float = 0.0, key: jax.Array | None = None, variance_noise=None,
-              use_clipped_model_output: bool = False) -> jax.Array:
+def ddim_step(
+  config: SchedulerConfig,
+  model_output,
+  timestep,
+  sample,
+  num_inference_steps: int,
+  eta: float = 0.0,
+  key: jax.Array | None = None,
+  variance_noise=None,
+  use_clipped_model_output: bool = False,
+) -> jax.Array:
   """One step of `DDIMScheduler.step` from `timestep` (an entry of `ddim_timesteps`) to timestep - ratio.
 
   x0 = (x - sqrt(1 - a) e) / sqrt(a) (or the v / sample parametrisations), optionally clipped;
@@ -442,6 +486,7 @@ def ddim_step(config: SchedulerConfig, model_output, timestep, sample, num_infer
 # ---------------------------------------------------------------------------------------------------------------------
 # DDPM forward process (training)
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def _noise_scales(config: SchedulerConfig, timesteps, like):
   """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) in `like`'s dtype, shaped to broadcast over its trailing axes."""

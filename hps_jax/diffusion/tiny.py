@@ -6,6 +6,7 @@ Architecture: every SD 1.x block type (CrossAttnDownBlock2D, DownBlock2D, the cr
 CrossAttnUpBlock2D) at 32/64 channels, a 3-level VAE (latents 4x smaller than images) and a 2-layer, 32-wide CLIP
 text tower over the real CLIP vocabulary. The images it draws are noise; the point is the machinery.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,24 @@ from hps_jax.models.clip import CLIPConfig, CLIPTextEncoder
 from hps_jax.models.unet import UNet2DConditionModel, UNetConfig
 from hps_jax.models.vae import AutoencoderKL, VAEConfig
 
-TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
-                       cross_attention_dim=32, attention_head_dim=2)
-TINY_VAE = VAEConfig(block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                     up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8, sample_size=32)
+TINY_UNET = UNetConfig(
+  sample_size=8,
+  block_out_channels=(32, 64),
+  layers_per_block=1,
+  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+  norm_num_groups=8,
+  cross_attention_dim=32,
+  attention_head_dim=2,
+)
+TINY_VAE = VAEConfig(
+  block_out_channels=(32, 32, 64),
+  down_block_types=("DownEncoderBlock2D",) * 3,
+  up_block_types=("UpDecoderBlock2D",) * 3,
+  layers_per_block=1,
+  norm_num_groups=8,
+  sample_size=32,
+)
 TINY_TEXT = CLIPConfig.tiny(text_width=32, text_layers=2, text_heads=2, text_mlp_dim=64)
 
 
@@ -34,10 +47,15 @@ def build_tiny_sd(seed: int = 0, *, dtype=jnp.float32):
   fan_in = prod(shape[:-1])). Eager `jax.random` init would compile one small XLA program per parameter shape,
   close to a minute on a 2-core CPU for these three models."""
   import numpy as np
+
   def build():
     rngs = nnx.Rngs(0)
-    return (UNet2DConditionModel(TINY_UNET, dtype=dtype, rngs=rngs), AutoencoderKL(TINY_VAE, dtype=dtype, rngs=rngs),
-            CLIPTextEncoder(TINY_TEXT, dtype=dtype, rngs=rngs))
+    return (
+      UNet2DConditionModel(TINY_UNET, dtype=dtype, rngs=rngs),
+      AutoencoderKL(TINY_VAE, dtype=dtype, rngs=rngs),
+      CLIPTextEncoder(TINY_TEXT, dtype=dtype, rngs=rngs),
+    )
+
   models = nnx.eval_shape(build)
   rng = np.random.default_rng(seed)
   graphdef, state = nnx.split(models)
@@ -55,32 +73,53 @@ def build_tiny_sd(seed: int = 0, *, dtype=jnp.float32):
   return nnx.merge(graphdef, state)
 
 
-def save_sd(out_dir, unet, vae, text_encoder, tokenizer, scheduler: SchedulerConfig = SchedulerConfig()) -> Path:
+def save_sd(out_dir, unet, vae, text_encoder, tokenizer, scheduler: SchedulerConfig | None = None) -> Path:
   """Writes a complete diffusers-layout Stable Diffusion folder from our modules."""
   from hps_jax.convert.clip import save_text_encoder
   from hps_jax.convert.diffusers import save_vae
   from hps_jax.models.unet import save_unet
+
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   save_unet(unet, out / "unet")
   save_vae(vae, out / "vae")
   save_text_encoder(text_encoder, out / "text_encoder")
   tokenizer.save_hf_dir(out / "tokenizer")
+  scheduler = scheduler or SchedulerConfig()
   (out / "scheduler").mkdir(exist_ok=True)
   (out / "scheduler" / "scheduler_config.json").write_text(
-      json.dumps({"_class_name": "PNDMScheduler", **scheduler.to_dict()}, indent=2))
-  (out / "model_index.json").write_text(json.dumps({
-      "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-      "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-      "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
-      "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+    json.dumps({"_class_name": "PNDMScheduler", **scheduler.to_dict()}, indent=2)
+  )
+  (out / "model_index.json").write_text(
+    json.dumps(
+      {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+      },
+      indent=2,
+    )
+  )
   return out
 
 
 def write_tiny_sd(out_dir, seed: int = 0) -> Path:
   """A tiny random-init SD folder at `out_dir` (images of 32x32 make 8x8 latents)."""
   from hps_jax.data.tokenizer import CLIPTokenizer
+
   tok = CLIPTokenizer.default()
-  tok = CLIPTokenizer(tok.vocab, [m for m, _ in sorted(tok.ranks.items(), key=lambda kv: kv[1])],
-                      start_token="<start_of_text>", end_token="<end_of_text>", pad_id=tok.end_id, clean="hf")
+  tok = CLIPTokenizer(
+    tok.vocab,
+    [m for m, _ in sorted(tok.ranks.items(), key=lambda kv: kv[1])],
+    start_token="<start_of_text>",
+    end_token="<end_of_text>",
+    pad_id=tok.end_id,
+    clean="hf",
+  )
   return save_sd(out_dir, *build_tiny_sd(seed), tok)

@@ -9,6 +9,7 @@ Inception features stream through in fixed-size batches grouped by image size (e
 the network compiles once), so memory holds the running FID statistics plus, when IS/KID are asked for, the logits
 and pool3 features (KID needs the features themselves).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,12 +23,13 @@ from hps_jax.data.images import ImageError, describe, load_image
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE)
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 
 
 @dataclass
 class Skipped:
   """Inputs that could not be used: (what, why) pairs, for the end-of-run summary."""
+
   items: list = field(default_factory=list)
 
   def add(self, what: str, why: str):
@@ -42,8 +44,10 @@ def default_inception_weights() -> Path:
   hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints" / INCEPTION_FILE
   if hub.exists():
     return hub
-  raise FileNotFoundError(f"no FID Inception weights: pass --inception-weights PATH or set HPS_JAX_INCEPTION_WEIGHTS "
-                          f"to {INCEPTION_FILE} (from {INCEPTION_URL})")
+  raise FileNotFoundError(
+    f"no FID Inception weights: pass --inception-weights PATH or set HPS_JAX_INCEPTION_WEIGHTS "
+    f"to {INCEPTION_FILE} (from {INCEPTION_URL})"
+  )
 
 
 def list_images(path, skipped: Skipped | None = None) -> list[tuple[str, str | None]]:
@@ -56,16 +60,19 @@ def list_images(path, skipped: Skipped | None = None) -> list[tuple[str, str | N
     return [(str(f), None) for f in files]
   if p.suffix == ".jsonl":
     from hps_jax.data.pairs import read_image_rows
+
     return list(read_image_rows(p, skipped.add if skipped is not None else (lambda *_: None), require_prompt=False))
   if not p.exists():
     raise FileNotFoundError(f"{p}: no such file or directory")
-  raise ValueError(f"{p}: expected a directory of images or a .jsonl of {{\"image\", \"prompt\"}} rows")
+  raise ValueError(f'{p}: expected a directory of images or a .jsonl of {{"image", "prompt"}} rows')
 
 
-def load_images(items: Iterable[tuple[str, str | None]], skipped: Skipped,
-                workers: int = 4) -> Iterator[tuple[str, str | None, np.ndarray]]:
+def load_images(
+  items: Iterable[tuple[str, str | None]], skipped: Skipped, workers: int = 4
+) -> Iterator[tuple[str, str | None, np.ndarray]]:
   """Decodes images on host threads, in order; unreadable ones go to `skipped`."""
   import concurrent.futures as cf
+
   items = list(items)
 
   def one(item):
@@ -73,6 +80,7 @@ def load_images(items: Iterable[tuple[str, str | None]], skipped: Skipped,
       return item, load_image(item[0]), None
     except ImageError as e:
       return item, None, e
+
   with cf.ThreadPoolExecutor(max(1, workers)) as pool:
     for (src, prompt), arr, err in pool.map(one, items):
       if err is not None:
@@ -86,9 +94,10 @@ class InceptionFeatures:
 
   def __init__(self, model, resize: str = "tf1", batch_size: int = 50, keep: tuple[str, ...] = ()):
     from hps_jax.metrics.fid import FeatureStats
+
     self.model, self.resize, self.batch_size = model, resize, batch_size
     self.stats = FeatureStats()
-    self.keep = {k: [] for k in keep}       # "pool3" (KID), "logits_unbiased" (IS)
+    self.keep = {k: [] for k in keep}  # "pool3" (KID), "logits_unbiased" (IS)
     self._pending: dict[tuple, list] = {}
     self.count = 0
 
@@ -100,6 +109,7 @@ class InceptionFeatures:
 
   def _flush(self, shape):
     from hps_jax.metrics.inception_features import extract
+
     group = self._pending.pop(shape, [])
     if not group:
       return
@@ -121,9 +131,19 @@ class InceptionFeatures:
     return np.concatenate(self.keep[key]) if self.keep[key] else np.zeros((0, 0), np.float32)
 
 
-def inception_pass(model, items, skipped: Skipped, *, resize: str, batch_size: int, keep=(), desc: str = "inception",
-                   progress: bool = True) -> InceptionFeatures:
+def inception_pass(
+  model,
+  items,
+  skipped: Skipped,
+  *,
+  resize: str,
+  batch_size: int,
+  keep=(),
+  desc: str = "inception",
+  progress: bool = True,
+) -> InceptionFeatures:
   from tqdm import tqdm
+
   runner = InceptionFeatures(model, resize, batch_size, keep)
   items = list(items)
   with tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
@@ -136,20 +156,42 @@ def inception_pass(model, items, skipped: Skipped, *, resize: str, batch_size: i
 def reference_stats(path, model, skipped: Skipped, *, resize: str, batch_size: int, keep=(), progress=True):
   """FID reference: a stats .npz (mu, sigma) or an image set. Returns (mu, sigma, InceptionFeatures or None)."""
   from hps_jax.metrics.fid import load_stats
+
   if str(path).endswith(".npz"):
     mu, sigma = load_stats(path)
     return mu, sigma, None
-  run = inception_pass(model, list_images(path, skipped), skipped, resize=resize, batch_size=batch_size, keep=keep,
-                       desc="reference", progress=progress)
+  run = inception_pass(
+    model,
+    list_images(path, skipped),
+    skipped,
+    resize=resize,
+    batch_size=batch_size,
+    keep=keep,
+    desc="reference",
+    progress=progress,
+  )
   if run.count < 2:
     raise ValueError(f"{path}: fewer than two readable images")
   mu, sigma = run.stats.mu_sigma()
   return mu, sigma, run
 
 
-def generator_metrics(items, wanted, skipped: Skipped, *, reference=None, inception=None, resize: str = "tf1",
-                      batch_size: int = 50, is_splits: int = 10, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                      clip_checkpoint=None, aesthetic_mlp=None, hps_checkpoint=None) -> dict:
+def generator_metrics(
+  items,
+  wanted,
+  skipped: Skipped,
+  *,
+  reference=None,
+  inception=None,
+  resize: str = "tf1",
+  batch_size: int = 50,
+  is_splits: int = 10,
+  kid_subsets: int = 100,
+  kid_subset_size: int = 1000,
+  clip_checkpoint=None,
+  aesthetic_mlp=None,
+  hps_checkpoint=None,
+) -> dict:
   """The `wanted` metrics (fid, is, kid, clip, aesthetic, hps) of one image set: `items` are (image, prompt or
   None) pairs; fid/kid compare with `reference` (images, or saved statistics for fid) through the `inception`
   model; clip uses `clip_checkpoint` (CLIP preprocessing), hps `hps_checkpoint` (the paper's pad preprocessing),
@@ -160,11 +202,14 @@ def generator_metrics(items, wanted, skipped: Skipped, *, reference=None, incept
   if {"clip", "hps"} & wanted:
     missing = [src for src, prompt in items if prompt is None]
     if missing:
-      raise ValueError(f"clip/hps need a prompt per image: give the images as a JSONL of {{image, prompt}} rows "
-                       f"({len(missing)} images have none, e.g. {missing[0]})")
+      raise ValueError(
+        f"clip/hps need a prompt per image: give the images as a JSONL of {{image, prompt}} rows "
+        f"({len(missing)} images have none, e.g. {missing[0]})"
+      )
   if {"fid", "is", "kid"} & wanted:
     from hps_jax.metrics.fid import frechet_distance
     from hps_jax.metrics.scores import inception_score, kernel_inception_distance
+
     if inception is None:
       raise ValueError("fid / is / kid need the Inception model")
     keep = tuple(k for m, k in (("is", "logits_unbiased"), ("kid", "pool3")) if m in wanted)
@@ -176,20 +221,23 @@ def generator_metrics(items, wanted, skipped: Skipped, *, reference=None, incept
     if {"fid", "kid"} & wanted:
       if reference is None:
         raise ValueError("fid and kid need a reference (images, or saved statistics for fid)")
-      mu_r, sigma_r, ref = reference_stats(reference, inception, skipped, resize=resize, batch_size=batch_size,
-                                           keep=("pool3",) if "kid" in wanted else ())
+      mu_r, sigma_r, ref = reference_stats(
+        reference, inception, skipped, resize=resize, batch_size=batch_size, keep=("pool3",) if "kid" in wanted else ()
+      )
       result["reference"] = str(reference)
       if "fid" in wanted:
         mu, sigma = run.stats.mu_sigma()
         result["fid"] = frechet_distance(mu, sigma, mu_r, sigma_r)
       if "kid" in wanted:
         result["kid_mean"], result["kid_std"] = kernel_inception_distance(
-            run.kept("pool3"), ref.kept("pool3"), subsets=kid_subsets, subset_size=kid_subset_size)
+          run.kept("pool3"), ref.kept("pool3"), subsets=kid_subsets, subset_size=kid_subset_size
+        )
   bad_names = {w for w, _ in skipped.items}
   readable = [(src, p) for src, p in items if src not in bad_names]
   if {"clip", "hps"} & wanted:
     from hps_jax.metrics.scores import clip_score
     from hps_jax.preference.scorer import Scorer
+
     for metric, ckpt, mode in (("clip", clip_checkpoint, "clip"), ("hps", hps_checkpoint, "pad")):
       if metric not in wanted:
         continue
@@ -198,11 +246,13 @@ def generator_metrics(items, wanted, skipped: Skipped, *, reference=None, incept
       scorer = Scorer.from_checkpoint(ckpt, preprocess=mode)
       cos = np.array([r["cosine"] for r in scorer.iter_scores(readable) if "cosine" in r])
       result["clip_score" if metric == "clip" else "hps_mean"] = (
-          clip_score(cos) if metric == "clip" else float(100 * cos.mean()))
+        clip_score(cos) if metric == "clip" else float(100 * cos.mean())
+      )
   if "aesthetic" in wanted:
     if not (aesthetic_mlp and clip_checkpoint):
       raise ValueError("the aesthetic metric needs the aesthetic head and a CLIP ViT-L/14 checkpoint")
     from hps_jax.preference.scorer import AestheticScorer
+
     aes = AestheticScorer.from_checkpoint(aesthetic_mlp, clip_checkpoint)
     vals = [r["aesthetic"] for r in aes.iter_scores([src for src, _ in readable]) if "aesthetic" in r]
     result["aesthetic_mean"] = float(np.mean(vals))

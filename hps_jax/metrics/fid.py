@@ -24,6 +24,7 @@ statistics can be built batch by batch, merged across shards, and saved as the `
 log10(|mu|^2 / var) digits to cancellation; for Inception features (mean and spread of similar size) that costs
 under one digit of float64's sixteen.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,7 +34,11 @@ import warnings
 import numpy as np
 
 __all__ = [
-  "FeatureStats", "FewSamplesWarning", "fid_from_features", "frechet_distance", "load_stats",
+  "FeatureStats",
+  "FewSamplesWarning",
+  "fid_from_features",
+  "frechet_distance",
+  "load_stats",
 ]
 
 
@@ -46,10 +51,13 @@ def _warn_few_samples(n: int, dim: int, what: str = "features"):
     warnings.warn(
       f"{what}: only {n} samples for {dim}-dimensional features; the covariance is singular (rank <= {n - 1}) and "
       f"the Fréchet distance is strongly biased and unstable. Use at least {dim} (ideally >= 10k) samples.",
-      FewSamplesWarning, stacklevel=3)
+      FewSamplesWarning,
+      stacklevel=3,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ Fréchet distance
+
 
 def _check_gaussians(mu1, sigma1, mu2, sigma2):
   mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
@@ -100,9 +108,11 @@ def _jax_kernel():
 def _x64_scope():
   """A context in which JAX creates and computes float64 arrays (`jax.enable_x64`, or the older experimental one)."""
   import jax
+
   if hasattr(jax, "enable_x64"):
     return jax.enable_x64(True)
   from jax.experimental import enable_x64  # jax < 0.5
+
   return enable_x64()
 
 
@@ -122,6 +132,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, backend: str = "jax") -> float
   if backend == "jax":
     import jax
     import jax.numpy as jnp
+
     with _x64_scope():
       args = [jnp.asarray(a, dtype=jnp.float64) for a in (mu1, sigma1, mu2, sigma2)]
       out = _jax_kernel()(*args)
@@ -144,6 +155,7 @@ def fid_from_features(features1, features2, *, backend: str = "jax") -> float:
 
 
 # ------------------------------------------------------------------------------------------------ streaming stats
+
 
 class FeatureStats:
   """Streaming mean / covariance of D-dimensional features, accumulated in float64.
@@ -237,11 +249,15 @@ def _read_stats(path, need_n: bool):
     keys = set(f.files)
     missing = {"mu", "sigma"} - keys
     if need_n and "n" not in keys:
-      raise ValueError(f"{os.fspath(path)}: no sample count 'n' (a pytorch-fid statistics file?); FeatureStats.load "
-                       f"needs it to resume accumulation, use load_stats() to read only mu and sigma")
+      raise ValueError(
+        f"{os.fspath(path)}: no sample count 'n' (a pytorch-fid statistics file?); FeatureStats.load "
+        f"needs it to resume accumulation, use load_stats() to read only mu and sigma"
+      )
     if missing:
-      raise ValueError(f"{os.fspath(path)}: missing key(s) {sorted(missing)} (found {sorted(keys)}); expected a "
-                       f"pytorch-fid style .npz with 'mu' (D,) and 'sigma' (D, D)")
+      raise ValueError(
+        f"{os.fspath(path)}: missing key(s) {sorted(missing)} (found {sorted(keys)}); expected a "
+        f"pytorch-fid style .npz with 'mu' (D,) and 'sigma' (D, D)"
+      )
     mu = np.asarray(f["mu"], dtype=np.float64)
     sigma = np.asarray(f["sigma"], dtype=np.float64)
     n = int(f["n"]) if "n" in keys else None

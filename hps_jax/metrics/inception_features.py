@@ -22,6 +22,7 @@ Neither resize is `jax.image.resize`: that one antialiases when downsampling, wh
 sampling positions and weights are computed with numpy in float32 exactly as the references compute them, and the
 resize is a gather plus a blend along each axis.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,8 +86,9 @@ def resize_bilinear_torch(x, size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)):
     if n == out:
       continue  # the table is the identity then (src == dst exactly, weights 1 and 0)
     lo, hi, w_lo, w_hi = torch_bilinear_table(n, out)
-    x = (jnp.take(x, lo, axis=axis) * _bcast(w_lo, axis, x.ndim).astype(x.dtype)
-         + jnp.take(x, hi, axis=axis) * _bcast(w_hi, axis, x.ndim).astype(x.dtype))
+    x = jnp.take(x, lo, axis=axis) * _bcast(w_lo, axis, x.ndim).astype(x.dtype) + jnp.take(x, hi, axis=axis) * _bcast(
+      w_hi, axis, x.ndim
+    ).astype(x.dtype)
   return x
 
 
@@ -147,8 +149,13 @@ def extract(model: FIDInception, images, resize: str = "tf1") -> dict[str, jax.A
   return _forward(model, preprocess(jnp.asarray(images), resize=resize))
 
 
-def features(model: FIDInception, images: np.ndarray | Iterable[np.ndarray], resize: str = "tf1",
-             batch_size: int = 50, keys: tuple[str, ...] = ("pool3", "logits_unbiased")) -> dict[str, np.ndarray]:
+def features(
+  model: FIDInception,
+  images: np.ndarray | Iterable[np.ndarray],
+  resize: str = "tf1",
+  batch_size: int = 50,
+  keys: tuple[str, ...] = ("pool3", "logits_unbiased"),
+) -> dict[str, np.ndarray]:
   """Features of many images as numpy float32 arrays. `images` is an (N, H, W, 3) array or an iterable of such
   batches (each batch one size). Each array is cut into chunks of `batch_size` (the last one padded with copies of
   its last image) so that an array input compiles the network once."""
@@ -165,7 +172,7 @@ def features(model: FIDInception, images: np.ndarray | Iterable[np.ndarray], res
       continue
     bs = min(batch_size, batch.shape[0])
     for start in range(0, batch.shape[0], bs):
-      chunk = batch[start:start + bs]
+      chunk = batch[start : start + bs]
       n = chunk.shape[0]
       if n < bs:  # pad with copies of the last image; the padded rows are dropped below
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)], axis=0)

@@ -13,6 +13,7 @@ number for number when given the same inputs and seed; both are computed in floa
   gamma = 1/D by default. torch-fidelity computes in the features' dtype (float32 for its Inception); this module
   always uses float64, which matters because MMD^2 is a small difference of large kernel sums.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -65,9 +66,16 @@ def _poly_kernel_sums(x, y, gamma, coef0, degree):
   return kxx.sum() - np.trace(kxx), kyy.sum() - np.trace(kyy), kxy.sum()
 
 
-def kernel_inception_distance(features1, features2, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
-                              gamma: float | None = None, coef0: float = 1.0, seed: int = 2020
-                              ) -> tuple[float, float]:
+def kernel_inception_distance(
+  features1,
+  features2,
+  subsets: int = 100,
+  subset_size: int = 1000,
+  degree: int = 3,
+  gamma: float | None = None,
+  coef0: float = 1.0,
+  seed: int = 2020,
+) -> tuple[float, float]:
   """Kernel Inception Distance (mean, std over subsets) between (N1, D) and (N2, D) features.
 
   Per subset: `subset_size` rows of each set drawn without replacement (`RandomState(seed).choice`, set 1 then set 2,
@@ -87,9 +95,11 @@ def kernel_inception_distance(features1, features2, subsets: int = 100, subset_s
   if subset_size < 2:
     raise ValueError(f"subset_size must be >= 2 for the unbiased estimate, got {subset_size}")
   if subset_size > n1 or subset_size > n2:
-    raise ValueError(f"KID subset_size={subset_size} is larger than the number of samples (features1: {n1}, "
-                     f"features2: {n2}); subsets are drawn without replacement, so pass subset_size <= "
-                     f"{min(n1, n2)}")
+    raise ValueError(
+      f"KID subset_size={subset_size} is larger than the number of samples (features1: {n1}, "
+      f"features2: {n2}); subsets are drawn without replacement, so pass subset_size <= "
+      f"{min(n1, n2)}"
+    )
   if subsets < 1:
     raise ValueError(f"subsets must be >= 1, got {subsets}")
   if gamma is None:

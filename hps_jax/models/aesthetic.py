@@ -1,5 +1,6 @@
 """The LAION "improved aesthetic predictor": an MLP head on L2-normalized CLIP ViT-L/14 image embeddings that
 predicts a 1-10 rating. Two published variants: `linear` (no activations between the layers) and `relu`."""
+
 from __future__ import annotations
 
 import jax
@@ -11,7 +12,9 @@ DEFAULT_DIMS = (768, 1024, 128, 64, 16, 1)
 
 
 class AestheticMLP(nnx.Module):
-  def __init__(self, dims=DEFAULT_DIMS, variant: str = "linear", *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self, dims=DEFAULT_DIMS, variant: str = "linear", *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None
+  ):
     if variant not in VARIANTS:
       raise ValueError(f"aesthetic variant must be one of {VARIANTS}, got {variant!r}")
     rngs = rngs if rngs is not None else nnx.Rngs(0)

@@ -4,6 +4,7 @@ Inputs use the (batch, length, heads, head_dim) layout of `jax.nn.dot_product_at
 switch so a model can be moved between XLA, cuDNN flash attention (GPU, fp16/bf16 only) and future TPU kernels
 without touching model code.
 """
+
 from __future__ import annotations
 
 import jax
@@ -28,5 +29,6 @@ def resolve_backend(backend: str, dtype) -> str | None:
 
 def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, backend: str = "auto"):
   """Scaled dot-product attention, softmax scale 1/sqrt(head_dim)."""
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                      implementation=resolve_backend(backend, q.dtype))
+  return jax.nn.dot_product_attention(
+    q, k, v, mask=mask, is_causal=is_causal, implementation=resolve_backend(backend, q.dtype)
+  )

@@ -10,6 +10,7 @@ Parameter paths (used by the freezing regexes and the converters):
   vision/blocks/{i}/{ln1,attn/{query,key,value,out},ln2,mlp/{fc1,fc2}}/..., vision/ln_post, vision/proj,
   text/token_embedding/embedding, text/pos_embedding, text/blocks/{i}/..., text/ln_final, text/proj, logit_scale.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 class CLIPConfig:
   """Architecture of a CLIP model. `activation` is quick_gelu for OpenAI weights (HPS v1), gelu for LAION/open_clip
   ViT-H/14 (HPS v2, PickScore)."""
+
   embed_dim: int = 768
   # vision tower
   image_size: int = 224
@@ -80,43 +82,125 @@ class CLIPConfig:
   # Presets ---------------------------------------------------------------------------------------------------
   @classmethod
   def vit_b32(cls, **kw) -> "CLIPConfig":
-    return cls(**{**dict(embed_dim=512, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
-                         vision_mlp_dim=3072, text_width=512, text_layers=12, text_heads=8, text_mlp_dim=2048,
-                         activation="quick_gelu"), **kw})
+    return cls(
+      **{
+        **dict(
+          embed_dim=512,
+          patch_size=32,
+          vision_width=768,
+          vision_layers=12,
+          vision_heads=12,
+          vision_mlp_dim=3072,
+          text_width=512,
+          text_layers=12,
+          text_heads=8,
+          text_mlp_dim=2048,
+          activation="quick_gelu",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def vit_l14(cls, **kw) -> "CLIPConfig":
     """OpenAI CLIP ViT-L/14, the HPS v1 backbone (QuickGELU)."""
-    return cls(**{**dict(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
-                         vision_mlp_dim=4096, text_width=768, text_layers=12, text_heads=12, text_mlp_dim=3072,
-                         activation="quick_gelu"), **kw})
+    return cls(
+      **{
+        **dict(
+          embed_dim=768,
+          patch_size=14,
+          vision_width=1024,
+          vision_layers=24,
+          vision_heads=16,
+          vision_mlp_dim=4096,
+          text_width=768,
+          text_layers=12,
+          text_heads=12,
+          text_mlp_dim=3072,
+          activation="quick_gelu",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def vit_h14(cls, **kw) -> "CLIPConfig":
     """LAION ViT-H/14 as in open_clip (HPS v2 / v2.1, PickScore): GELU."""
-    return cls(**{**dict(embed_dim=1024, patch_size=14, vision_width=1280, vision_layers=32, vision_heads=16,
-                         vision_mlp_dim=5120, text_width=1024, text_layers=24, text_heads=16, text_mlp_dim=4096,
-                         activation="gelu"), **kw})
+    return cls(
+      **{
+        **dict(
+          embed_dim=1024,
+          patch_size=14,
+          vision_width=1280,
+          vision_layers=32,
+          vision_heads=16,
+          vision_mlp_dim=5120,
+          text_width=1024,
+          text_layers=24,
+          text_heads=16,
+          text_mlp_dim=4096,
+          activation="gelu",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def tiny(cls, **kw) -> "CLIPConfig":
     """A few-layer model for tests and the offline demo (full CLIP vocabulary so the real tokenizer works)."""
     # 64-wide heads as in every released CLIP, so the architecture can be inferred back from a state dict.
-    return cls(**{**dict(embed_dim=32, image_size=32, patch_size=8, vision_width=128, vision_layers=4,
-                         vision_heads=2, vision_mlp_dim=512, text_width=128, text_layers=3, text_heads=2,
-                         text_mlp_dim=512, activation="quick_gelu"), **kw})
+    return cls(
+      **{
+        **dict(
+          embed_dim=32,
+          image_size=32,
+          patch_size=8,
+          vision_width=128,
+          vision_layers=4,
+          vision_heads=2,
+          vision_mlp_dim=512,
+          text_width=128,
+          text_layers=3,
+          text_heads=2,
+          text_mlp_dim=512,
+          activation="quick_gelu",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def small(cls, **kw) -> "CLIPConfig":
     """A mid-size model (ViT-B-like widths, few layers) used by parity tests."""
-    return cls(**{**dict(embed_dim=256, image_size=64, patch_size=16, vision_width=384, vision_layers=3,
-                         vision_heads=6, vision_mlp_dim=1536, text_width=256, text_layers=3, text_heads=4,
-                         text_mlp_dim=1024, activation="gelu"), **kw})
+    return cls(
+      **{
+        **dict(
+          embed_dim=256,
+          image_size=64,
+          patch_size=16,
+          vision_width=384,
+          vision_layers=3,
+          vision_heads=6,
+          vision_mlp_dim=1536,
+          text_width=256,
+          text_layers=3,
+          text_heads=4,
+          text_mlp_dim=1024,
+          activation="gelu",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def preset(cls, name: str, **kw) -> "CLIPConfig":
-    table = {"vit_b32": cls.vit_b32, "vit_l14": cls.vit_l14, "vit_h14": cls.vit_h14, "tiny": cls.tiny,
-             "small": cls.small}
+    table = {
+      "vit_b32": cls.vit_b32,
+      "vit_l14": cls.vit_l14,
+      "vit_h14": cls.vit_h14,
+      "tiny": cls.tiny,
+      "small": cls.small,
+    }
     if name not in table:
       raise ValueError(f"unknown CLIP preset {name!r}; choose from {sorted(table)}")
     return table[name](**kw)
@@ -129,15 +213,28 @@ def _act(name: str):
 
 
 def _dense(din, dout, axes, *, dtype, param_dtype, rngs, use_bias=True):
-  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                    kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+  return nnx.Linear(
+    din,
+    dout,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+    kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
+    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+  )
 
 
 def _layer_norm(dim, eps, *, dtype, param_dtype, rngs):
-  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+  return nnx.LayerNorm(
+    dim,
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+    scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+  )
 
 
 class Attention(nnx.Module):
@@ -153,8 +250,9 @@ class Attention(nnx.Module):
   def __call__(self, x, *, is_causal=False):
     b, t, w = x.shape
     split = lambda y: y.reshape(b, t, self.heads, w // self.heads)
-    o = dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)),
-                              is_causal=is_causal, backend=self.backend)
+    o = dot_product_attention(
+      split(self.query(x)), split(self.key(x)), split(self.value(x)), is_causal=is_causal, backend=self.backend
+    )
     return self.out(o.reshape(b, t, w))
 
 
@@ -199,21 +297,35 @@ class VisionTransformer(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.cfg = cfg
     self.dtype = dtype
-    self.patch_embed = nnx.Conv(3, w, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=False,
-                                kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
-                                                                  (None, None, None, "embed")), **kw)
-    scale = w ** -0.5
+    self.patch_embed = nnx.Conv(
+      3,
+      w,
+      kernel_size=(p, p),
+      strides=(p, p),
+      padding="VALID",
+      use_bias=False,
+      kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None, None, "embed")),
+      **kw,
+    )
+    scale = w**-0.5
     self.class_embedding = nnx.Param(
-        nnx.with_partitioning(nnx.initializers.normal(scale), ("embed",))(rngs.params(), (w,), param_dtype))
+      nnx.with_partitioning(nnx.initializers.normal(scale), ("embed",))(rngs.params(), (w,), param_dtype)
+    )
     self.pos_embedding = nnx.Param(
-        nnx.with_partitioning(nnx.initializers.normal(scale), (None, "embed"))(
-            rngs.params(), (cfg.num_patches + 1, w), param_dtype))
+      nnx.with_partitioning(nnx.initializers.normal(scale), (None, "embed"))(
+        rngs.params(), (cfg.num_patches + 1, w), param_dtype
+      )
+    )
     self.ln_pre = _layer_norm(w, cfg.layer_norm_eps, **kw)
-    self.blocks = nnx.List([Block(w, cfg.vision_heads, cfg.vision_mlp_dim, cfg, **kw)
-                            for _ in range(cfg.vision_layers)])
+    self.blocks = nnx.List(
+      [Block(w, cfg.vision_heads, cfg.vision_mlp_dim, cfg, **kw) for _ in range(cfg.vision_layers)]
+    )
     self.ln_post = _layer_norm(w, cfg.layer_norm_eps, **kw)
-    self.proj = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(scale), ("embed", "proj"))(
-        rngs.params(), (w, cfg.embed_dim), param_dtype))
+    self.proj = nnx.Param(
+      nnx.with_partitioning(nnx.initializers.normal(scale), ("embed", "proj"))(
+        rngs.params(), (w, cfg.embed_dim), param_dtype
+      )
+    )
 
   def __call__(self, images):
     """images: (B, H, W, 3) normalized; returns (B, embed_dim) unnormalized image embeddings."""
@@ -240,15 +352,30 @@ class TextTransformer(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.cfg = cfg
     self.dtype = dtype
-    self.token_embedding = nnx.Embed(cfg.vocab_size, w, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                     embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
-                                                                          ("vocab", "embed")))
-    self.pos_embedding = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(0.01), (None, "embed"))(
-        rngs.params(), (cfg.context_length, w), param_dtype))
+    self.token_embedding = nnx.Embed(
+      cfg.vocab_size,
+      w,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
+    )
+    self.pos_embedding = nnx.Param(
+      nnx.with_partitioning(nnx.initializers.normal(0.01), (None, "embed"))(
+        rngs.params(), (cfg.context_length, w), param_dtype
+      )
+    )
     self.blocks = nnx.List([Block(w, cfg.text_heads, cfg.text_mlp_dim, cfg, **kw) for _ in range(cfg.text_layers)])
     self.ln_final = _layer_norm(w, cfg.layer_norm_eps, **kw)
-    self.proj = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(w ** -0.5), ("embed", "proj"))(
-        rngs.params(), (w, cfg.embed_dim), param_dtype)) if with_projection else None
+    self.proj = (
+      nnx.Param(
+        nnx.with_partitioning(nnx.initializers.normal(w**-0.5), ("embed", "proj"))(
+          rngs.params(), (w, cfg.embed_dim), param_dtype
+        )
+      )
+      if with_projection
+      else None
+    )
 
   def hidden_states(self, token_ids):
     """(B, T) token ids -> (B, T, width) after the final LayerNorm (transformers' `last_hidden_state`; what Stable

@@ -19,6 +19,7 @@ and a ReLU. `FIDInception.__call__` takes (N, 299, 299, 3) float images already 
 Parameter paths mirror the PyTorch module names (`Mixed_5b/branch1x1/conv/kernel`, `.../bn/scale|bias|mean|var`,
 `fc/kernel|bias`) so that `hps_jax.convert.inception` is a renaming plus OIHW -> HWIO transposes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -113,12 +114,33 @@ class BatchNormInference(nnx.Module):
 class BasicConv2d(nnx.Module):
   """Conv (no bias) -> BatchNorm (inference) -> ReLU. `padding` is symmetric per spatial dim, like torch's."""
 
-  def __init__(self, cin: int, cout: int, kernel_size, *, stride=1, padding=0, cfg: InceptionConfig, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cin: int,
+    cout: int,
+    kernel_size,
+    *,
+    stride=1,
+    padding=0,
+    cfg: InceptionConfig,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     ph, pw = _pair(padding)
-    self.conv = nnx.Conv(cin, cout, _pair(kernel_size), _pair(stride), padding=((ph, ph), (pw, pw)), use_bias=False,
-                         dtype=dtype, param_dtype=param_dtype, precision=cfg.precision, kernel_init=fan_in_normal,
-                         rngs=rngs)
+    self.conv = nnx.Conv(
+      cin,
+      cout,
+      _pair(kernel_size),
+      _pair(stride),
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=cfg.precision,
+      kernel_init=fan_in_normal,
+      rngs=rngs,
+    )
     self.bn = BatchNormInference(cout, eps=cfg.bn_eps, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x):
@@ -184,8 +206,13 @@ class InceptionC(nnx.Module):
     b1 = self.branch1x1(x)
     b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
     bd = x
-    for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                  self.branch7x7dbl_5):
+    for layer in (
+      self.branch7x7dbl_1,
+      self.branch7x7dbl_2,
+      self.branch7x7dbl_3,
+      self.branch7x7dbl_4,
+      self.branch7x7dbl_5,
+    ):
       bd = layer(bd)
     bp = self.branch_pool(avg_pool_exclude_pad(x))
     return _cat([b1, b7, bd, bp])
@@ -252,8 +279,14 @@ class FIDInception(nnx.Module):
   Other spatial sizes run too (the network is convolutional up to the global average pool), but the FID / IS
   conventions are defined at 299x299."""
 
-  def __init__(self, cfg: InceptionConfig | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    cfg: InceptionConfig | None = None,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     cfg = cfg or InceptionConfig()
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.config = cfg
@@ -275,8 +308,16 @@ class FIDInception(nnx.Module):
     self.Mixed_7a = InceptionD(768, **kw)
     self.Mixed_7b = InceptionE(1280, pool="avg", **kw)
     self.Mixed_7c = InceptionE(2048, pool="max", **kw)
-    self.fc = nnx.Linear(POOL3_DIM, cfg.num_classes, dtype=dtype, param_dtype=param_dtype, precision=cfg.precision,
-                         kernel_init=fan_in_normal, bias_init=_zeros_init, rngs=rngs)
+    self.fc = nnx.Linear(
+      POOL3_DIM,
+      cfg.num_classes,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=cfg.precision,
+      kernel_init=fan_in_normal,
+      bias_init=_zeros_init,
+      rngs=rngs,
+    )
 
   def features_map(self, x):
     """(N, H, W, 3) in [-1, 1] -> the (N, H', W', 2048) Mixed_7c output (8x8 at 299x299)."""
@@ -285,8 +326,19 @@ class FIDInception(nnx.Module):
     x = max_pool(x, 3, 2)
     x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
     x = max_pool(x, 3, 2)
-    for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                  self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+    for block in (
+      self.Mixed_5b,
+      self.Mixed_5c,
+      self.Mixed_5d,
+      self.Mixed_6a,
+      self.Mixed_6b,
+      self.Mixed_6c,
+      self.Mixed_6d,
+      self.Mixed_6e,
+      self.Mixed_7a,
+      self.Mixed_7b,
+      self.Mixed_7c,
+    ):
       x = block(x)
     return x
 

@@ -14,6 +14,7 @@ Parameters carry logical axis names (see `hps_jax.parallel.DEFAULT_RULES`): outp
 channel axes of norms are 'embed'; linear layers use ('embed', 'heads') / ('heads', 'embed') / ('embed', 'mlp').
 Parameters are created with eager sharding off, so blocks build outside a mesh (`hps_jax.parallel` shards later).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -29,8 +30,18 @@ def _part(init, axes):
   return nnx.with_partitioning(init, axes)
 
 
-def conv2d(in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1, padding=None,
-           use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+def conv2d(
+  in_channels: int,
+  out_channels: int,
+  kernel_size: int = 3,
+  *,
+  stride: int = 1,
+  padding=None,
+  use_bias: bool = True,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  rngs: nnx.Rngs,
+) -> nnx.Conv:
   """A torch-like Conv2d on NHWC inputs: kernel HWIO, `padding` an int (symmetric, default kernel_size // 2) or
   flax's explicit ((top, bottom), (left, right))."""
   if padding is None:
@@ -38,27 +49,59 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int = 3, *, stride:
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
   with nnx.use_eager_sharding(False):
-    return nnx.Conv(in_channels, out_channels, kernel_size=(kernel_size, kernel_size), strides=(stride, stride),
-                    padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                    kernel_init=_part(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
-                    bias_init=_part(nnx.initializers.zeros_init(), ("embed",)))
+    return nnx.Conv(
+      in_channels,
+      out_channels,
+      kernel_size=(kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=padding,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      kernel_init=_part(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
+      bias_init=_part(nnx.initializers.zeros_init(), ("embed",)),
+    )
 
 
-def linear(in_features: int, out_features: int, axes: Sequence[str | None] = ("embed", "mlp"), *,
-           use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+def linear(
+  in_features: int,
+  out_features: int,
+  axes: Sequence[str | None] = ("embed", "mlp"),
+  *,
+  use_bias: bool = True,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  rngs: nnx.Rngs,
+) -> nnx.Linear:
   """nnx.Linear with logical axes on its kernel (in, out) and bias (out,)."""
   with nnx.use_eager_sharding(False):
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs, kernel_init=_part(nnx.initializers.lecun_normal(), tuple(axes)),
-                      bias_init=_part(nnx.initializers.zeros_init(), (axes[1],)))
+    return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      kernel_init=_part(nnx.initializers.lecun_normal(), tuple(axes)),
+      bias_init=_part(nnx.initializers.zeros_init(), (axes[1],)),
+    )
 
 
 class GroupNorm(nnx.Module):
   """torch.nn.GroupNorm over the last (channel) axis of an NHWC (or (B, L, C)) array. Mean and variance are taken
   in float32 with the two-pass formula; the result is cast back to `dtype`."""
 
-  def __init__(self, num_channels: int, num_groups: int = 32, *, eps: float = 1e-6, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    num_channels: int,
+    num_groups: int = 32,
+    *,
+    eps: float = 1e-6,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     if num_channels % num_groups:
       raise ValueError(f"GroupNorm: {num_channels} channels are not divisible into {num_groups} groups")
     self.num_groups = num_groups
@@ -83,20 +126,32 @@ class ResnetBlock2D(nnx.Module):
   """diffusers' ResnetBlock2D with time_embedding_norm='default', SiLU and output_scale_factor 1:
   out = shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb)))))."""
 
-  def __init__(self, in_channels: int, out_channels: int | None = None, *, temb_channels: int | None = None,
-               groups: int = 32, groups_out: int | None = None, eps: float = 1e-6, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int | None = None,
+    *,
+    temb_channels: int | None = None,
+    groups: int = 32,
+    groups_out: int | None = None,
+    eps: float = 1e-6,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     out_channels = out_channels or in_channels
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.in_channels, self.out_channels = in_channels, out_channels
     self.norm1 = GroupNorm(in_channels, groups, eps=eps, **kw)
     self.conv1 = conv2d(in_channels, out_channels, 3, rngs=rngs, **kw)
-    self.time_emb_proj = (linear(temb_channels, out_channels, (None, "embed"), rngs=rngs, **kw)
-                          if temb_channels is not None else None)
+    self.time_emb_proj = (
+      linear(temb_channels, out_channels, (None, "embed"), rngs=rngs, **kw) if temb_channels is not None else None
+    )
     self.norm2 = GroupNorm(out_channels, groups_out or groups, eps=eps, **kw)
     self.conv2 = conv2d(out_channels, out_channels, 3, rngs=rngs, **kw)
-    self.conv_shortcut = (conv2d(in_channels, out_channels, 1, padding=0, rngs=rngs, **kw)
-                          if in_channels != out_channels else None)
+    self.conv_shortcut = (
+      conv2d(in_channels, out_channels, 1, padding=0, rngs=rngs, **kw) if in_channels != out_channels else None
+    )
 
   def __call__(self, x, temb=None):
     h = self.conv1(nnx.silu(self.norm1(x)))
@@ -114,14 +169,24 @@ class Downsample2D(nnx.Module):
   """Halves H and W: a stride-2 3x3 conv (`use_conv`) or 2x2 average pooling. padding=0 pads one row/column at the
   bottom/right first (the VAE's layout); padding=1 pads symmetrically (the UNet's)."""
 
-  def __init__(self, channels: int, *, out_channels: int | None = None, use_conv: bool = True, padding: int = 1,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    *,
+    out_channels: int | None = None,
+    use_conv: bool = True,
+    padding: int = 1,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     out_channels = out_channels or channels
     self.use_conv = use_conv
     if use_conv:
       pad = ((0, 1), (0, 1)) if padding == 0 else padding
-      self.conv = conv2d(channels, out_channels, 3, stride=2, padding=pad, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+      self.conv = conv2d(
+        channels, out_channels, 3, stride=2, padding=pad, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+      )
     elif out_channels != channels:
       raise ValueError("Downsample2D without a conv cannot change the number of channels")
 
@@ -129,7 +194,7 @@ class Downsample2D(nnx.Module):
     if self.use_conv:
       return self.conv(x)
     b, h, w, c = x.shape
-    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
 def _nearest_resize(x, size):
@@ -146,8 +211,16 @@ def _nearest_resize(x, size):
 class Upsample2D(nnx.Module):
   """Nearest-neighbour upsampling by 2 (or to `output_size=(H, W)`), then a 3x3 conv when `use_conv`."""
 
-  def __init__(self, channels: int, *, out_channels: int | None = None, use_conv: bool = True, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    *,
+    out_channels: int | None = None,
+    use_conv: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.use_conv = use_conv
     if use_conv:
       self.conv = conv2d(channels, out_channels or channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -166,10 +239,24 @@ class Attention(nnx.Module):
   q/k/v: Linear(query_dim | cross_attention_dim -> heads * dim_head, bias=`bias`); to_out/0: Linear(-> query_dim,
   bias=`out_bias`). Softmax scale 1/sqrt(dim_head). Attention runs through `hps_jax.models.attention`."""
 
-  def __init__(self, query_dim: int, *, cross_attention_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-               bias: bool = False, out_bias: bool = True, norm_num_groups: int | None = None, eps: float = 1e-5,
-               residual_connection: bool = False, rescale_output_factor: float = 1.0, backend: str = "auto",
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    query_dim: int,
+    *,
+    cross_attention_dim: int | None = None,
+    heads: int = 8,
+    dim_head: int = 64,
+    bias: bool = False,
+    out_bias: bool = True,
+    norm_num_groups: int | None = None,
+    eps: float = 1e-5,
+    residual_connection: bool = False,
+    rescale_output_factor: float = 1.0,
+    backend: str = "auto",
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     inner = heads * dim_head
     kv_dim = cross_attention_dim or query_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -177,8 +264,11 @@ class Attention(nnx.Module):
     self.backend = backend
     self.residual_connection = residual_connection
     self.rescale_output_factor = rescale_output_factor
-    self.group_norm = (GroupNorm(query_dim, norm_num_groups, eps=eps, dtype=dtype, param_dtype=param_dtype)
-                       if norm_num_groups is not None else None)
+    self.group_norm = (
+      GroupNorm(query_dim, norm_num_groups, eps=eps, dtype=dtype, param_dtype=param_dtype)
+      if norm_num_groups is not None
+      else None
+    )
     self.to_q = linear(query_dim, inner, ("embed", "heads"), use_bias=bias, **kw)
     self.to_k = linear(kv_dim, inner, ("embed", "heads"), use_bias=bias, **kw)
     self.to_v = linear(kv_dim, inner, ("embed", "heads"), use_bias=bias, **kw)

@@ -30,6 +30,7 @@ Supported configuration: the SD 1.x keys, plus per-block head counts / cross-att
 `mid_block_type=None`. Not supported (raises in `UNetConfig.from_diffusers`): `upcast_attention` (SD 2.1-v), class /
 addition embeddings (SDXL), other block types. Dropout is not implemented (SD checkpoints use 0.0).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,31 +50,31 @@ MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
 
 # diffusers UNet2DConditionModel arguments this implementation does not support: each must keep this value.
 _FIXED_DIFFUSERS_KEYS: dict[str, Any] = {
-    "num_attention_heads": None,
-    "dual_cross_attention": False,
-    "only_cross_attention": False,
-    "mid_block_only_cross_attention": None,
-    "upcast_attention": False,
-    "class_embed_type": None,
-    "num_class_embeds": None,
-    "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "mid_block_scale_factor": 1.0,
-    "act_fn": "silu",
-    "time_embedding_type": "positional",
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "attention_type": "default",
-    "cross_attention_norm": None,
-    "reverse_transformer_layers_per_block": None,
+  "num_attention_heads": None,
+  "dual_cross_attention": False,
+  "only_cross_attention": False,
+  "mid_block_only_cross_attention": None,
+  "upcast_attention": False,
+  "class_embed_type": None,
+  "num_class_embeds": None,
+  "class_embeddings_concat": False,
+  "projection_class_embeddings_input_dim": None,
+  "addition_embed_type": None,
+  "addition_time_embed_dim": None,
+  "encoder_hid_dim": None,
+  "encoder_hid_dim_type": None,
+  "resnet_time_scale_shift": "default",
+  "resnet_skip_time_act": False,
+  "resnet_out_scale_factor": 1.0,
+  "mid_block_scale_factor": 1.0,
+  "act_fn": "silu",
+  "time_embedding_type": "positional",
+  "time_embedding_act_fn": None,
+  "timestep_post_act": None,
+  "time_cond_proj_dim": None,
+  "attention_type": "default",
+  "cross_attention_norm": None,
+  "reverse_transformer_layers_per_block": None,
 }
 # accepted and ignored (no effect on the computation here).
 _IGNORED_DIFFUSERS_KEYS = ("dropout", "addition_embed_type_num_heads")
@@ -91,14 +92,19 @@ def _per_block(value, n: int, name: str) -> tuple:
 class UNetConfig:
   """Architecture of a diffusers `UNet2DConditionModel` (the subset SD 1.x uses). Field names are diffusers'
   config.json keys; `attention_backend` and `remat` are ours. Defaults are Stable Diffusion v1.4's."""
+
   sample_size: int = 64
   in_channels: int = 4
   out_channels: int = 4
   center_input_sample: bool = False
   flip_sin_to_cos: bool = True
   freq_shift: float = 0
-  down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                       "DownBlock2D")
+  down_block_types: tuple[str, ...] = (
+    "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D",
+    "DownBlock2D",
+  )
   mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
   up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
   block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
@@ -125,8 +131,9 @@ class UNetConfig:
         object.__setattr__(self, name, tuple(value))
     n = len(self.block_out_channels)
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
-      raise ValueError(f"{len(self.down_block_types)} down and {len(self.up_block_types)} up block types for "
-                       f"{n} block_out_channels")
+      raise ValueError(
+        f"{len(self.down_block_types)} down and {len(self.up_block_types)} up block types for {n} block_out_channels"
+      )
     for t in self.down_block_types:
       if t not in DOWN_BLOCK_TYPES:
         raise ValueError(f"unsupported down block {t!r}; supported: {DOWN_BLOCK_TYPES}")
@@ -215,14 +222,25 @@ class UNetConfig:
   @classmethod
   def tiny(cls, **kw) -> "UNetConfig":
     """Every SD 1.x block type at toy widths, for tests and offline demos."""
-    return cls(**{**dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
-                         cross_attention_dim=32, attention_head_dim=2), **kw})
+    return cls(
+      **{
+        **dict(
+          sample_size=16,
+          block_out_channels=(32, 64),
+          layers_per_block=1,
+          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+          norm_num_groups=8,
+          cross_attention_dim=32,
+          attention_head_dim=2,
+        ),
+        **kw,
+      }
+    )
 
 
 # modules ----------------------------------------------------------------------------------------------------
-def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.):
+def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):
   """Sinusoidal (N,) -> (N, dim) float32 timestep features, as diffusers' `get_timestep_embedding`: frequencies
   exp(-log(max_period) * i / (dim/2 - freq_shift)); [sin, cos] halves, or [cos, sin] with flip_sin_to_cos."""
   half = dim // 2
@@ -248,8 +266,9 @@ class Timesteps(nnx.Module):
     self.downscale_freq_shift = downscale_freq_shift
 
   def __call__(self, timesteps):
-    return timestep_embedding(timesteps, self.num_channels, flip_sin_to_cos=self.flip_sin_to_cos,
-                              freq_shift=self.downscale_freq_shift)
+    return timestep_embedding(
+      timesteps, self.num_channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.downscale_freq_shift
+    )
 
 
 class TimestepEmbedding(nnx.Module):
@@ -265,9 +284,15 @@ class TimestepEmbedding(nnx.Module):
 
 
 def _layer_norm(dim: int, eps: float, *, dtype, param_dtype, rngs):
-  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+  return nnx.LayerNorm(
+    dim,
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+    scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+  )
 
 
 class GEGLU(nnx.Module):
@@ -297,14 +322,16 @@ class FeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
   """Pre-LayerNorm: x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x))."""
 
-  def __init__(self, dim: int, heads: int, head_dim: int, cross_attention_dim: int, *, backend: str, dtype,
-               param_dtype, rngs):
+  def __init__(
+    self, dim: int, heads: int, head_dim: int, cross_attention_dim: int, *, backend: str, dtype, param_dtype, rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = _layer_norm(dim, 1e-5, **kw)
     self.attn1 = Attention(dim, heads=heads, dim_head=head_dim, backend=backend, **kw)
     self.norm2 = _layer_norm(dim, 1e-5, **kw)
-    self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, heads=heads, dim_head=head_dim,
-                           backend=backend, **kw)
+    self.attn2 = Attention(
+      dim, cross_attention_dim=cross_attention_dim, heads=heads, dim_head=head_dim, backend=backend, **kw
+    )
     self.norm3 = _layer_norm(dim, 1e-5, **kw)
     self.ff = FeedForward(dim, **kw)
 
@@ -318,8 +345,20 @@ class Transformer2DModel(nnx.Module):
   """GroupNorm -> proj_in -> flatten to (B, H*W, inner) -> transformer_blocks -> proj_out -> + input. proj_in /
   proj_out are 1x1 convs (SD 1.x) or linear layers on the flattened sequence (`use_linear_projection`)."""
 
-  def __init__(self, channels: int, heads: int, cross_attention_dim: int, *, num_layers: int = 1, groups: int = 32,
-               use_linear_projection: bool = False, backend: str = "auto", dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    channels: int,
+    heads: int,
+    cross_attention_dim: int,
+    *,
+    num_layers: int = 1,
+    groups: int = 32,
+    use_linear_projection: bool = False,
+    backend: str = "auto",
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     if channels // heads < 1:
       raise ValueError(f"{channels} channels cannot be split over {heads} heads")
     head_dim = channels // heads
@@ -333,9 +372,12 @@ class Transformer2DModel(nnx.Module):
     else:
       self.proj_in = conv2d(channels, inner, 1, padding=0, **kw)
       self.proj_out = conv2d(inner, channels, 1, padding=0, **kw)
-    self.transformer_blocks = nnx.List([
+    self.transformer_blocks = nnx.List(
+      [
         BasicTransformerBlock(inner, heads, head_dim, cross_attention_dim, backend=backend, **kw)
-        for _ in range(num_layers)])
+        for _ in range(num_layers)
+      ]
+    )
 
   def __call__(self, x, context):
     b, h, w, c = x.shape
@@ -359,21 +401,60 @@ class DownBlock(nnx.Module):
   """CrossAttnDownBlock2D (`cross_attention=True`) or DownBlock2D: [resnet (-> attention)] x layers, then an
   optional stride-2 downsampler. Returns (h, skips): one skip per layer plus one after the downsampler."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int, num_layers: int,
-               add_downsample: bool, cross_attention: bool, cfg: UNetConfig, block_index: int, dtype, param_dtype,
-               rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    *,
+    temb_channels: int,
+    num_layers: int,
+    add_downsample: bool,
+    cross_attention: bool,
+    cfg: UNetConfig,
+    block_index: int,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     groups = cfg.norm_num_groups
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
-                      groups=groups, eps=cfg.norm_eps, **kw) for i in range(num_layers)])
-    self.attentions = nnx.List([
-        Transformer2DModel(out_channels, cfg.num_heads(block_index), cfg.context_dim(block_index),
-                           num_layers=cfg.transformer_layers(block_index), groups=groups,
-                           use_linear_projection=cfg.use_linear_projection, backend=cfg.attention_backend, **kw)
-        for _ in range(num_layers)]) if cross_attention else None
-    self.downsamplers = nnx.List([Downsample2D(out_channels, use_conv=True, padding=cfg.downsample_padding,
-                                               **kw)]) if add_downsample else None
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_channels if i == 0 else out_channels,
+          out_channels,
+          temb_channels=temb_channels,
+          groups=groups,
+          eps=cfg.norm_eps,
+          **kw,
+        )
+        for i in range(num_layers)
+      ]
+    )
+    self.attentions = (
+      nnx.List(
+        [
+          Transformer2DModel(
+            out_channels,
+            cfg.num_heads(block_index),
+            cfg.context_dim(block_index),
+            num_layers=cfg.transformer_layers(block_index),
+            groups=groups,
+            use_linear_projection=cfg.use_linear_projection,
+            backend=cfg.attention_backend,
+            **kw,
+          )
+          for _ in range(num_layers)
+        ]
+      )
+      if cross_attention
+      else None
+    )
+    self.downsamplers = (
+      nnx.List([Downsample2D(out_channels, use_conv=True, padding=cfg.downsample_padding, **kw)])
+      if add_downsample
+      else None
+    )
 
   def __call__(self, x, temb, context):
     skips = []
@@ -395,12 +476,26 @@ class MidBlock(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     last = len(cfg.block_out_channels) - 1
     groups = cfg.norm_num_groups
-    self.resnets = nnx.List([ResnetBlock2D(channels, channels, temb_channels=temb_channels, groups=groups,
-                                           eps=cfg.norm_eps, **kw) for _ in range(2)])
-    self.attentions = nnx.List([
-        Transformer2DModel(channels, cfg.num_heads(last), cfg.context_dim(last),
-                           num_layers=cfg.transformer_layers(last), groups=groups,
-                           use_linear_projection=cfg.use_linear_projection, backend=cfg.attention_backend, **kw)])
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(channels, channels, temb_channels=temb_channels, groups=groups, eps=cfg.norm_eps, **kw)
+        for _ in range(2)
+      ]
+    )
+    self.attentions = nnx.List(
+      [
+        Transformer2DModel(
+          channels,
+          cfg.num_heads(last),
+          cfg.context_dim(last),
+          num_layers=cfg.transformer_layers(last),
+          groups=groups,
+          use_linear_projection=cfg.use_linear_projection,
+          backend=cfg.attention_backend,
+          **kw,
+        )
+      ]
+    )
 
   def __call__(self, x, temb, context):
     x = self.resnets[0](x, temb)
@@ -413,24 +508,52 @@ class UpBlock(nnx.Module):
   """CrossAttnUpBlock2D (`cross_attention=True`) or UpBlock2D: for each layer, concatenate the last remaining skip
   on the channel axis, resnet (-> attention); then an optional nearest x2 upsampler (to `upsample_size` if given)."""
 
-  def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, *, temb_channels: int,
-               num_layers: int, add_upsample: bool, cross_attention: bool, cfg: UNetConfig, block_index: int, dtype,
-               param_dtype, rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    prev_output_channels: int,
+    out_channels: int,
+    *,
+    temb_channels: int,
+    num_layers: int,
+    add_upsample: bool,
+    cross_attention: bool,
+    cfg: UNetConfig,
+    block_index: int,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     groups = cfg.norm_num_groups
     resnets = []
     for i in range(num_layers):
       skip = in_channels if i == num_layers - 1 else out_channels
       cin = prev_output_channels if i == 0 else out_channels
-      resnets.append(ResnetBlock2D(cin + skip, out_channels, temb_channels=temb_channels, groups=groups,
-                                   eps=cfg.norm_eps, **kw))
+      resnets.append(
+        ResnetBlock2D(cin + skip, out_channels, temb_channels=temb_channels, groups=groups, eps=cfg.norm_eps, **kw)
+      )
     self.resnets = nnx.List(resnets)
     down_index = len(cfg.block_out_channels) - 1 - block_index
-    self.attentions = nnx.List([
-        Transformer2DModel(out_channels, cfg.num_heads(down_index), cfg.context_dim(down_index),
-                           num_layers=cfg.transformer_layers(down_index), groups=groups,
-                           use_linear_projection=cfg.use_linear_projection, backend=cfg.attention_backend, **kw)
-        for _ in range(num_layers)]) if cross_attention else None
+    self.attentions = (
+      nnx.List(
+        [
+          Transformer2DModel(
+            out_channels,
+            cfg.num_heads(down_index),
+            cfg.context_dim(down_index),
+            num_layers=cfg.transformer_layers(down_index),
+            groups=groups,
+            use_linear_projection=cfg.use_linear_projection,
+            backend=cfg.attention_backend,
+            **kw,
+          )
+          for _ in range(num_layers)
+        ]
+      )
+      if cross_attention
+      else None
+    )
     self.upsamplers = nnx.List([Upsample2D(out_channels, use_conv=True, **kw)]) if add_upsample else None
 
   def __call__(self, x, skips, temb, context, upsample_size=None):
@@ -472,25 +595,45 @@ class UNet2DConditionModel(nnx.Module):
       down, out_c = [], ch[0]
       for i, kind in enumerate(cfg.down_block_types):
         in_c, out_c = out_c, ch[i]
-        down.append(DownBlock(in_c, out_c, temb_channels=temb, num_layers=cfg.layers(i), add_downsample=i < n - 1,
-                              cross_attention=kind == "CrossAttnDownBlock2D", cfg=cfg, block_index=i, **kw))
+        down.append(
+          DownBlock(
+            in_c,
+            out_c,
+            temb_channels=temb,
+            num_layers=cfg.layers(i),
+            add_downsample=i < n - 1,
+            cross_attention=kind == "CrossAttnDownBlock2D",
+            cfg=cfg,
+            block_index=i,
+            **kw,
+          )
+        )
       self.down_blocks = nnx.List(down)
 
-      self.mid_block = (MidBlock(ch[-1], temb_channels=temb, cfg=cfg, **kw)
-                        if cfg.mid_block_type is not None else None)
+      self.mid_block = MidBlock(ch[-1], temb_channels=temb, cfg=cfg, **kw) if cfg.mid_block_type is not None else None
 
       rev = list(reversed(ch))
       up, out_c = [], rev[0]
       for i, kind in enumerate(cfg.up_block_types):
         prev_c, out_c = out_c, rev[i]
         in_c = rev[min(i + 1, n - 1)]
-        up.append(UpBlock(in_c, prev_c, out_c, temb_channels=temb, num_layers=cfg.layers(n - 1 - i) + 1,
-                          add_upsample=i < n - 1, cross_attention=kind == "CrossAttnUpBlock2D", cfg=cfg,
-                          block_index=i, **kw))
+        up.append(
+          UpBlock(
+            in_c,
+            prev_c,
+            out_c,
+            temb_channels=temb,
+            num_layers=cfg.layers(n - 1 - i) + 1,
+            add_upsample=i < n - 1,
+            cross_attention=kind == "CrossAttnUpBlock2D",
+            cfg=cfg,
+            block_index=i,
+            **kw,
+          )
+        )
       self.up_blocks = nnx.List(up)
 
-      self.conv_norm_out = GroupNorm(ch[0], cfg.norm_num_groups, eps=cfg.norm_eps, dtype=dtype,
-                                     param_dtype=param_dtype)
+      self.conv_norm_out = GroupNorm(ch[0], cfg.norm_num_groups, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
       self.conv_out = conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
 
   def __call__(self, sample, timesteps, encoder_hidden_states):
@@ -513,7 +656,7 @@ class UNet2DConditionModel(nnx.Module):
     if self.mid_block is not None:
       x = _call(self.mid_block, x, emb, context, remat=cfg.remat)
 
-    for i, block in enumerate(self.up_blocks):
+    for block in self.up_blocks:
       k = len(block.resnets)
       res, skips = tuple(skips[-k:]), skips[:-k]
       # upsample to the next skip's size: x2 when H and W divide by 2**num_upsamplers, else diffusers'
@@ -525,8 +668,15 @@ class UNet2DConditionModel(nnx.Module):
 
 
 # loading ----------------------------------------------------------------------------------------------------
-def load_unet(model_dir, subfolder: str | None = "unet", *, dtype=jnp.float32, param_dtype=jnp.float32,
-              variant: str | None = None, **config_overrides) -> UNet2DConditionModel:
+def load_unet(
+  model_dir,
+  subfolder: str | None = "unet",
+  *,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  variant: str | None = None,
+  **config_overrides,
+) -> UNet2DConditionModel:
   """A diffusers UNet folder (`model_dir/unet/{config.json, diffusion_pytorch_model.safetensors|.bin}`, or
   `model_dir` itself with subfolder=None) -> `UNet2DConditionModel`, built abstractly and filled from the weights
   (strict: missing / unexpected keys raise). `config_overrides` set our own fields (attention_backend, remat)."""
@@ -534,6 +684,7 @@ def load_unet(model_dir, subfolder: str | None = "unet", *, dtype=jnp.float32, p
 
   from hps_jax.convert.diffusers import build_from_diffusers, component_files, load_component
   from hps_jax.convert.io import CheckpointError
+
   config_path, weights = component_files(model_dir, subfolder, variant)
   config, state = load_component(model_dir, subfolder, variant)
   if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
@@ -542,12 +693,14 @@ def load_unet(model_dir, subfolder: str | None = "unet", *, dtype=jnp.float32, p
     cfg = UNetConfig.from_diffusers(config, **config_overrides)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{config_path}: unsupported UNet config ({e})") from e
-  return build_from_diffusers(lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype), state,
-                              str(Path(weights)))
+  return build_from_diffusers(
+    lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype), state, str(Path(weights))
+  )
 
 
 def save_unet(model: UNet2DConditionModel, out_dir):
   """Writes `model` as a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors, float32)."""
   from hps_jax.convert.diffusers import params_to_diffusers, save_component
+
   config = {"_class_name": "UNet2DConditionModel", **model.config.to_diffusers()}
   return save_component(out_dir, config, params_to_diffusers(model))

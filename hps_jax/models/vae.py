@@ -9,6 +9,7 @@ latent_channels) for n = len(block_out_channels). Parameter paths mirror diffuse
   quant_conv, post_quant_conv
   decoder/{conv_in, mid_block, up_blocks/{i}/{resnets/{j}, upsamplers/0/conv}, conv_norm_out, conv_out}
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ _IGNORED_CONFIG_KEYS = ("force_upcast", "latents_mean", "latents_std")
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
   """The fields of diffusers' `vae/config.json` (defaults: Stable Diffusion v1.x) plus the attention backend."""
+
   in_channels: int = 3
   out_channels: int = 3
   down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
@@ -51,14 +53,16 @@ class VAEConfig:
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
       raise ValueError(f"need one down and one up block type per entry of block_out_channels ({n})")
     if set(self.down_block_types) != {"DownEncoderBlock2D"} or set(self.up_block_types) != {"UpDecoderBlock2D"}:
-      raise ValueError(f"only DownEncoderBlock2D / UpDecoderBlock2D are supported, got {self.down_block_types} / "
-                       f"{self.up_block_types}")
+      raise ValueError(
+        f"only DownEncoderBlock2D / UpDecoderBlock2D are supported, got {self.down_block_types} / {self.up_block_types}"
+      )
     if self.act_fn != "silu":
       raise ValueError(f"only act_fn='silu' is supported, got {self.act_fn!r}")
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
-        raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups "
-                         f"{self.norm_num_groups}")
+        raise ValueError(
+          f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups {self.norm_num_groups}"
+        )
 
   @property
   def downsample_factor(self) -> int:
@@ -96,10 +100,26 @@ class UNetMidBlock2D(nnx.Module):
   def __init__(self, channels: int, groups: int, *, add_attention: bool, backend: str, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups=groups, eps=1e-6, **kw) for _ in range(2)])
-    self.attentions = (nnx.List([Attention(channels, heads=1, dim_head=channels, bias=True, out_bias=True,
-                                           norm_num_groups=groups, eps=1e-6, residual_connection=True,
-                                           backend=backend, **kw)])
-                       if add_attention else None)
+    self.attentions = (
+      nnx.List(
+        [
+          Attention(
+            channels,
+            heads=1,
+            dim_head=channels,
+            bias=True,
+            out_bias=True,
+            norm_num_groups=groups,
+            eps=1e-6,
+            residual_connection=True,
+            backend=backend,
+            **kw,
+          )
+        ]
+      )
+      if add_attention
+      else None
+    )
 
   def __call__(self, x):
     x = self.resnets[0](x)
@@ -109,11 +129,11 @@ class UNetMidBlock2D(nnx.Module):
 
 
 class DownEncoderBlock2D(nnx.Module):
-  def __init__(self, cin: int, cout: int, layers: int, groups: int, *, add_downsample: bool, dtype, param_dtype,
-               rngs):
+  def __init__(self, cin: int, cout: int, layers: int, groups: int, *, add_downsample: bool, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock2D(cin if j == 0 else cout, cout, groups=groups, eps=1e-6, **kw)
-                             for j in range(layers)])
+    self.resnets = nnx.List(
+      [ResnetBlock2D(cin if j == 0 else cout, cout, groups=groups, eps=1e-6, **kw) for j in range(layers)]
+    )
     self.downsamplers = nnx.List([Downsample2D(cout, use_conv=True, padding=0, **kw)]) if add_downsample else None
 
   def __call__(self, x):
@@ -127,8 +147,9 @@ class DownEncoderBlock2D(nnx.Module):
 class UpDecoderBlock2D(nnx.Module):
   def __init__(self, cin: int, cout: int, layers: int, groups: int, *, add_upsample: bool, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock2D(cin if j == 0 else cout, cout, groups=groups, eps=1e-6, **kw)
-                             for j in range(layers)])
+    self.resnets = nnx.List(
+      [ResnetBlock2D(cin if j == 0 else cout, cout, groups=groups, eps=1e-6, **kw) for j in range(layers)]
+    )
     self.upsamplers = nnx.List([Upsample2D(cout, use_conv=True, **kw)]) if add_upsample else None
 
   def __call__(self, x):
@@ -144,11 +165,15 @@ class Encoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch, g = cfg.block_out_channels, cfg.norm_num_groups
     self.conv_in = conv2d(cfg.in_channels, ch[0], 3, **kw)
-    self.down_blocks = nnx.List([
+    self.down_blocks = nnx.List(
+      [
         DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, add_downsample=i < len(ch) - 1, **kw)
-        for i in range(len(ch))])
-    self.mid_block = UNetMidBlock2D(ch[-1], g, add_attention=cfg.mid_block_add_attention,
-                                    backend=cfg.attention_backend, **kw)
+        for i in range(len(ch))
+      ]
+    )
+    self.mid_block = UNetMidBlock2D(
+      ch[-1], g, add_attention=cfg.mid_block_add_attention, backend=cfg.attention_backend, **kw
+    )
     self.conv_norm_out = GroupNorm(ch[-1], g, eps=1e-6, dtype=dtype, param_dtype=param_dtype)
     self.conv_out = conv2d(ch[-1], 2 * cfg.latent_channels, 3, **kw)
 
@@ -165,11 +190,15 @@ class Decoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
     self.conv_in = conv2d(cfg.latent_channels, ch[0], 3, **kw)
-    self.mid_block = UNetMidBlock2D(ch[0], g, add_attention=cfg.mid_block_add_attention,
-                                    backend=cfg.attention_backend, **kw)
-    self.up_blocks = nnx.List([
+    self.mid_block = UNetMidBlock2D(
+      ch[0], g, add_attention=cfg.mid_block_add_attention, backend=cfg.attention_backend, **kw
+    )
+    self.up_blocks = nnx.List(
+      [
         UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, add_upsample=i < len(ch) - 1, **kw)
-        for i in range(len(ch))])
+        for i in range(len(ch))
+      ]
+    )
     self.conv_norm_out = GroupNorm(ch[-1], g, eps=1e-6, dtype=dtype, param_dtype=param_dtype)
     self.conv_out = conv2d(ch[-1], cfg.out_channels, 3, **kw)
 
@@ -184,8 +213,9 @@ class AutoencoderKL(nnx.Module):
   """encode: images -> (mean, logvar) of the diagonal Gaussian posterior; decode: latents -> images.
   `encode_latents` / `decode_latents` work on the scaled latents the diffusion model sees."""
 
-  def __init__(self, config: VAEConfig | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+  def __init__(
+    self, config: VAEConfig | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None
+  ):
     cfg = config or VAEConfig()
     rngs = rngs or nnx.Rngs(0)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -195,8 +225,9 @@ class AutoencoderKL(nnx.Module):
     self.decoder = Decoder(cfg, **kw)
     z2 = 2 * cfg.latent_channels
     self.quant_conv = conv2d(z2, z2, 1, **kw) if cfg.use_quant_conv else None
-    self.post_quant_conv = (conv2d(cfg.latent_channels, cfg.latent_channels, 1, **kw)
-                            if cfg.use_post_quant_conv else None)
+    self.post_quant_conv = (
+      conv2d(cfg.latent_channels, cfg.latent_channels, 1, **kw) if cfg.use_post_quant_conv else None
+    )
 
   def encode(self, images):
     """images (B, H, W, C) in [-1, 1] -> (mean, logvar), each (B, h, w, latent_channels); logvar clamped to
@@ -242,6 +273,7 @@ class AutoencoderKL(nnx.Module):
 @dataclasses.dataclass
 class DiagonalGaussian:
   """The VAE posterior N(mean, exp(logvar)) (logvar already clamped)."""
+
   mean: jax.Array
   logvar: jax.Array
 

@@ -5,6 +5,7 @@ the top counts as wrong, so a constant scorer gets 0, not 1/n. The random-guess 
 Pairwise accuracy: over all image pairs of a prompt with different ranks, the fraction the scores order correctly
 (a tie counts half).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -38,9 +39,13 @@ def preference_report(scores: Sequence[np.ndarray], ranks: Sequence[np.ndarray])
     acc["pairs_right"] += float(agree.sum() + 0.5 * ties.sum())
 
   def summary(a):
-    return {"accuracy": a["correct"] / a["num_prompts"], "random_expectation": a["inv_n"] / a["num_prompts"],
-            "pairwise_accuracy": a["pairs_right"] / a["pairs"] if a["pairs"] else float("nan"),
-            "num_prompts": a["num_prompts"], "num_pairs": a["pairs"]}
+    return {
+      "accuracy": a["correct"] / a["num_prompts"],
+      "random_expectation": a["inv_n"] / a["num_prompts"],
+      "pairwise_accuracy": a["pairs_right"] / a["pairs"] if a["pairs"] else float("nan"),
+      "num_prompts": a["num_prompts"],
+      "num_pairs": a["pairs"],
+    }
 
   total = {k: sum(a[k] for a in per_n.values()) for k in ("num_prompts", "correct", "inv_n", "pairs", "pairs_right")}
   if not total["num_prompts"]:
@@ -53,8 +58,12 @@ def preference_report(scores: Sequence[np.ndarray], ranks: Sequence[np.ndarray])
 def markdown_table(report: dict, title: str = "") -> str:
   rows = [("all", report)] + [(f"n={n}", r) for n, r in report["per_n"].items()]
   lines = ([f"### {title}", ""] if title else []) + [
-      "| subset | prompts | accuracy | random guess | pairwise accuracy |", "|---|---:|---:|---:|---:|"]
+    "| subset | prompts | accuracy | random guess | pairwise accuracy |",
+    "|---|---:|---:|---:|---:|",
+  ]
   for name, r in rows:
-    lines.append(f"| {name} | {r['num_prompts']} | {r['accuracy']:.4f} | {r['random_expectation']:.4f} | "
-                 f"{r['pairwise_accuracy']:.4f} |")
+    lines.append(
+      f"| {name} | {r['num_prompts']} | {r['accuracy']:.4f} | {r['random_expectation']:.4f} | "
+      f"{r['pairwise_accuracy']:.4f} |"
+    )
   return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """The preference objective: for a prompt with n images, logits_i = logit_scale * cos(img_i, txt) over its images
 (padded slots masked out), cross-entropy against the human-chosen image."""
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ Batching: inputs are split into chunks of at most `batch_size`, each padded to t
 sizes, so a long run compiles once per bucket and never per call. Chunks are sharded over all local devices
 (pure data parallelism, parameters replicated).
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -29,8 +30,14 @@ from hps_jax.data.preprocess import PreprocessConfig
 from hps_jax.data.tokenizer import CLIPTokenizer
 from hps_jax.models.clip import CLIP, normalize
 
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-           "float16": jnp.float16, "fp16": jnp.float16}
+_DTYPES = {
+  "float32": jnp.float32,
+  "fp32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "bf16": jnp.bfloat16,
+  "float16": jnp.float16,
+  "fp16": jnp.float16,
+}
 
 
 def as_dtype(d):
@@ -74,12 +81,12 @@ class BucketedRunner:
     n = len(arrays[0])
     outs = []
     for start in range(0, n, self.batch_size):
-      chunk = [a[start:start + self.batch_size] for a in arrays]
+      chunk = [a[start : start + self.batch_size] for a in arrays]
       m = len(chunk[0])
       b = self.bucket(m)
       padded = [np.concatenate([c, np.zeros((b - m,) + c.shape[1:], c.dtype)]) if b > m else c for c in chunk]
       out = self.fn(self.state, *parallel.put_batch(self.mesh, padded))
-      outs.append(jax.tree.map(lambda o: np.asarray(o)[:m], out))
+      outs.append(jax.tree.map(lambda o, m=m: np.asarray(o)[:m], out))
     if not outs:
       return None
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
@@ -92,11 +99,13 @@ class BucketedRunner:
 def _load_preprocessed(sources, preprocess: PreprocessConfig, workers: int):
   """Decodes and preprocesses images on host threads (PIL releases the GIL while decoding and resizing).
   Returns (array or None, error or None) per source, in order."""
+
   def one(src):
     try:
       return preprocess.apply(load_image(src)), None
     except ImageError as e:
       return None, e
+
   if workers <= 1 or len(sources) <= 1:
     return [one(s) for s in sources]
   with cf.ThreadPoolExecutor(workers) as pool:
@@ -107,6 +116,7 @@ def _stream(items, batch_size, preprocess, workers, compute):
   """Shared streaming loop of the scorers: chunks of `batch_size` (source, extra) items are decoded on host
   threads, the readable ones go through `compute(pixels, extras)`; yields (source, extra, value, error)."""
   chunk = []
+
   def flush(chunk):
     loaded = _load_preprocessed([src for src, _ in chunk], preprocess, workers)
     ok = [i for i, (_, err) in enumerate(loaded) if err is None]
@@ -116,6 +126,7 @@ def _stream(items, batch_size, preprocess, workers, compute):
       values = dict(zip(ok, np.asarray(out).tolist()))
     for i, (src, extra) in enumerate(chunk):
       yield src, extra, values.get(i), loaded[i][1]
+
   for item in items:
     chunk.append(item)
     if len(chunk) == batch_size:
@@ -132,12 +143,24 @@ def _default_workers() -> int:
 class Scorer:
   """HPS scorer around a CLIP model. See the module docstring."""
 
-  def __init__(self, model: CLIP, tokenizer: CLIPTokenizer, preprocess: PreprocessConfig | str = "pad", *,
-               batch_size: int = 32, mesh=None, buckets: Sequence[int] | None = None, workers: int | None = None):
+  def __init__(
+    self,
+    model: CLIP,
+    tokenizer: CLIPTokenizer,
+    preprocess: PreprocessConfig | str = "pad",
+    *,
+    batch_size: int = 32,
+    mesh=None,
+    buckets: Sequence[int] | None = None,
+    workers: int | None = None,
+  ):
     self.config = model.config
     self.tokenizer = tokenizer
-    self.preprocess = (preprocess if isinstance(preprocess, PreprocessConfig)
-                       else PreprocessConfig(mode=preprocess, size=model.config.image_size))
+    self.preprocess = (
+      preprocess
+      if isinstance(preprocess, PreprocessConfig)
+      else PreprocessConfig(mode=preprocess, size=model.config.image_size)
+    )
     if self.preprocess.size != model.config.image_size:
       raise ValueError(f"preprocess size {self.preprocess.size} != model image size {model.config.image_size}")
     self.workers = workers or _default_workers()
@@ -161,17 +184,27 @@ class Scorer:
 
   # construction ----------------------------------------------------------------------------------------------
   @classmethod
-  def from_checkpoint(cls, path, format: str = "auto", preprocess: str | PreprocessConfig = "pad", dtype=None, *,
-                      tokenizer=None, activation: str | None = None, batch_size: int = 32, param_dtype=None,
-                      mesh=None, buckets=None) -> "Scorer":
+  def from_checkpoint(
+    cls,
+    path,
+    format: str = "auto",
+    preprocess: str | PreprocessConfig = "pad",
+    dtype=None,
+    *,
+    tokenizer=None,
+    activation: str | None = None,
+    batch_size: int = 32,
+    param_dtype=None,
+    mesh=None,
+    buckets=None,
+  ) -> "Scorer":
     """Loads a CLIP/HPS checkpoint (HF dir, OpenAI-layout `hpc.pt`, open_clip `HPS_v2*.pt`, safetensors).
     `tokenizer`: a CLIPTokenizer, a BPE file / HF tokenizer dir path, or None (the checkpoint dir's own
     vocab.json + merges.txt if it has them, else the default CLIP BPE file)."""
     from hps_jax.convert.clip import load_clip
-    model = load_clip(path, format, activation=activation, dtype=as_dtype(dtype),
-                      param_dtype=as_dtype(param_dtype))
-    return cls(model, resolve_tokenizer(tokenizer, path), preprocess, batch_size=batch_size, mesh=mesh,
-               buckets=buckets)
+
+    model = load_clip(path, format, activation=activation, dtype=as_dtype(dtype), param_dtype=as_dtype(param_dtype))
+    return cls(model, resolve_tokenizer(tokenizer, path), preprocess, batch_size=batch_size, mesh=mesh, buckets=buckets)
 
   # scoring ---------------------------------------------------------------------------------------------------
   def prepare_images(self, images) -> np.ndarray:
@@ -208,8 +241,10 @@ class Scorer:
   def iter_scores(self, items: Iterable[tuple[object, str]]) -> Iterator[dict]:
     """Streams (image, prompt) pairs; yields one dict per pair, in order: {'image', 'prompt', 'hps', 'cosine'}
     or {'image', 'prompt', 'error'} for an image that could not be read (the run goes on)."""
+
     def compute(pixels, prompts):
       return self.cosine_arrays(pixels, self.tokenize(prompts))
+
     for src, prompt, cos, err in _stream(items, self._cos.batch_size, self.preprocess, self.workers, compute):
       if err is None:
         yield {"image": describe(src), "prompt": prompt, "hps": 100.0 * float(cos), "cosine": float(cos)}
@@ -225,13 +260,27 @@ class AestheticScorer:
   """LAION aesthetic predictor: an MLP on the L2-normalized image embedding of OpenAI CLIP ViT-L/14.
   Uses CLIP's own preprocessing (`clip`: short-side resize + center crop) by default, as the predictor was fit."""
 
-  def __init__(self, clip_model: CLIP, mlp, preprocess: PreprocessConfig | str = "clip", *, batch_size: int = 32,
-               mesh=None, buckets=None, workers: int | None = None):
+  def __init__(
+    self,
+    clip_model: CLIP,
+    mlp,
+    preprocess: PreprocessConfig | str = "clip",
+    *,
+    batch_size: int = 32,
+    mesh=None,
+    buckets=None,
+    workers: int | None = None,
+  ):
     if mlp.dims[0] != clip_model.config.embed_dim:
-      raise ValueError(f"aesthetic MLP expects {mlp.dims[0]}-d embeddings, the CLIP model gives "
-                       f"{clip_model.config.embed_dim}-d (the published heads need ViT-L/14)")
-    self.preprocess = (preprocess if isinstance(preprocess, PreprocessConfig)
-                       else PreprocessConfig(mode=preprocess, size=clip_model.config.image_size))
+      raise ValueError(
+        f"aesthetic MLP expects {mlp.dims[0]}-d embeddings, the CLIP model gives "
+        f"{clip_model.config.embed_dim}-d (the published heads need ViT-L/14)"
+      )
+    self.preprocess = (
+      preprocess
+      if isinstance(preprocess, PreprocessConfig)
+      else PreprocessConfig(mode=preprocess, size=clip_model.config.image_size)
+    )
     self.workers = workers or _default_workers()
     graphdef, state = nnx.split((clip_model, mlp))
 
@@ -245,6 +294,7 @@ class AestheticScorer:
   def from_checkpoint(cls, mlp_path, clip_path, clip_format: str = "auto", dtype=None, **kw) -> "AestheticScorer":
     from hps_jax.convert.aesthetic import load_aesthetic
     from hps_jax.convert.clip import load_clip
+
     return cls(load_clip(clip_path, clip_format, dtype=as_dtype(dtype)), load_aesthetic(mlp_path), **kw)
 
   def score(self, images) -> np.ndarray:
@@ -257,10 +307,18 @@ class AestheticScorer:
 
   def iter_scores(self, images: Iterable) -> Iterator[dict]:
     """Yields {'image', 'aesthetic'} or {'image', 'error'} per image, in order."""
-    for src, _, value, err in _stream(((img, None) for img in images), self._run.batch_size, self.preprocess,
-                                      self.workers, lambda pixels, _: self._run(pixels)):
-      yield ({"image": describe(src), "aesthetic": float(value)} if err is None
-             else {"image": describe(src), "error": str(err)})
+    for src, _, value, err in _stream(
+      ((img, None) for img in images),
+      self._run.batch_size,
+      self.preprocess,
+      self.workers,
+      lambda pixels, _: self._run(pixels),
+    ):
+      yield (
+        {"image": describe(src), "aesthetic": float(value)}
+        if err is None
+        else {"image": describe(src), "error": str(err)}
+      )
 
 
 def _checked(loaded):
