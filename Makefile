@@ -6,9 +6,9 @@ PIP    := $(VENV)/bin/pip
 PY     := $(VENV)/bin/python
 # The PyTorch references the parity tests compare against (open_clip needs torchvision).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?= -n auto --dist loadscope
+PYTEST_ARGS ?= -n auto --dist loadscope --durations=15
 
-.PHONY: demo test venv venv-test bench clean
+.PHONY: demo test lint venv venv-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +29,20 @@ venv: $(VENV)/.stamp-core
 venv-test: $(VENV)/.stamp-test
 
 demo: $(VENV)/.stamp-core
-	$(PY) -m hps_jax.demo --outdir demo_out
+	$(PY) -m hps_jax.cli demo --outdir demo_out
 
-test: $(VENV)/.stamp-test
+# Style (ruff lint + format check) and layering (import-linter contracts in setup.cfg), before the tests.
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+
+test: lint
 	@$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 bench: $(VENV)/.stamp-test
-	$(PY) bench/score.py
+	$(PY) -m bench.score
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

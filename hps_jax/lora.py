@@ -14,6 +14,10 @@ Default targets: to_q, to_k, to_v and to_out.0 of attn1 (self) and attn2 (cross)
 layers the HPS v1 release and diffusers' LoRA training adapt. `alpha` defaults to the rank (scale 1, the diffusers /
 HPS v1 convention). `A` ("down") is kaiming-uniform like PEFT (bound 1/sqrt(in)) or normal with std 1/r like
 diffusers' legacy LoRA layers.
+
+LoRA files: the formats are read and written in `hps_jax.convert.lora` (plain `{layer path: Adapter}` dicts);
+this module adds what needs the model: `load_lora` resolving kohya names against its layers, the writers taking a
+model, `apply_lora_file` and `save_merged_unet`.
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from hps_jax.convert import lora as lora_io
+from hps_jax.convert.diffusers import params_to_diffusers, save_unet
+from hps_jax.convert.io import CheckpointError
+from hps_jax.convert.lora import Adapter, module_name
 
 DEFAULT_TARGETS = r".*transformer_blocks/\d+/attn[12]/(to_q|to_k|to_v|to_out/0)"
 
@@ -142,6 +152,11 @@ def _linears(model) -> Iterator[tuple[str, nnx.Linear]]:
       yield _path_str(path), node
 
 
+def linear_paths(model) -> list[str]:
+  """The path of every `nnx.Linear` layer of `model` (adapted or not), in graph order."""
+  return [p for p, _ in _linears(model)]
+
+
 def _set_child(model, path: str, value):
   *parents, leaf = path.split("/")
   node = model
@@ -214,21 +229,8 @@ def remove_lora_at(model, path: str):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# adapter values
+# adapter values (`Adapter`: down (in, r), up (r, out), alpha; defined in hps_jax.convert.lora)
 # ------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Adapter:
-  """One layer's adapter in our layout: down (in, r), up (r, out), alpha (scale = alpha / r)."""
-
-  down: np.ndarray
-  up: np.ndarray
-  alpha: float
-
-  @property
-  def rank(self) -> int:
-    return int(self.down.shape[1])
-
-
 def get_adapters(model) -> dict[str, Adapter]:
   """{layer path: Adapter} (float32 numpy copies)."""
   return {
@@ -324,3 +326,75 @@ def unmerge_lora(model) -> int:
 
 def count_lora_params(model) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, LORA))))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LoRA files of a model (the formats: hps_jax.convert.lora)
+# ------------------------------------------------------------------------------------------------------------
+def adapters_of(model_or_adapters) -> dict[str, Adapter]:
+  """`{layer path: Adapter}` as given, or read out of a model (`get_adapters`)."""
+  if isinstance(model_or_adapters, Mapping):
+    return dict(model_or_adapters)
+  return get_adapters(model_or_adapters)
+
+
+def load_lora(path, model=None) -> tuple[dict[str, Adapter], dict]:
+  """`hps_jax.convert.lora.load_lora`; with `model`, kohya names are resolved against the model's own linear
+  layers (otherwise through the known diffusers UNet module names)."""
+  return lora_io.load_lora(path, linear_paths(model) if model is not None else None)
+
+
+def save_peft(model_or_adapters, path, *, prefix: str | None = "unet", fp16: bool = False) -> Path:
+  """`hps_jax.convert.lora.save_peft` of a model's adapters (or of an `{path: Adapter}` dict)."""
+  return lora_io.save_peft(adapters_of(model_or_adapters), path, prefix=prefix, fp16=fp16)
+
+
+def save_kohya(model_or_adapters, path, *, fp16: bool = False) -> Path:
+  """`hps_jax.convert.lora.save_kohya` of a model's adapters (or of an `{path: Adapter}` dict)."""
+  return lora_io.save_kohya(adapters_of(model_or_adapters), path, fp16=fp16)
+
+
+def save_legacy(model_or_adapters, path) -> Path:
+  """`hps_jax.convert.lora.save_legacy` of a model's adapters (or of an `{path: Adapter}` dict)."""
+  return lora_io.save_legacy(adapters_of(model_or_adapters), path)
+
+
+def apply_lora_file(model, path, multiplier: float = 1.0, *, replace: bool = True) -> dict:
+  """Loads a LoRA file into `model` (any format `load_lora` reads): adapters are created or rebuilt at the file's
+  ranks, then every adapter's scale is alpha / r * `multiplier`. With `replace`, adapters on layers the file does
+  not name are removed, so the model runs exactly the file's LoRA. Returns load_lora's info."""
+  linear = linear_paths(model)
+  adapters, info = lora_io.load_lora(path, linear)
+  linear = set(linear)
+  other = sorted(p for p in adapters if p not in linear)
+  if other:  # before touching the model
+    raise CheckpointError(
+      f"{info['file']}: {len(other)} adapters target layers that are not linear layers of "
+      f"{type(model).__name__} (LoRA on convolutions, LoCon, is not supported): {other[:4]}"
+    )
+  if replace:
+    for p in list(lora_layers(model)):
+      if p not in adapters:
+        remove_lora_at(model, p)
+  set_adapters(model, adapters, source=info["file"])
+  set_lora_scale(model, multiplier)
+  return info
+
+
+def merged_state_dict(model) -> dict[str, np.ndarray]:
+  """`model`'s diffusers state dict with every unmerged adapter folded in (W + scale * down @ up, in float32),
+  computed on a copy: the model is left as it is."""
+  sd = params_to_diffusers(model)
+  for p, m in lora_layers(model).items():
+    if m.merged:  # already in the kernel
+      continue
+    key = f"{module_name(p)}.weight"
+    sd[key] = np.asarray(sd[key], np.float32) + np.asarray(m.delta(), np.float32).T
+  return sd
+
+
+def save_merged_unet(model, out_dir) -> Path:
+  """Writes `model` (a UNet2DConditionModel with adapters) as a plain diffusers UNet folder (config.json +
+  diffusion_pytorch_model.safetensors, float32) with the adapters merged at their current scale; loadable by
+  `hps_jax.convert.diffusers.load_unet` and diffusers without any LoRA support. The model itself is not modified."""
+  return save_unet(model, out_dir, state_dict=merged_state_dict(model))

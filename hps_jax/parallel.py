@@ -7,12 +7,14 @@ Parameters carry logical axis names (`nnx.with_partitioning` in the models: 'emb
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -77,7 +79,6 @@ def state_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for a pytree of nnx Variables (an nnx.State, an optax state over one) and plain arrays.
   Variables are sharded by their logical-axis metadata through `rules`; plain arrays are replicated. A dimension
   that the mesh axis does not divide is replicated instead (e.g. a 77-row position table on 2 shards)."""
-  from flax import nnx
 
   specs = nnx.get_partition_spec(tree)
 
@@ -165,7 +166,6 @@ def _slurm_job_step(environ) -> bool:
 def _cloud_tpu(environ) -> bool:
   """A Cloud TPU VM, detected as JAX does: libtpu installed, and TPU chips on the PCI bus (JAX's own probe) or a
   slice's environment set. Not when JAX_PLATFORMS leaves the TPU out (e.g. a CPU-only run on a TPU VM)."""
-  import importlib.util
 
   platforms = environ.get("JAX_PLATFORMS", "")
   if platforms and "tpu" not in platforms.lower().split(","):

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from hps_jax import parallel
 from hps_jax.checkpoint import Checkpointer
@@ -128,9 +130,24 @@ class Task:
   trainable: Callable  # nnx filter
   loss_fn: Callable  # (model, batch) -> (scalar loss, dict of scalar metrics)
   make_iterator: Callable[[], Iterator]  # -> checkpointable iterator of process-local numpy batches
-  batch_shapes: dict  # name -> jax.ShapeDtypeStruct of the GLOBAL batch
+  example: dict  # name -> one example's array (no batch axis): the batch's shapes and dtypes are derived from it
+  checksum_key: str | None = None  # the batch entry whose checksum is logged as data_checksum (resume checks)
   evaluate: Callable | None = None  # (model) -> dict of scalars
   export: Callable | None = None  # (model, directory) -> path
+
+
+def global_batch_shapes(example: dict, batch_size: int) -> dict:
+  """name -> ShapeDtypeStruct of the global batch, from one example."""
+  return {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v), np.asarray(v).dtype) for k, v in example.items()}
+
+
+def data_checksum(x) -> jax.Array:
+  """A checksum of a batch entry that depends on which examples it holds and in which rows: sum over rows of
+  (row + 1) * sum(row values), in wrapping uint32 arithmetic (exact, identical on every backend)."""
+  flat = jnp.asarray(x).reshape(x.shape[0], -1)
+  per_row = jnp.sum(flat.astype(jnp.uint32), axis=1, dtype=jnp.uint32)
+  rows = jnp.arange(1, x.shape[0] + 1, dtype=jnp.uint32)
+  return jnp.sum(per_row * rows, dtype=jnp.uint32)
 
 
 @dataclasses.dataclass
@@ -145,9 +162,12 @@ class TrainResult:
 
 
 def train(task: Task, config, workdir) -> TrainResult:
-  """Runs (or resumes) training as configured. Config keys used: seed, num_steps, mesh.{data,fsdp,tensor},
+  """Runs (or resumes) training as configured. Config keys used: seed, batch_size, num_steps, mesh.{data,fsdp,tensor},
   sharding_rules, optim.*, log_every, eval_every, checkpoint_every, keep_checkpoints, progress."""
   workdir = Path(workdir)
+  if jax.process_index() == 0:  # what this run is, next to its checkpoints (one writer in a multi-process run)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = parallel.make_mesh(**dict(config.mesh))
   rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
   total = int(config.num_steps)
@@ -164,7 +184,8 @@ def train(task: Task, config, workdir) -> TrainResult:
   tx, schedule = make_optimizer(config.optim, total)
   opt_sh = parallel.state_shardings(jax.eval_shape(tx.init, trainable), mesh, rules)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-  batch_sh = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in task.batch_shapes.items()}
+  batch_shapes = global_batch_shapes(task.example, int(config.batch_size))
+  batch_sh = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
   repl = parallel.replicated(mesh)
 
   def train_step(trainable, frozen, opt_state, batch):
@@ -172,6 +193,8 @@ def train(task: Task, config, workdir) -> TrainResult:
       return task.loss_fn(nnx.merge(graphdef, trainable, frozen), batch)
 
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    if task.checksum_key is not None:
+      metrics = {**metrics, "data_checksum": data_checksum(batch[task.checksum_key])}
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
@@ -184,7 +207,7 @@ def train(task: Task, config, workdir) -> TrainResult:
     out_shardings=(tr_sh, opt_sh, repl),
     donate_argnums=(0, 2),
   )
-  batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in task.batch_shapes.items()}
+  batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch_shapes.items()}
   compiled = step_fn.lower(
     abstract(trainable, tr_sh), abstract(frozen, fr_sh), abstract(opt_state, opt_sh), batch_abs
   ).compile()
@@ -212,7 +235,7 @@ def train(task: Task, config, workdir) -> TrainResult:
       except StopIteration:
         log(f"data ran out at step {step - 1} (of {total})")
         break
-      batch = parallel.put_batch(mesh, {k: host_batch[k] for k in task.batch_shapes})
+      batch = parallel.put_batch(mesh, {k: host_batch[k] for k in batch_shapes})
       trainable, opt_state, metrics = compiled(trainable, frozen, opt_state, batch)
       loss = float(metrics["loss"])
       losses[step] = loss
@@ -263,6 +286,5 @@ def train(task: Task, config, workdir) -> TrainResult:
 def _progress(total: int, start: int, enabled: bool):
   if not enabled or jax.process_index() != 0:
     return None
-  from tqdm import tqdm
 
   return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)

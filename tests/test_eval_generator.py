@@ -17,14 +17,14 @@ from hps_jax.cli import main
 def setup(tmp_path_factory):
   from hps_jax.convert.aesthetic import save_aesthetic
   from hps_jax.convert.clip import save_hf
+  from hps_jax.convert.diffusers import load_unet
   from hps_jax.convert.inception import save_inception_torch
-  from hps_jax.convert.lora import save_peft
   from hps_jax.diffusion.tiny import write_tiny_sd
+  from hps_jax.lora import save_peft
   from hps_jax.metrics.fid import FeatureStats  # noqa: F401  (the stats file below is what `fid --save-stats` writes)
   from hps_jax.models.aesthetic import AestheticMLP
   from hps_jax.models.clip import CLIP, CLIPConfig
   from hps_jax.models.inception import FIDInception
-  from hps_jax.models.unet import load_unet
 
   d = tmp_path_factory.mktemp("evalgen")
   model = write_tiny_sd(d / "sd", seed=2)
@@ -165,6 +165,6 @@ def test_usage_errors(setup, tmp_path, capsys):
     str(tmp_path / "x.json"),
   ]
   assert main(base + ["--metrics", "fid"]) == 2
-  assert "--reference-stats" in capsys.readouterr().err
+  assert "--reference" in capsys.readouterr().err
   assert main(base + ["--metrics", "nope"]) == 2
   assert main(base + ["--metrics", "hps", "--hps-checkpoint", str(f["hps"]), "--lora", str(tmp_path / "no.st")]) == 2

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from hps_jax.cli import main as cli
+from hps_jax.data.skips import Skips
 from hps_jax.metrics import compute
 from hps_jax.metrics.fid import fid_from_features
 from hps_jax.metrics.inception_features import features
@@ -66,7 +67,7 @@ def _feats(model, arrays, key="pool3"):
 def test_streaming_pass_is_batch_size_independent(inception, sets):
   model, _ = inception
   root, a, b = sets
-  skipped = compute.Skipped()
+  skipped = Skips()
   runs = [
     compute.inception_pass(
       model, compute.list_images(root / "a"), skipped, resize="tf1", batch_size=bs, progress=False, keep=("pool3",)

@@ -4,7 +4,6 @@ train loop's NaN stop."""
 import math
 
 import grain
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -112,12 +111,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     trainable=nnx.Param,
     loss_fn=loss_fn,
     make_iterator=lambda: pipeline.to_iterator(grain.MapDataset.source(data), prefetch_threads=0),
-    batch_shapes={"x": jax.ShapeDtypeStruct((4, 2), jnp.float32), "y": jax.ShapeDtypeStruct((4, 1), jnp.float32)},
+    example={"x": np.zeros(2, np.float32), "y": np.zeros(1, np.float32)},
     export=lambda m, d: exported.append(d),
   )
   config = ml_collections.ConfigDict(
     {
       "seed": 0,
+      "batch_size": 4,
       "num_steps": 10,
       "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
       "sharding_rules": [("batch", ["data", "fsdp"]), ("embed", "fsdp")],

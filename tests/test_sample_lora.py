@@ -19,10 +19,10 @@ STEPS = ["--steps", "2", "--height", "32", "--width", "32", "--batch-size", "2"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   from hps_jax.convert.clip import save_hf
-  from hps_jax.convert.lora import save_peft
+  from hps_jax.convert.diffusers import load_unet
   from hps_jax.diffusion.tiny import write_tiny_sd
+  from hps_jax.lora import save_peft
   from hps_jax.models.clip import CLIP, CLIPConfig
-  from hps_jax.models.unet import load_unet
 
   d = tmp_path_factory.mktemp("sample_lora")
   model = write_tiny_sd(d / "sd", seed=1)

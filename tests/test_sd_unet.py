@@ -18,7 +18,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from hps_jax.models.unet import UNetConfig, load_unet, timestep_embedding  # noqa: E402
+from hps_jax.convert.diffusers import load_unet  # noqa: E402
+from hps_jax.models.unet import UNetConfig, timestep_embedding  # noqa: E402
 
 TINY = dict(
   sample_size=16,
@@ -122,8 +123,7 @@ def test_unet_parity_odd_size_scalar_timestep(saved_unet, ours, parity):
 
 
 def test_state_dict_round_trip(saved_unet, ours, tmp_path):
-  from hps_jax.convert.diffusers import params_to_diffusers
-  from hps_jax.models.unet import save_unet
+  from hps_jax.convert.diffusers import params_to_diffusers, save_unet
 
   ref, _ = saved_unet
   want = {k: v.numpy() for k, v in ref.state_dict().items()}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from hps_jax.convert import clip as cc
+from hps_jax.convert import diffusers as cd
 from hps_jax.convert.io import CheckpointError
 from hps_jax.data.tokenizer import CLIPTokenizer
 from hps_jax.models.clip import CLIPConfig
@@ -27,7 +28,7 @@ def _text_model(seed=0):
 def test_hidden_states_match_clip_text_model(tmp_path, parity):
   ref, cfg = _text_model(seed=4)
   ref.save_pretrained(tmp_path / "text_encoder")
-  enc = cc.load_text_encoder(tmp_path / "text_encoder")
+  enc = cd.load_text_encoder(tmp_path / "text_encoder")
   assert enc.config.text_width == cfg.text_width and enc.config.activation == cfg.activation
   ids = CLIPTokenizer.default()(PROMPTS)
   with torch.no_grad():
@@ -41,7 +42,7 @@ def test_hidden_states_match_clip_text_model(tmp_path, parity):
     for k, v in ref.state_dict().items()
     if not k.endswith("position_ids")
   }
-  back = cc.text_encoder_state_dict(enc)
+  back = cd.text_encoder_state_dict(enc)
   assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
   # the released SD layout (keys prefixed `text_model.`, as older transformers wrote them) loads the same
   import shutil
@@ -51,7 +52,7 @@ def test_hidden_states_match_clip_text_model(tmp_path, parity):
   (tmp_path / "released").mkdir()
   shutil.copy(tmp_path / "text_encoder" / "config.json", tmp_path / "released" / "config.json")
   save_safetensors(back, tmp_path / "released" / "model.safetensors")
-  again = np.asarray(cc.load_text_encoder(tmp_path / "released")(jnp.asarray(ids)))
+  again = np.asarray(cd.load_text_encoder(tmp_path / "released")(jnp.asarray(ids)))
   np.testing.assert_array_equal(again, got)
 
 
@@ -73,8 +74,8 @@ def test_errors(tmp_path):
   ref, _ = _text_model()
   ref.save_pretrained(tmp_path / "te")
   with pytest.raises(CheckpointError, match="config.json"):
-    cc.load_text_encoder(tmp_path)
+    cd.load_text_encoder(tmp_path)
   full = cc.config_to_hf(CLIPConfig.tiny())
   transformers.CLIPModel(transformers.CLIPConfig.from_dict(full)).save_pretrained(tmp_path / "clip")
   with pytest.raises(CheckpointError, match="clip_text_model"):
-    cc.load_text_encoder(tmp_path / "clip")
+    cd.load_text_encoder(tmp_path / "clip")

@@ -34,6 +34,10 @@ from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
+from hps_jax.data.diffusiondb import ArchiveReader, DiffusionDBError, MemberError
+from hps_jax.data.images import ImageError, load_image
+from hps_jax.data.pairs import jsonl_objects
+
 KINDS = ("preferred", "non_preferred", "regularization")
 
 
@@ -175,8 +179,6 @@ def read_regularization(path, skip: Callable[[str, str], None]) -> list[tuple[st
     raise ValueError(f'{p}: no metadata.jsonl (expected {{"file_name", "caption"}} rows, the imagefolder layout)')
   if not meta.exists():
     raise FileNotFoundError(f"{meta}: no such file or directory")
-  from hps_jax.data.pairs import jsonl_objects
-
   out = []
   for where, row in jsonl_objects(meta, skip):
     if (
@@ -189,70 +191,10 @@ def read_regularization(path, skip: Callable[[str, str], None]) -> list[tuple[st
 
 
 # ------------------------------------------------------------------------------------------------------------
-# CLI
+# labelling a set of records
 # ------------------------------------------------------------------------------------------------------------
-def add_label(sub):
-  p = sub.add_parser(
-    "label",
-    help="HPS-label generated images (DiffusionDB) for the LoRA adaptation",
-    description="Scores every (image, prompt) with an HPS model; per prompt keeps the best image when "
-    "softmax(HPS)[best] > alpha/n and the worst symmetrically (caption prefixed 'Weird "
-    "image. '); adds regularization images; writes a JSONL manifest of {image, caption, "
-    "kind}. Images from zip archives are written under <manifest dir>/images/.",
-  )
-  p.add_argument(
-    "--scorer",
-    "--checkpoint",
-    dest="scorer",
-    required=True,
-    metavar="CKPT",
-    help="HPS checkpoint (hpc.pt, HPS_v2*.pt, HF dir, safetensors)",
-  )
-  p.add_argument("--format", default="auto", choices=["auto", "hf", "openai", "open_clip"])
-  p.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the inferred MLP activation")
-  p.add_argument("--tokenizer", help="CLIP BPE file or HF tokenizer dir")
-  p.add_argument("--preprocess", default="pad", choices=["pad", "clip"])
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument(
-    "--images",
-    required=True,
-    help='DiffusionDB folder (part-*.zip + metadata*.parquet) or a JSONL of {"image", "prompt"} rows',
-  )
-  p.add_argument(
-    "--regularization", required=True, help="folder with metadata.jsonl, or a JSONL, of {file_name, caption} rows"
-  )
-  p.add_argument("--out", required=True, metavar="MANIFEST.jsonl")
-  p.add_argument(
-    "--preset",
-    default="paper",
-    choices=sorted(PRESETS),
-    help="paper: the rule only; release: also drop near-constant images and prompts with < 4 images",
-  )
-  p.add_argument("--alpha", type=float, help="selection factor (default: the preset's, 2.0)")
-  p.add_argument(
-    "--blur-threshold",
-    type=int,
-    help="drop images whose max horizontal neighbour difference is below this (0 = off; release: 10)",
-  )
-  p.add_argument("--min-images", type=int, help="drop prompts left with fewer images (0 = off; release: 4)")
-  p.add_argument("--scores", metavar="SCORES.jsonl", help="also write every scored image: {image, prompt, hps, kind}")
-  p.set_defaults(run=run_label)
-
-
-def _config(args) -> LabelConfig:
-  over = {
-    k: v
-    for k, v in (("alpha", args.alpha), ("blur_threshold", args.blur_threshold), ("min_images", args.min_images))
-    if v is not None
-  }
-  return dataclasses.replace(PRESETS[args.preset], **over).validate()
-
-
 def _prepare(src, preprocess, blur_threshold: int):
   """Worker: decode, blur test, preprocess -> (pixels or None, blurry, error message or None)."""
-  from hps_jax.data.images import ImageError, load_image
-
   try:
     img = load_image(src)
   except ImageError as e:
@@ -269,8 +211,6 @@ def _chunks(items, size):
 
 def _decoded(chunks, reader, pool, work, skips):
   """Reads (main thread) and decodes (pool) chunk k+1 while the caller scores chunk k."""
-  from hps_jax.data.diffusiondb import DiffusionDBError, MemberError
-
   pending = None
   for chunk in chunks:
     futures = []
@@ -292,124 +232,8 @@ def _safe_member(name: str) -> PurePosixPath:
   return p if not p.is_absolute() and ".." not in p.parts else PurePosixPath(p.name)
 
 
-def run_label(args) -> int:
-  from hps_jax.cli import Skips, UsageError, progress
-  from hps_jax.data.diffusiondb import ArchiveReader, DiffusionDBError, MemberError, read_records
-
-  try:
-    config = _config(args)
-  except ValueError as e:
-    raise UsageError(str(e)) from e
-  if args.batch_size < 1:
-    raise UsageError("--batch-size must be >= 1")
-  skips = Skips()
-  try:
-    records = read_records(args.images, skips.add)
-    regularization = read_regularization(args.regularization, skips.add)
-  except ValueError as e:
-    raise UsageError(str(e)) from e
-  if not records:
-    raise UsageError(f"{args.images}: no (image, prompt) records to label")
-  counts = Counter(r.prompt for r in records)
-  candidates = [(i, r) for i, r in enumerate(records) if selectable(counts[r.prompt], config)]
-  from hps_jax.preference.scorer import Scorer
-
-  scorer = Scorer.from_checkpoint(
-    args.scorer,
-    args.format,
-    args.preprocess,
-    args.dtype,
-    tokenizer=args.tokenizer,
-    activation=args.activation,
-    batch_size=args.batch_size,
-  )
-
-  scored: list[tuple[int, str, float]] = []
-  blurry = 0
-  work = lambda src: _prepare(src, scorer.preprocess, config.blur_threshold)  # noqa: E731
-  with (
-    ArchiveReader() as reader,
-    cf.ThreadPoolExecutor(scorer.workers) as pool,
-    progress(len(candidates), "labelling") as bar,
-  ):
-    for chunk in _decoded(_chunks(candidates, args.batch_size), reader, pool, work, skips):
-      ok = []
-      for i, r, res in chunk:
-        if res is None:
-          continue
-        pixels, is_blur, err = res
-        if err is not None:
-          skips.add(r.where, err)
-        elif is_blur:
-          blurry += 1
-        else:
-          ok.append((i, r, pixels))
-      if ok:
-        cos = scorer.cosine_arrays(np.stack([p for _, _, p in ok]), scorer.tokenize([r.prompt for _, r, _ in ok]))
-        for (i, r, _), c in zip(ok, np.asarray(cos, np.float64)):
-          if np.isfinite(c):
-            scored.append((i, r.prompt, 100.0 * float(c)))
-          else:
-            skips.add(r.where, "non-finite score")
-      bar.update(len(chunk))
-
-  selections, stats = select_by_prompt(scored, config)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  paths: dict[int, str] = {}
-  selected = sorted({k for s in selections for k in (s.best, s.worst) if k is not None})
-  with ArchiveReader() as reader:
-    for i in selected:
-      r = records[i]
-      if r.archive is None:
-        paths[i] = os.path.abspath(r.name)
-        continue
-      rel = PurePosixPath("images") / r.part / _safe_member(r.name)
-      try:
-        data = reader.read(r)
-      except (MemberError, DiffusionDBError) as e:  # it was readable a moment ago; report rather than crash
-        skips.add(r.where, str(e))
-        continue
-      (out.parent / rel).parent.mkdir(parents=True, exist_ok=True)
-      (out.parent / rel).write_bytes(data)
-      paths[i] = rel.as_posix()
-  selections = [
-    dataclasses.replace(s, best=s.best if s.best in paths else None, worst=s.worst if s.worst in paths else None)
-    for s in selections
-  ]
-  selections = [s for s in selections if s.best is not None or s.worst is not None]
-  rows = manifest_rows(selections, paths.__getitem__, config.negative_prefix)
-  rows += _check_regularization(regularization, skips, scorer.workers, progress)
-
-  tmp = out.with_name(out.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, out)
-  if args.scores:
-    _write_scores(args.scores, scored, records, selections)
-
-  kinds = Counter(row["kind"] for row in rows)
-  summary = {
-    "manifest": str(out),
-    "counts": {k: kinds[k] for k in KINDS},
-    "config": {"preset": args.preset, **dataclasses.asdict(config)},
-    "images": len(records),
-    "scored": len(scored),
-    "blurry": blurry,
-    "skipped": len(skips.items),
-    "prompts": len(counts),
-    "prompts_selected": len(selections),
-    "prompts_not_scored": sum(1 for n in counts.values() if not selectable(n, config)),
-    "prompts_too_few_after_drops": stats["prompts_below_min_images"] + stats["prompts_n_le_alpha"],
-  }
-  print(json.dumps(summary))
-  return skips.report(len(scored))
-
-
-def _check_regularization(items, skips, workers, progress) -> list[dict]:
+def check_regularization(items, skips, workers: int, progress) -> list[dict]:
   """Decodes every regularization image once (so the trainer never meets a broken one); bad ones are skipped."""
-  from hps_jax.data.images import ImageError, load_image
 
   def check(item):
     try:
@@ -429,7 +253,8 @@ def _check_regularization(items, skips, workers, progress) -> list[dict]:
   return rows
 
 
-def _write_scores(path, scored, records, selections):
+def write_scores(path, scored, records, selections) -> None:
+  """Every scored image as {image, prompt, hps, kind} (kind None when not selected)."""
   kind = {s.best: "preferred" for s in selections if s.best is not None}
   kind.update({s.worst: "non_preferred" for s in selections if s.worst is not None})
   Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -439,3 +264,76 @@ def _write_scores(path, scored, records, selections):
         json.dumps({"image": records[i].where, "prompt": prompt, "hps": hps, "kind": kind.get(i)}, ensure_ascii=False)
         + "\n"
       )
+
+
+def score_records(
+  records, candidates, scorer, config: LabelConfig, skips, progress, batch_size: int
+) -> tuple[list, int]:
+  """HPS of the candidate (index, record) pairs -> ([(index, prompt, hps)], number of blurry images dropped).
+  Archive members are read on this thread and decoded in a pool while the previous chunk is scored; unreadable or
+  non-finite ones go to `skips`. `progress(total, desc)` is a progress-bar context manager."""
+  scored: list[tuple[int, str, float]] = []
+  blurry = 0
+  work = lambda src: _prepare(src, scorer.preprocess, config.blur_threshold)  # noqa: E731
+  with (
+    ArchiveReader() as reader,
+    cf.ThreadPoolExecutor(scorer.workers) as pool,
+    progress(len(candidates), "labelling") as bar,
+  ):
+    for chunk in _decoded(_chunks(candidates, batch_size), reader, pool, work, skips):
+      ok = []
+      for i, r, res in chunk:
+        if res is None:
+          continue
+        pixels, is_blur, err = res
+        if err is not None:
+          skips.add(r.where, err)
+        elif is_blur:
+          blurry += 1
+        else:
+          ok.append((i, r, pixels))
+      if ok:
+        cos = scorer.cosine_arrays(np.stack([p for _, _, p in ok]), scorer.tokenize([r.prompt for _, r, _ in ok]))
+        for (i, r, _), c in zip(ok, np.asarray(cos, np.float64)):
+          if np.isfinite(c):
+            scored.append((i, r.prompt, 100.0 * float(c)))
+          else:
+            skips.add(r.where, "non-finite score")
+      bar.update(len(chunk))
+  return scored, blurry
+
+
+def extract_selected(records, selections: Sequence[Selection], out_dir: Path, skips) -> tuple[list, dict]:
+  """Writes the selected archive members under out_dir/images/ (original bytes); -> (the selections whose images
+  could be written, index -> manifest path: relative to out_dir for extracted members, absolute for files)."""
+  paths: dict[int, str] = {}
+  selected = sorted({k for s in selections for k in (s.best, s.worst) if k is not None})
+  with ArchiveReader() as reader:
+    for i in selected:
+      r = records[i]
+      if r.archive is None:
+        paths[i] = os.path.abspath(r.name)
+        continue
+      rel = PurePosixPath("images") / r.part / _safe_member(r.name)
+      try:
+        data = reader.read(r)
+      except (MemberError, DiffusionDBError) as e:  # it was readable a moment ago; report rather than crash
+        skips.add(r.where, str(e))
+        continue
+      (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+      (out_dir / rel).write_bytes(data)
+      paths[i] = rel.as_posix()
+  kept = [
+    dataclasses.replace(s, best=s.best if s.best in paths else None, worst=s.worst if s.worst in paths else None)
+    for s in selections
+  ]
+  return [s for s in kept if s.best is not None or s.worst is not None], paths
+
+
+def write_manifest(rows: Sequence[dict], out: Path) -> None:
+  """The manifest JSONL, written atomically."""
+  tmp = out.with_name(out.name + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  os.replace(tmp, out)

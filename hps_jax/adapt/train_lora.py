@@ -22,10 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
+from tqdm import tqdm
 
 from hps_jax import lora
+from hps_jax.adapt.label import read_manifest as read
+from hps_jax.convert.diffusers import load_text_encoder, load_unet, load_vae
 from hps_jax.data import pipeline
+from hps_jax.data.images import ImageError, load_image
+from hps_jax.data.synthetic import SyntheticPreference, write_lora_manifest
+from hps_jax.data.tokenizer import CLIPTokenizer
 from hps_jax.diffusion import schedulers as sch
+from hps_jax.diffusion.tiny import TINY_UNET, write_tiny_sd
+from hps_jax.lora import save_peft
+from hps_jax.models.dtypes import as_dtype
+from hps_jax.models.unet import UNet2DConditionModel, UNetConfig
 from hps_jax.train_loop import Task, TrainResult, train
 
 CONTEXT_LENGTH = 77
@@ -47,8 +58,6 @@ def base_model_dir(config, workdir) -> Path:
   if m.init == "tiny":
     d = Path(workdir) / "base_model"
     if not (d / "model_index.json").exists():
-      from hps_jax.diffusion.tiny import write_tiny_sd
-
       if jax.process_index() == 0:
         write_tiny_sd(d, seed=config.seed)
     return d
@@ -71,11 +80,6 @@ def lora_config(config) -> lora.LoRAConfig:
 
 def build_model(config, model_dir):
   """(SDTrainModel with LoRA'd UNet, tokenizer, scheduler config)."""
-  from hps_jax.convert.clip import load_text_encoder
-  from hps_jax.convert.diffusers import load_vae
-  from hps_jax.data.tokenizer import CLIPTokenizer
-  from hps_jax.models.unet import load_unet
-  from hps_jax.preference.scorer import as_dtype
 
   dtype = as_dtype(config.model.dtype)
   d = Path(model_dir)
@@ -94,7 +98,6 @@ def build_model(config, model_dir):
 # ------------------------------------------------------------------------------------------------------------
 def read_manifest(path) -> list[dict]:
   """`hps-jax label`'s manifest rows, image paths resolved against its folder; a malformed row raises naming it."""
-  from hps_jax.adapt.label import read_manifest as read
 
   p = Path(path)
   if not p.is_file():
@@ -112,8 +115,6 @@ def manifest_path(config, workdir) -> Path:
   if d.synthetic_size > 0:
     out = Path(workdir) / "synthetic_data"
     if not (out / "manifest.jsonl").exists() and jax.process_index() == 0:
-      from hps_jax.data.synthetic import SyntheticPreference, write_lora_manifest
-
       write_lora_manifest(
         SyntheticPreference(d.synthetic_size, seed=config.seed, split="lora", image_size=d.resolution), out
       )
@@ -124,7 +125,6 @@ def manifest_path(config, workdir) -> Path:
 def crop_and_scale(image: np.ndarray, resolution: int, rng: np.random.Generator | None, flip: bool) -> np.ndarray:
   """uint8 (H, W, 3) -> float32 (R, R, 3) in [-1, 1]: shorter side resized to R (bicubic), then a random crop
   (with `rng`) or the center crop, optional random horizontal flip."""
-  from PIL import Image
 
   h, w = image.shape[:2]
   s = resolution / min(h, w)
@@ -158,7 +158,6 @@ class ExampleTransform:
     return {**self.encode_row(row, rng if self.random_crop else None, self.random_flip), "seed": seed}
 
   def encode_row(self, row, rng=None, flip=False) -> dict:
-    from hps_jax.data.images import ImageError, load_image
 
     try:
       image = load_image(row["image"])
@@ -198,8 +197,6 @@ def build_cache(
     vae, text = nnx.merge(graphdef, state)
     mean, logvar = vae.encode(pixels)
     return jnp.concatenate([mean, logvar], -1).astype(jnp.float32), text(ids).astype(jnp.float32)
-
-  from tqdm import tqdm
 
   moments, context = [], []
   for start in tqdm(
@@ -260,12 +257,9 @@ def diffusion_loss(model: SDTrainModel, batch: dict, sched: sch.SchedulerConfig,
     clipped = jnp.minimum(s, min_snr_gamma)
     weights = clipped / (s + 1.0) if sched.prediction_type == "v_prediction" else clipped / s
   loss = jnp.mean(weights * per_example)
-  rows = jnp.arange(1, per_example.shape[0] + 1, dtype=jnp.uint32)
   return loss, {
     "mse": jnp.mean(per_example),
     "timestep_mean": jnp.mean(t.astype(jnp.float32)),
-    # which examples and noise this step saw: a resumed run's must equal the uninterrupted one's
-    "data_checksum": jnp.sum(batch["seed"] * rows).astype(jnp.float32),
   }
 
 
@@ -291,19 +285,8 @@ def build_task(config, workdir) -> Task:
     )
     return pipeline.to_iterator(ds, prefetch_threads=d.prefetch_threads)
 
-  if d.cache:
-    m0 = source[0]
-    shapes = {
-      "moments": jax.ShapeDtypeStruct((b,) + m0["moments"].shape, jnp.float32),
-      "context": jax.ShapeDtypeStruct((b,) + m0["context"].shape, jnp.float32),
-    }
-  else:
-    r = int(d.resolution)
-    shapes = {
-      "pixels": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
-      "ids": jax.ShapeDtypeStruct((b, CONTEXT_LENGTH), jnp.int32),
-    }
-  shapes["seed"] = jax.ShapeDtypeStruct((b,), jnp.uint32)
+  # one example fixes the batch's shapes (the loop adds the batch axis)
+  example = transform(source[0], np.random.default_rng(0))
   gamma = float(config.loss.min_snr_gamma)
   loss_fn = lambda model, batch: diffusion_loss(model, batch, sched, gamma)  # noqa: E731
 
@@ -321,7 +304,6 @@ def build_task(config, workdir) -> Task:
       return {"loss": float(eval_loss(model, eval_batch))}
 
   def export(model, directory):
-    from hps_jax.convert.lora import save_peft
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -336,7 +318,8 @@ def build_task(config, workdir) -> Task:
     trainable=lora.LORA,
     loss_fn=loss_fn,
     make_iterator=make_iterator,
-    batch_shapes=shapes,
+    example=example,
+    checksum_key="seed",
     evaluate=evaluate,
     export=export,
   )
@@ -344,3 +327,14 @@ def build_task(config, workdir) -> Task:
 
 def run(config, workdir) -> TrainResult:
   return train(build_task(config, workdir), config, workdir)
+
+
+def adapter_counts(config, workdir) -> dict:
+  """LoRA layers and adapter parameters of the configured UNet, on abstract shapes (no weights are read)."""
+  if config.model.init == "tiny":
+    ucfg = TINY_UNET
+  else:
+    ucfg = UNetConfig.from_diffusers(json.loads((base_model_dir(config, workdir) / "unet" / "config.json").read_text()))
+  unet = nnx.eval_shape(lambda: UNet2DConditionModel(ucfg, rngs=nnx.Rngs(0)))
+  paths = lora.apply_lora(unet, lora_config(config))
+  return {"lora_layers": len(paths), "lora_params": lora.count_lora_params(unet)}

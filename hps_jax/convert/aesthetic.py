@@ -7,12 +7,17 @@ variant is read off the indices; layer sizes off the shapes.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
 
 from hps_jax.convert.io import CheckpointError, load_state_dict
+from hps_jax.models.aesthetic import AestheticMLP
 
 _INDEX_VARIANT = {(0, 2, 4, 6, 7): "linear", (0, 3, 6, 9, 11): "relu"}
 
@@ -37,10 +42,6 @@ def aesthetic_params(sd, source="checkpoint"):
 
 def load_aesthetic(path):
   """Reads an aesthetic MLP checkpoint (.pth pickle or .safetensors) into an `AestheticMLP`."""
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from hps_jax.models.aesthetic import AestheticMLP
 
   variant, dims, flat = aesthetic_params(load_state_dict(path), str(path))
   model = AestheticMLP(dims, variant)
@@ -54,7 +55,6 @@ def load_aesthetic(path):
 def save_aesthetic(model, path) -> Path:
   """Writes an `AestheticMLP` as .safetensors in the LAION state-dict layout (`layers.{i}.weight` (out, in) /
   `.bias`, Linear indices of its variant) that `load_aesthetic` and the torch reference read."""
-  from safetensors.numpy import save_file
 
   idx = next(i for i, v in _INDEX_VARIANT.items() if v == model.variant)
   sd = {}
@@ -69,7 +69,6 @@ def save_aesthetic(model, path) -> Path:
 
 def default_weights_dir() -> Path:
   """Where the real aesthetic heads are looked for: $HPS_JAX_WEIGHTS, else ../shared/weights next to a checkout."""
-  import os
 
   env = os.environ.get("HPS_JAX_WEIGHTS")
   if env:

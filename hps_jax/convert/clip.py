@@ -22,7 +22,9 @@ import math
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensors
 from hps_jax.models.clip import CLIP, CLIPConfig
@@ -325,7 +327,6 @@ def params_to_openai(flat, cfg: CLIPConfig) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------------------------
 def model_params(model) -> dict[str, np.ndarray]:
   """The model's parameters as {'vision/blocks/0/attn/query/kernel': np.ndarray, ...}."""
-  from flax import nnx
 
   return {
     "/".join(map(str, path)): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -337,8 +338,6 @@ def build_model(
 ):
   """Creates a CLIP (or `cls`, e.g. CLIPTextEncoder) whose parameters are `flat` (shapes checked, every parameter
   required, nothing left over), without running the random initializers."""
-  import jax.numpy as jnp
-  from flax import nnx
 
   dtype = dtype or jnp.float32
   param_dtype = param_dtype or jnp.float32
@@ -362,7 +361,8 @@ def build_model(
 # ------------------------------------------------------------------------------------------------------------
 # Format detection and the public loaders
 # ------------------------------------------------------------------------------------------------------------
-def _hf_weights_file(d: Path) -> Path:
+def hf_weights_file(d: Path) -> Path:
+  """The weights file of a transformers model dir (safetensors first)."""
   for name in (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -399,7 +399,7 @@ def load_clip_params(
     hf_config = json.loads((path / "config.json").read_text())
     if hf_config.get("model_type") not in (None, "clip"):
       raise CheckpointError(f"{path}/config.json: model_type {hf_config.get('model_type')!r} is not 'clip'")
-    weights = _hf_weights_file(path)
+    weights = hf_weights_file(path)
   else:
     weights = path
   sd = load_state_dict(weights)
@@ -440,7 +440,8 @@ def save_hf(model: CLIP, out_dir) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The text tower alone: transformers' CLIPTextModel (Stable Diffusion's `text_encoder/`)
+# The text tower alone: transformers' CLIPTextModel key map (Stable Diffusion's `text_encoder/`; the folder's
+# loader and saver are `hps_jax.convert.diffusers.load_text_encoder` / `save_text_encoder`)
 # ------------------------------------------------------------------------------------------------------------
 def text_key_map(cfg: CLIPConfig):
   """The text half of the HF key map, without the projection (CLIPTextModel has none)."""
@@ -459,42 +460,16 @@ def text_config_from_hf(tc: dict) -> CLIPConfig:
   )
 
 
-def load_text_encoder(path, *, dtype=None, param_dtype=None):
-  """A transformers CLIPTextModel dir (config.json + model.safetensors / pytorch_model.bin) -> CLIPTextEncoder."""
-  from hps_jax.models.clip import CLIPTextEncoder
-
-  d = Path(path)
-  if not (d / "config.json").exists():
-    raise CheckpointError(f"{d}: a CLIPTextModel dir needs config.json")
-  tc = json.loads((d / "config.json").read_text())
-  if tc.get("model_type") not in (None, "clip_text_model"):
-    raise CheckpointError(f"{d}/config.json: model_type {tc.get('model_type')!r} is not 'clip_text_model'")
-  cfg = text_config_from_hf(tc)
-  weights = _hf_weights_file(d)
-  sd = load_state_dict(weights)
-  if not any(k.startswith("text_model.") for k in sd):  # transformers >= 5 saves CLIPTextModel without the prefix
+def text_params_from_hf(sd, cfg: CLIPConfig, source="state dict") -> dict[str, np.ndarray]:
+  """A CLIPTextModel state dict -> our text tower's flat params (strict). Keys may lack the `text_model.` prefix
+  (transformers >= 5 saves CLIPTextModel without it)."""
+  if not any(k.startswith("text_model.") for k in sd):
     sd = {f"text_model.{k}": v for k, v in sd.items()}
-  flat, used = _apply_map(sd, text_key_map(cfg), str(weights))
-  _check_unused(sd, used, str(weights))
-  return build_model(cfg, flat, dtype=dtype, param_dtype=param_dtype, source=str(weights), cls=CLIPTextEncoder)
+  flat, used = _apply_map(sd, text_key_map(cfg), source)
+  _check_unused(sd, used, source)
+  return flat
 
 
-def save_text_encoder(model, out_dir) -> Path:
-  """Writes our CLIPTextEncoder as a transformers CLIPTextModel dir (Stable Diffusion's `text_encoder/`)."""
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  save_safetensors(
-    {k: v.astype(np.float32) for k, v in text_encoder_state_dict(model).items()},
-    out / "model.safetensors",
-    metadata={"format": "pt"},
-  )
-  tc = {"architectures": ["CLIPTextModel"], **config_to_hf(model.config)["text_config"]}
-  (out / "config.json").write_text(json.dumps(tc, indent=2))
-  return out
-
-
-def text_encoder_state_dict(model) -> dict[str, np.ndarray]:
-  """Our CLIPTextEncoder -> CLIPTextModel state dict (numpy), with the `text_model.` prefix that the released
-  Stable Diffusion checkpoints use (and every transformers version reads)."""
-  flat = model_params(model)
-  return {theirs: to_theirs(flat[ours]) for ours, theirs, _, to_theirs in text_key_map(model.config)}
+def text_params_to_hf(flat, cfg: CLIPConfig) -> dict[str, np.ndarray]:
+  """Our text tower's flat params -> a CLIPTextModel state dict with the `text_model.` prefix."""
+  return {theirs: to_theirs(flat[ours]) for ours, theirs, _, to_theirs in text_key_map(cfg)}

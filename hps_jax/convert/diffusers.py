@@ -1,4 +1,6 @@
-"""diffusers' folder layout (`model_index.json`, `vae/`, `unet/`, `text_encoder/`, ...) <-> hps_jax NNX models.
+"""diffusers' folder layout (`model_index.json`, `vae/`, `unet/`, `text_encoder/`, ...) <-> hps_jax NNX models: the
+Stable Diffusion loaders and savers (`load_unet` / `save_unet`, `load_vae` / `save_vae`, `load_text_encoder` /
+`save_text_encoder`) in one place.
 
 The mapping is generic: every NNX model converted here has parameter paths that mirror diffusers' module names
 (`hps_jax.models.sd_blocks`), so a parameter path and a state-dict key differ only in separators and leaf names:
@@ -23,9 +25,22 @@ import json
 from pathlib import Path
 from typing import Callable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from hps_jax.convert.clip import (
+  build_model,
+  config_to_hf,
+  hf_weights_file,
+  text_config_from_hf,
+  text_params_from_hf,
+  text_params_to_hf,
+)
 from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensors
+from hps_jax.models.clip import CLIPTextEncoder
+from hps_jax.models.unet import UNet2DConditionModel, UNetConfig
+from hps_jax.models.vae import AutoencoderKL, VAEConfig
 
 # Weights file names in the order diffusers / transformers prefer them.
 WEIGHT_NAMES = (
@@ -130,8 +145,6 @@ def to_torch_value(path: str, value: np.ndarray) -> np.ndarray:
 
 def model_params(model) -> dict[str, np.ndarray]:
   """{'encoder/conv_in/kernel': np.ndarray, ...} for every nnx.Param of `model`."""
-  from flax import nnx
-
   return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -154,9 +167,6 @@ def params_from_diffusers(
   """Returns `model` (concrete or from `nnx.eval_shape`) with every nnx.Param replaced by its value from the
   diffusers `state_dict`, cast to the parameter's dtype. Keys for which `ignore(key)` is true may be left over.
   Raises CheckpointError (naming `source`) on missing keys, unexpected keys and shape mismatches."""
-  import jax.numpy as jnp
-  from flax import nnx
-
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   remaining = dict(state_dict)
   missing, mismatched = [], []
@@ -192,8 +202,6 @@ def build_from_diffusers(
   constructor: Callable[[], object], state_dict: Mapping[str, np.ndarray], source: str = "state dict", **kw
 ):
   """Builds `constructor()` abstractly (no random initialization) and fills it from `state_dict`."""
-  from flax import nnx
-
   return params_from_diffusers(nnx.eval_shape(constructor), state_dict, source, **kw)
 
 
@@ -203,7 +211,43 @@ def params_to_diffusers(model) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Components
+# Components: unet/
+# ------------------------------------------------------------------------------------------------------------
+def load_unet(
+  model_dir,
+  subfolder: str | None = "unet",
+  *,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  variant: str | None = None,
+  **config_overrides,
+) -> UNet2DConditionModel:
+  """A diffusers UNet folder (`model_dir/unet/{config.json, diffusion_pytorch_model.safetensors|.bin}`, or
+  `model_dir` itself with subfolder=None) -> `UNet2DConditionModel`, built abstractly and filled from the weights
+  (strict: missing / unexpected keys raise). `config_overrides` set our own fields (attention_backend, remat)."""
+  config_path, weights = component_files(model_dir, subfolder, variant)
+  config, state = load_component(model_dir, subfolder, variant)
+  if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+    raise CheckpointError(f"{config_path}: _class_name {config['_class_name']!r} is not 'UNet2DConditionModel'")
+  try:
+    cfg = UNetConfig.from_diffusers(config, **config_overrides)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{config_path}: unsupported UNet config ({e})") from e
+  return build_from_diffusers(
+    lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype), state, str(Path(weights))
+  )
+
+
+def save_unet(model: UNet2DConditionModel, out_dir, *, state_dict: Mapping[str, np.ndarray] | None = None) -> Path:
+  """Writes `model` as a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors, float32).
+  `state_dict` (diffusers keys) is written instead of the model's own parameters when given (e.g. with LoRA
+  adapters merged in, `hps_jax.lora.save_merged_unet`)."""
+  config = {"_class_name": "UNet2DConditionModel", **model.config.to_diffusers()}
+  return save_component(out_dir, config, params_to_diffusers(model) if state_dict is None else state_dict)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Components: vae/
 # ------------------------------------------------------------------------------------------------------------
 def load_vae(
   model_dir,
@@ -213,13 +257,9 @@ def load_vae(
   param_dtype=None,
   variant: str | None = None,
   attention_backend: str = "auto",
-):
+) -> AutoencoderKL:
   """A diffusers AutoencoderKL folder (`model_dir/vae`, or `model_dir` itself with subfolder=None; falls back to
   it when `model_dir/vae` does not exist) -> `hps_jax.models.vae.AutoencoderKL`."""
-  import jax.numpy as jnp
-
-  from hps_jax.models.vae import AutoencoderKL, VAEConfig
-
   if subfolder and not (Path(model_dir) / subfolder).is_dir() and (Path(model_dir) / "config.json").exists():
     subfolder = None
   config_path, weights = component_files(model_dir, subfolder, variant)
@@ -234,6 +274,43 @@ def load_vae(
   return build_from_diffusers(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype), sd, str(weights))
 
 
-def save_vae(model, out_dir) -> Path:
+def save_vae(model: AutoencoderKL, out_dir) -> Path:
   """Writes `model` as a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors)."""
   return save_component(out_dir, model.config.to_diffusers(), params_to_diffusers(model))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Components: text_encoder/ (a transformers CLIPTextModel; its key map lives in `hps_jax.convert.clip`)
+# ------------------------------------------------------------------------------------------------------------
+def load_text_encoder(path, *, dtype=None, param_dtype=None) -> CLIPTextEncoder:
+  """A transformers CLIPTextModel dir (config.json + model.safetensors / pytorch_model.bin) -> CLIPTextEncoder."""
+  d = Path(path)
+  if not (d / "config.json").exists():
+    raise CheckpointError(f"{d}: a CLIPTextModel dir needs config.json")
+  tc = json.loads((d / "config.json").read_text())
+  if tc.get("model_type") not in (None, "clip_text_model"):
+    raise CheckpointError(f"{d}/config.json: model_type {tc.get('model_type')!r} is not 'clip_text_model'")
+  cfg = text_config_from_hf(tc)
+  weights = hf_weights_file(d)
+  flat = text_params_from_hf(load_state_dict(weights), cfg, str(weights))
+  return build_model(cfg, flat, dtype=dtype, param_dtype=param_dtype, source=str(weights), cls=CLIPTextEncoder)
+
+
+def save_text_encoder(model: CLIPTextEncoder, out_dir) -> Path:
+  """Writes our CLIPTextEncoder as a transformers CLIPTextModel dir (Stable Diffusion's `text_encoder/`)."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  save_safetensors(
+    {k: v.astype(np.float32) for k, v in text_encoder_state_dict(model).items()},
+    out / "model.safetensors",
+    metadata={"format": "pt"},
+  )
+  tc = {"architectures": ["CLIPTextModel"], **config_to_hf(model.config)["text_config"]}
+  (out / "config.json").write_text(json.dumps(tc, indent=2))
+  return out
+
+
+def text_encoder_state_dict(model: CLIPTextEncoder) -> dict[str, np.ndarray]:
+  """Our CLIPTextEncoder -> CLIPTextModel state dict (numpy), with the `text_model.` prefix that the released
+  Stable Diffusion checkpoints use (and every transformers version reads)."""
+  return text_params_to_hf(model_params(model), model.config)

@@ -21,9 +21,12 @@ import functools
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensors
+from hps_jax.models.inception import FIDInception
 
 # ours (last path components) <-> torch (key suffix)
 _SUFFIXES = (
@@ -64,10 +67,6 @@ def _from_torch(ours: str, arr: np.ndarray) -> np.ndarray:
 
 
 def _abstract_model(cfg=None, dtype=None, param_dtype=None):
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from hps_jax.models.inception import FIDInception
 
   return nnx.eval_shape(
     lambda: FIDInception(cfg, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32, rngs=nnx.Rngs(0))
@@ -76,7 +75,6 @@ def _abstract_model(cfg=None, dtype=None, param_dtype=None):
 
 @functools.lru_cache(maxsize=8)
 def _expected_shapes(cfg) -> tuple[tuple[str, tuple[int, ...]], ...]:
-  from flax import nnx
 
   state = nnx.state(_abstract_model(cfg), nnx.Param)
   return tuple(("/".join(map(str, p)), tuple(v.shape)) for p, v in nnx.to_flat_state(state))
@@ -125,15 +123,12 @@ def inception_params_to_torch(flat: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def model_params(model) -> dict[str, np.ndarray]:
-  from flax import nnx
 
   return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def build_inception(flat: dict[str, np.ndarray], *, cfg=None, dtype=None, param_dtype=None):
   """An `FIDInception` holding `flat` (every parameter must be present), without running the initializers."""
-  import jax.numpy as jnp
-  from flax import nnx
 
   param_dtype = param_dtype or jnp.float32
   graphdef, params, rest = nnx.split(_abstract_model(cfg, dtype, param_dtype), nnx.Param, ...)

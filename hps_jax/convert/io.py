@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -36,7 +38,6 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
 
   out = {}
   try:
@@ -131,7 +132,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None):
-  from safetensors.numpy import save_file
 
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   # (np.ascontiguousarray would turn 0-d tensors such as logit_scale into shape (1,))

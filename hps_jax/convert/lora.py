@@ -1,4 +1,5 @@
-"""LoRA files <-> the adapters of `hps_jax.lora` (`{our layer path: Adapter}`), for the SD UNet.
+"""LoRA files <-> LoRA adapters as plain arrays (`{our layer path: Adapter}`, what `hps_jax.lora` loads into and
+reads out of a model), for the SD UNet.
 
 Our layer paths are diffusers' module names with slashes (`down_blocks/0/attentions/0/transformer_blocks/0/attn1/
 to_out/0` <-> `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`). Every format stores a torch
@@ -27,25 +28,30 @@ Text-encoder keys (`text_encoder.`, `text_encoder_2.`, `lora_te_`, `lora_te1_`, 
 counted (`info["skipped_text_encoder"]`): this package adapts the UNet only. Any other key, DoRA keys and LoRA
 biases raise `CheckpointError` naming the file and the key.
 
-Writers: `save_peft` (what `pipe.load_lora_weights` reads, alpha in the metadata), `save_kohya` (A1111, ComfyUI and
-diffusers' kohya conversion), `save_legacy` (the attn-procs layout; scale folded into `up`), and
-`save_merged_unet` (a plain diffusers `unet/` folder with W + scale * down @ up). torch is needed only to read or
-write `.bin` pickles and is imported lazily.
+`load_lora` runs one parser per format: each key is matched against the formats' key patterns (`_FORMATS`, in
+order), and the format that recognizes it turns it into (module, down | up | alpha).
+
+Writers, from `{our layer path: Adapter}`: `save_peft` (what `pipe.load_lora_weights` reads, alpha in the
+metadata), `save_kohya` (A1111, ComfyUI and diffusers' kohya conversion), `save_legacy` (the attn-procs layout;
+scale folded into `up`). This module works on files and plain arrays only; what needs a live NNX model (the same
+writers taking a model, `apply_lora_file`, `save_merged_unet`, kohya names resolved against the model's layers)
+is in `hps_jax.lora`. torch is needed only to read or write `.bin` pickles and is imported lazily.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
+from safetensors import safe_open
 
 from hps_jax.convert.io import CheckpointError, _is_safetensors, load_state_dict, save_safetensors
-from hps_jax.lora import Adapter
 
 LORA_WEIGHT_NAMES = (
   "pytorch_lora_weights.safetensors",
@@ -62,6 +68,7 @@ _KOHYA = re.compile(r"^lora_unet_(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.we
 _ATTN_PROCS = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
 _DIFFUSERS = re.compile(r"^(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<part>down|up)\.weight$")
 _PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _MODULE_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
 _UNSUPPORTED = re.compile(
   r"(lora_magnitude_vector|dora_scale|lora_B(\.[^.]+)?\.bias|lora_up\.bias|hada_|lokr_"
@@ -103,6 +110,22 @@ _COMPOUNDS = sorted(
 
 
 # ------------------------------------------------------------------------------------------------------------
+# the adapter of one layer
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Adapter:
+  """One layer's adapter in our layout: down (in, r), up (r, out), alpha (scale = alpha / r)."""
+
+  down: np.ndarray
+  up: np.ndarray
+  alpha: float
+
+  @property
+  def rank(self) -> int:
+    return int(self.down.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------------------
 # names
 # ------------------------------------------------------------------------------------------------------------
 def module_name(path: str) -> str:
@@ -134,11 +157,9 @@ def _parse_kohya(name: str) -> str:
   return ".".join(parts)
 
 
-def _model_kohya_names(model) -> dict[str, str]:
-  """{kohya name without 'lora_unet_': module name} for every linear layer of `model` (exact resolution)."""
-  from hps_jax.lora import _linears
-
-  return {p.replace("/", "_"): module_name(p) for p, _ in _linears(model)}
+def _kohya_lookup(layer_paths: Iterable[str]) -> dict[str, str]:
+  """{kohya name without 'lora_unet_': module name} for the given layer paths (exact resolution)."""
+  return {p.replace("/", "_"): module_name(p) for p in layer_paths}
 
 
 def _strip(key: str) -> str:
@@ -152,7 +173,7 @@ def _strip(key: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# reading
+# reading: the file, its LoraConfig, alphas
 # ------------------------------------------------------------------------------------------------------------
 def resolve_lora_file(path) -> Path:
   """A LoRA weights file, or a folder holding one (diffusers / PEFT names first, else its only .safetensors)."""
@@ -176,8 +197,6 @@ def resolve_lora_file(path) -> Path:
 def _file_metadata(path: Path) -> dict[str, str]:
   if not _is_safetensors(path):
     return {}
-  from safetensors import safe_open
-
   try:
     with safe_open(str(path), framework="numpy") as f:
       return dict(f.metadata() or {})
@@ -235,26 +254,75 @@ def _as_matrix(a: np.ndarray, key: str, source) -> np.ndarray:
   return a
 
 
-def load_lora(path, model=None) -> tuple[dict[str, Adapter], dict]:
-  """Reads a LoRA file (or a folder holding one) in any format above -> ({our layer path: Adapter}, info).
+# ------------------------------------------------------------------------------------------------------------
+# reading: one parser per format
+# ------------------------------------------------------------------------------------------------------------
+_Known = Mapping[str, str] | None  # {kohya name without 'lora_unet_': module name}, from the model's layers
 
-  info: format ('attn_procs' | 'diffusers' | 'peft' | 'kohya', '+'-joined if a file mixes them), file, layers,
-  rank (int, or None when ranks differ), ranks (sorted), alpha (float or None), alphas, alpha_source,
-  skipped_text_encoder (number of text-encoder keys skipped). With `model`, kohya names are resolved against the
-  model's own linear layers (otherwise through the known diffusers UNet module names)."""
-  path = resolve_lora_file(path)
-  sd = load_state_dict(path)
-  source = str(path)
-  known = _model_kohya_names(model) if model is not None else None
 
-  downs: dict[str, tuple[str, np.ndarray]] = {}
-  ups: dict[str, tuple[str, np.ndarray]] = {}
-  alphas: dict[str, float] = {}
-  formats: collections.Counter = collections.Counter()
-  skipped = 0
-  for key in sd:
+def _kohya_entry(m: re.Match, known: _Known) -> tuple[str, str]:
+  module = known.get(m["name"]) if known is not None else None
+  return module or _parse_kohya(m["name"]), _KOHYA_PARTS[m["part"]]
+
+
+def _attn_procs_entry(m: re.Match, known: _Known) -> tuple[str, str]:
+  return f"{m['attn']}.{_LEGACY_TARGETS[m['proj']]}", m["part"]
+
+
+def _diffusers_entry(m: re.Match, known: _Known) -> tuple[str, str]:
+  return m["module"], m["part"]
+
+
+def _peft_entry(m: re.Match, known: _Known) -> tuple[str, str]:
+  return m["module"], {"A": "down", "B": "up"}[m["part"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Format:
+  """A LoRA file layout: the pattern its (prefix-stripped) keys match, and the parser of a match ->
+  (diffusers module name, 'down' | 'up' | 'alpha')."""
+
+  name: str
+  pattern: re.Pattern
+  parse: Callable[[re.Match, _Known], tuple[str, str]]
+  config_alpha: bool  # without `.alpha` keys, alpha comes from a LoraConfig (metadata / adapter_config.json)
+
+
+# In detection order (the first pattern that matches a key decides its format).
+_FORMATS = (
+  _Format("kohya", _KOHYA, _kohya_entry, config_alpha=False),
+  _Format("attn_procs", _ATTN_PROCS, _attn_procs_entry, config_alpha=False),
+  _Format("diffusers", _DIFFUSERS, _diffusers_entry, config_alpha=True),
+  _Format("peft", _PEFT, _peft_entry, config_alpha=True),
+)
+_CONFIG_ALPHA = {f.name for f in _FORMATS if f.config_alpha}
+
+
+def _detect(key: str) -> tuple[_Format, re.Match] | None:
+  """The format whose key pattern matches the (prefix-stripped) `key`, and the match."""
+  for fmt in _FORMATS:
+    if m := fmt.pattern.match(key):
+      return fmt, m
+  return None
+
+
+@dataclasses.dataclass
+class _Parsed:
+  """A LoRA state dict sorted by module: down / up matrices (torch layout, with their keys) and alphas."""
+
+  downs: dict[str, tuple[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+  ups: dict[str, tuple[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+  alphas: dict[str, float] = dataclasses.field(default_factory=dict)
+  formats: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  skipped: int = 0  # text-encoder keys
+
+
+def _parse(sd: Mapping[str, np.ndarray], source: str, known: _Known) -> _Parsed:
+  """Every key -> its format's parser; text-encoder keys are counted and skipped, anything else raises."""
+  out = _Parsed()
+  for key, value in sd.items():
     if key.startswith(_TEXT_PREFIXES) or _strip(key).startswith(_TEXT_PREFIXES):
-      skipped += 1
+      out.skipped += 1
       continue
     if _UNSUPPORTED.search(key):
       raise CheckpointError(
@@ -262,74 +330,86 @@ def load_lora(path, model=None) -> tuple[dict[str, Adapter], dict]:
         "LoHa / LoKr / LoCon-mid); only plain LoRA is supported"
       )
     k = _strip(key)
-    value = sd[key]
-    if m := _KOHYA.match(k):
-      fmt, name = "kohya", m["name"]
-      module = known.get(name) if known is not None else None
-      module = module or _parse_kohya(name)
-      part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]
-    elif m := _ATTN_PROCS.match(k):
-      fmt, module, part = "attn_procs", f"{m['attn']}.{_LEGACY_TARGETS[m['proj']]}", m["part"]
-    elif m := _DIFFUSERS.match(k):
-      fmt, module, part = "diffusers", m["module"], m["part"]
-    elif m := _PEFT.match(k):
-      fmt, module, part = "peft", m["module"], {"A": "down", "B": "up"}[m["part"]]
-    elif m := _MODULE_ALPHA.match(k):
-      fmt, module, part = None, m["module"], "alpha"
+    if found := _detect(k):
+      fmt, m = found
+      module, part = fmt.parse(m, known)
+      out.formats[fmt.name] += 1
+    elif m := _MODULE_ALPHA.match(k):  # a per-module alpha next to any layout's matrices
+      module, part = m["module"], "alpha"
     else:
       raise CheckpointError(
         f"{source}: unrecognized LoRA key {key!r} (expected the attn-procs, diffusers, PEFT or "
         "kohya layout of a UNet LoRA)"
       )
-    if fmt:
-      formats[fmt] += 1
     if part == "alpha":
-      alphas[module] = float(np.asarray(value, np.float64).reshape(-1)[0])
+      out.alphas[module] = float(np.asarray(value, np.float64).reshape(-1)[0])
     else:
-      (downs if part == "down" else ups)[module] = (key, _as_matrix(value, key, source))
+      (out.downs if part == "down" else out.ups)[module] = (key, _as_matrix(value, key, source))
+  return out
 
-  if not downs and not ups:
-    what = f" (skipped {skipped} text-encoder keys)" if skipped else ""
+
+def _check_pairs(parsed: _Parsed, source: str) -> None:
+  if not parsed.downs and not parsed.ups:
+    what = f" (skipped {parsed.skipped} text-encoder keys)" if parsed.skipped else ""
     raise CheckpointError(f"{source}: holds no UNet LoRA weights{what}")
-  lonely = sorted(set(downs) ^ set(ups))
+  lonely = sorted(set(parsed.downs) ^ set(parsed.ups))
   if lonely:
     raise CheckpointError(f"{source}: {len(lonely)} modules have only one of the down / up matrices: {lonely[:4]}")
-  stray = sorted(set(alphas) - set(downs))
+  stray = sorted(set(parsed.alphas) - set(parsed.downs))
   if stray:
     raise CheckpointError(f"{source}: alpha without LoRA weights for {stray[:4]}")
 
-  conf, conf_source = (None, None)
-  if set(formats) - {"kohya", "attn_procs"}:
-    conf, conf_source = _peft_config(path, _file_metadata(path))
-  if conf and conf.get("use_dora"):
-    raise CheckpointError(f"{source}: {conf_source} says use_dora; DoRA is not supported")
 
+def _build_adapters(parsed: _Parsed, conf: Mapping | None, source: str) -> dict[str, Adapter]:
   adapters: dict[str, Adapter] = {}
-  for module, (dkey, down) in downs.items():
-    ukey, up = ups[module]
+  for module, (dkey, down) in parsed.downs.items():
+    ukey, up = parsed.ups[module]
     rank = down.shape[0]
     if up.shape[1] != rank:
       raise CheckpointError(f"{source}: {dkey} {down.shape} and {ukey} {up.shape} disagree on the rank")
-    if module in alphas:
-      alpha = alphas[module]
+    if module in parsed.alphas:
+      alpha = parsed.alphas[module]
     elif conf is not None:
       alpha = _config_alpha(conf, module, rank)
     else:
       alpha = float(rank)
     adapters[layer_path(module)] = Adapter(np.ascontiguousarray(down.T), np.ascontiguousarray(up.T), alpha)
+  return adapters
+
+
+def load_lora(path, layer_paths: Iterable[str] | None = None) -> tuple[dict[str, Adapter], dict]:
+  """Reads a LoRA file (or a folder holding one) in any format above -> ({our layer path: Adapter}, info).
+
+  info: format ('attn_procs' | 'diffusers' | 'peft' | 'kohya', '+'-joined if a file mixes them), file, layers,
+  rank (int, or None when ranks differ), ranks (sorted), alpha (float or None), alphas, alpha_source,
+  skipped_text_encoder (number of text-encoder keys skipped). With `layer_paths` (the model's linear layers, e.g.
+  `hps_jax.lora.linear_paths(model)`), kohya names are resolved against them exactly (otherwise through the known
+  diffusers UNet module names)."""
+  path = resolve_lora_file(path)
+  source = str(path)
+  known = _kohya_lookup(layer_paths) if layer_paths is not None else None
+  parsed = _parse(load_state_dict(path), source, known)
+  _check_pairs(parsed, source)
+
+  conf, conf_source = (None, None)
+  if set(parsed.formats) & _CONFIG_ALPHA:
+    conf, conf_source = _peft_config(path, _file_metadata(path))
+  if conf and conf.get("use_dora"):
+    raise CheckpointError(f"{source}: {conf_source} says use_dora; DoRA is not supported")
+  adapters = _build_adapters(parsed, conf, source)
 
   ranks = sorted({a.rank for a in adapters.values()})
   alpha_values = sorted({a.alpha for a in adapters.values()})
   info = {
-    "format": "+".join(sorted(formats)) or "unknown",
+    "format": "+".join(sorted(parsed.formats)) or "unknown",
     "file": source,
     "layers": len(adapters),
     "rank": ranks[0] if len(ranks) == 1 else None,
     "ranks": ranks,
     "alpha": alpha_values[0] if len(alpha_values) == 1 else None,
     "alphas": alpha_values,
-    "alpha_source": ("alpha keys" if alphas else conf_source if conf is not None else "rank (no alpha stored)"),
-    "skipped_text_encoder": skipped,
+    "alpha_source": ("alpha keys" if parsed.alphas else conf_source if conf is not None else "rank (no alpha stored)"),
+    "skipped_text_encoder": parsed.skipped,
   }
   return adapters, info
 
@@ -337,13 +417,12 @@ def load_lora(path, model=None) -> tuple[dict[str, Adapter], dict]:
 # ------------------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------------------
-def _adapters(model_or_adapters) -> dict[str, Adapter]:
-  if isinstance(model_or_adapters, Mapping):
-    out = dict(model_or_adapters)
-  else:
-    from hps_jax.lora import get_adapters
-
-    out = get_adapters(model_or_adapters)
+def _adapters(adapters: Mapping[str, Adapter]) -> dict[str, Adapter]:
+  if not isinstance(adapters, Mapping):
+    raise TypeError(
+      f"expected {{layer path: Adapter}}, got {type(adapters).__name__} (hps_jax.lora's writers take a model)"
+    )
+  out = dict(adapters)
   if not out:
     raise ValueError("no LoRA adapters to save")
   return out
@@ -384,13 +463,13 @@ def peft_config(adapters: Mapping[str, Adapter]) -> dict:
   }
 
 
-def save_peft(model_or_adapters, path, *, prefix: str | None = "unet", fp16: bool = False) -> Path:
-  """Writes the adapters of a model (or an `{path: Adapter}` dict) as today's diffusers LoRA file:
+def save_peft(adapters: Mapping[str, Adapter], path, *, prefix: str | None = "unet", fp16: bool = False) -> Path:
+  """Writes `{layer path: Adapter}` as today's diffusers LoRA file:
   `unet.<module>.lora_A.weight` (r, in), `.lora_B.weight` (out, r), the LoraConfig (rank / alpha, per-module
   patterns where they differ) as JSON under the safetensors metadata key `lora_adapter_metadata`. `path` is a
   .safetensors file or a folder (-> folder/pytorch_lora_weights.safetensors). `pipe.load_lora_weights(path)` reads
   it. Returns the file written."""
-  adapters = _adapters(model_or_adapters)
+  adapters = _adapters(adapters)
   out = _out_file(path, "pytorch_lora_weights.safetensors")
   if out.suffix != ".safetensors":
     raise ValueError(f"{out}: save_peft writes safetensors (the alpha lives in its metadata)")
@@ -407,11 +486,11 @@ def save_peft(model_or_adapters, path, *, prefix: str | None = "unet", fp16: boo
   return out
 
 
-def save_kohya(model_or_adapters, path, *, fp16: bool = False) -> Path:
+def save_kohya(adapters: Mapping[str, Adapter], path, *, fp16: bool = False) -> Path:
   """Writes the adapters in the kohya-ss / A1111 layout: `lora_unet_<module with _>.lora_down.weight` (r, in),
   `.lora_up.weight` (out, r) and a 0-d float32 `.alpha` per layer. `path` is a .safetensors file or a folder
   (-> folder/lora.safetensors). Returns the file written."""
-  adapters = _adapters(model_or_adapters)
+  adapters = _adapters(adapters)
   out = _out_file(path, "lora.safetensors")
   if out.suffix != ".safetensors":
     raise ValueError(f"{out}: save_kohya writes safetensors")
@@ -433,13 +512,13 @@ def save_kohya(model_or_adapters, path, *, fp16: bool = False) -> Path:
   return out
 
 
-def save_legacy(model_or_adapters, path) -> Path:
+def save_legacy(adapters: Mapping[str, Adapter], path) -> Path:
   """Writes the attn-procs layout of diffusers <= 0.13 / the HPS v1 release
   (`<attention>.processor.to_q_lora.down.weight`, ...). It has no alpha, so each scale alpha / r is folded into
   `up` (reading it back gives alpha = r and the same delta). Only to_q / to_k / to_v / to_out.0 of attention
   modules fit. `path`: a .bin (torch.save; needs torch) or .safetensors file, or a folder
   (-> folder/pytorch_lora_weights.bin). Returns the file written."""
-  adapters = _adapters(model_or_adapters)
+  adapters = _adapters(adapters)
   out = _out_file(path, "pytorch_lora_weights.bin")
   inverse = {v: k for k, v in _LEGACY_TARGETS.items()}
   tensors = {}
@@ -465,54 +544,3 @@ def save_legacy(model_or_adapters, path) -> Path:
       raise CheckpointError(f"{out}: writing a .bin pickle needs torch; write .safetensors instead") from e
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, str(out))
   return out
-
-
-# ------------------------------------------------------------------------------------------------------------
-# models
-# ------------------------------------------------------------------------------------------------------------
-def apply_lora_file(model, path, multiplier: float = 1.0, *, replace: bool = True) -> dict:
-  """Loads a LoRA file into `model` (any format `load_lora` reads): adapters are created or rebuilt at the file's
-  ranks, then every adapter's scale is alpha / r * `multiplier`. With `replace`, adapters on layers the file does
-  not name are removed, so the model runs exactly the file's LoRA. Returns load_lora's info."""
-  from hps_jax.lora import _linears, lora_layers, remove_lora_at, set_adapters, set_lora_scale
-
-  adapters, info = load_lora(path, model=model)
-  linear = {p for p, _ in _linears(model)}
-  other = sorted(p for p in adapters if p not in linear)
-  if other:  # before touching the model
-    raise CheckpointError(
-      f"{info['file']}: {len(other)} adapters target layers that are not linear layers of "
-      f"{type(model).__name__} (LoRA on convolutions, LoCon, is not supported): {other[:4]}"
-    )
-  if replace:
-    for p in list(lora_layers(model)):
-      if p not in adapters:
-        remove_lora_at(model, p)
-  set_adapters(model, adapters, source=info["file"])
-  set_lora_scale(model, multiplier)
-  return info
-
-
-def merged_state_dict(model) -> dict[str, np.ndarray]:
-  """`model`'s diffusers state dict with every unmerged adapter folded in (W + scale * down @ up, in float32),
-  computed on a copy: the model is left as it is."""
-  from hps_jax.convert.diffusers import params_to_diffusers
-  from hps_jax.lora import lora_layers
-
-  sd = params_to_diffusers(model)
-  for p, m in lora_layers(model).items():
-    if m.merged:  # already in the kernel
-      continue
-    key = f"{module_name(p)}.weight"
-    sd[key] = np.asarray(sd[key], np.float32) + np.asarray(m.delta(), np.float32).T
-  return sd
-
-
-def save_merged_unet(model, out_dir) -> Path:
-  """Writes `model` (a UNet2DConditionModel with adapters) as a plain diffusers UNet folder (config.json +
-  diffusion_pytorch_model.safetensors, float32) with the adapters merged at their current scale; loadable by
-  `load_unet` and diffusers without any LoRA support. The model itself is not modified."""
-  from hps_jax.convert.diffusers import save_component
-
-  config = {"_class_name": "UNet2DConditionModel", **model.config.to_diffusers()}
-  return save_component(out_dir, config, merged_state_dict(model))

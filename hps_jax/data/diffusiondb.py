@@ -30,6 +30,8 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
+from hps_jax.data.pairs import read_image_rows
+
 IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg")
 _PART = re.compile(r"^part-(\d+)\.zip$")
 _FIELDS = ("seed", "step", "cfg", "sampler", "width", "height")
@@ -231,7 +233,6 @@ def iter_diffusiondb(root, skip: Skip, with_bytes: bool = True) -> Iterator[Reco
 def read_jsonl_records(path, skip: Skip) -> list[Record]:
   """Records of a JSONL of {"image": PATH, "prompt": TEXT} rows (relative paths resolve against its folder);
   bad rows go to `skip` (see hps_jax.data.pairs). Raises ValueError for an unreadable file."""
-  from hps_jax.data.pairs import read_image_rows
 
   return [Record(name=img, prompt=prompt) for img, prompt in read_image_rows(path, skip, require_prompt=True)]
 

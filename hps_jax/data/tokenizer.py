@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import ftfy
 import numpy as np
 import regex
 
@@ -65,7 +66,6 @@ def default_bpe_path() -> Path:
 
 
 def _clean_open_clip(text: str) -> str:
-  import ftfy
 
   text = html.unescape(html.unescape(ftfy.fix_text(text)))
   return " ".join(text.split()).lower()

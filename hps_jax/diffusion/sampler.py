@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hps_jax import parallel
+from hps_jax import lora, parallel
+from hps_jax.convert.diffusers import load_text_encoder, load_unet, load_vae
+from hps_jax.data.tokenizer import CLIPTokenizer
 from hps_jax.diffusion import schedulers as sch
+from hps_jax.lora import apply_lora_file
 
 SCHEDULERS = ("pndm", "ddim")
 
@@ -45,10 +48,6 @@ class StableDiffusion:
 
   @classmethod
   def from_pretrained(cls, model_dir, *, dtype=jnp.float32, mesh=None) -> "StableDiffusion":
-    from hps_jax.convert.clip import load_text_encoder
-    from hps_jax.convert.diffusers import load_vae
-    from hps_jax.data.tokenizer import CLIPTokenizer
-    from hps_jax.models.unet import load_unet
 
     d = Path(model_dir)
     return cls(
@@ -63,7 +62,6 @@ class StableDiffusion:
   def load_lora(self, path, scale: float = 1.0) -> dict:
     """Adapts the UNet with a LoRA file (PEFT / diffusers, kohya / A1111 or the HPS v1 release; see
     `hps_jax.convert.lora.load_lora`) at `scale`; returns what was loaded."""
-    from hps_jax.convert.lora import apply_lora_file
 
     info = apply_lora_file(self.unet, path, multiplier=scale)
     self._refresh()
@@ -71,7 +69,6 @@ class StableDiffusion:
 
   def set_lora_scale(self, scale: float):
     """Scale of the loaded adapters (0 = the base model, 1 = as trained)."""
-    from hps_jax import lora
 
     lora.set_lora_scale(self.unet, scale)
     self._refresh()

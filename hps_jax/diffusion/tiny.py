@@ -13,8 +13,11 @@ import json
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from hps_jax.convert.diffusers import save_text_encoder, save_unet, save_vae
+from hps_jax.data.tokenizer import CLIPTokenizer
 from hps_jax.diffusion.schedulers import SchedulerConfig
 from hps_jax.models.clip import CLIPConfig, CLIPTextEncoder
 from hps_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -46,7 +49,6 @@ def build_tiny_sd(seed: int = 0, *, dtype=jnp.float32):
   parameter filled with numpy (norm scales 1, biases 0, embeddings N(0, 0.02²), other weights N(0, 1/fan_in),
   fan_in = prod(shape[:-1])). Eager `jax.random` init would compile one small XLA program per parameter shape,
   close to a minute on a 2-core CPU for these three models."""
-  import numpy as np
 
   def build():
     rngs = nnx.Rngs(0)
@@ -75,9 +77,6 @@ def build_tiny_sd(seed: int = 0, *, dtype=jnp.float32):
 
 def save_sd(out_dir, unet, vae, text_encoder, tokenizer, scheduler: SchedulerConfig | None = None) -> Path:
   """Writes a complete diffusers-layout Stable Diffusion folder from our modules."""
-  from hps_jax.convert.clip import save_text_encoder
-  from hps_jax.convert.diffusers import save_vae
-  from hps_jax.models.unet import save_unet
 
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +110,6 @@ def save_sd(out_dir, unet, vae, text_encoder, tokenizer, scheduler: SchedulerCon
 
 def write_tiny_sd(out_dir, seed: int = 0) -> Path:
   """A tiny random-init SD folder at `out_dir` (images of 32x32 make 8x8 latents)."""
-  from hps_jax.data.tokenizer import CLIPTokenizer
 
   tok = CLIPTokenizer.default()
   tok = CLIPTokenizer(

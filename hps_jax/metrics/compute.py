@@ -12,28 +12,25 @@ and pool3 features (KID needs the features themselves).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from hps_jax.data.images import ImageError, describe, load_image
+from hps_jax.data.pairs import read_image_rows
+from hps_jax.data.skips import Skips
+from hps_jax.metrics.fid import FeatureStats, frechet_distance, load_stats
+from hps_jax.metrics.inception_features import extract
+from hps_jax.metrics.scores import clip_score, inception_score, kernel_inception_distance
+from hps_jax.preference.scorer import AestheticScorer, Scorer
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
-
-
-@dataclass
-class Skipped:
-  """Inputs that could not be used: (what, why) pairs, for the end-of-run summary."""
-
-  items: list = field(default_factory=list)
-
-  def add(self, what: str, why: str):
-    self.items.append((what, why))
 
 
 def default_inception_weights() -> Path:
@@ -50,7 +47,7 @@ def default_inception_weights() -> Path:
   )
 
 
-def list_images(path, skipped: Skipped | None = None) -> list[tuple[str, str | None]]:
+def list_images(path, skipped: Skips | None = None) -> list[tuple[str, str | None]]:
   """(image path, prompt or None) for a directory of images or a JSONL of {"image", "prompt"} rows."""
   p = Path(path)
   if p.is_dir():
@@ -59,8 +56,6 @@ def list_images(path, skipped: Skipped | None = None) -> list[tuple[str, str | N
       raise ValueError(f"{p}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return [(str(f), None) for f in files]
   if p.suffix == ".jsonl":
-    from hps_jax.data.pairs import read_image_rows
-
     return list(read_image_rows(p, skipped.add if skipped is not None else (lambda *_: None), require_prompt=False))
   if not p.exists():
     raise FileNotFoundError(f"{p}: no such file or directory")
@@ -68,10 +63,9 @@ def list_images(path, skipped: Skipped | None = None) -> list[tuple[str, str | N
 
 
 def load_images(
-  items: Iterable[tuple[str, str | None]], skipped: Skipped, workers: int = 4
+  items: Iterable[tuple[str, str | None]], skipped: Skips, workers: int = 4
 ) -> Iterator[tuple[str, str | None, np.ndarray]]:
   """Decodes images on host threads, in order; unreadable ones go to `skipped`."""
-  import concurrent.futures as cf
 
   items = list(items)
 
@@ -93,7 +87,6 @@ class InceptionFeatures:
   """Streams uint8 images through the FID Inception in fixed-size batches grouped by image size."""
 
   def __init__(self, model, resize: str = "tf1", batch_size: int = 50, keep: tuple[str, ...] = ()):
-    from hps_jax.metrics.fid import FeatureStats
 
     self.model, self.resize, self.batch_size = model, resize, batch_size
     self.stats = FeatureStats()
@@ -108,7 +101,6 @@ class InceptionFeatures:
       self._flush(image.shape)
 
   def _flush(self, shape):
-    from hps_jax.metrics.inception_features import extract
 
     group = self._pending.pop(shape, [])
     if not group:
@@ -134,7 +126,7 @@ class InceptionFeatures:
 def inception_pass(
   model,
   items,
-  skipped: Skipped,
+  skipped: Skips,
   *,
   resize: str,
   batch_size: int,
@@ -142,7 +134,6 @@ def inception_pass(
   desc: str = "inception",
   progress: bool = True,
 ) -> InceptionFeatures:
-  from tqdm import tqdm
 
   runner = InceptionFeatures(model, resize, batch_size, keep)
   items = list(items)
@@ -153,9 +144,8 @@ def inception_pass(
   return runner.finish()
 
 
-def reference_stats(path, model, skipped: Skipped, *, resize: str, batch_size: int, keep=(), progress=True):
+def reference_stats(path, model, skipped: Skips, *, resize: str, batch_size: int, keep=(), progress=True):
   """FID reference: a stats .npz (mu, sigma) or an image set. Returns (mu, sigma, InceptionFeatures or None)."""
-  from hps_jax.metrics.fid import load_stats
 
   if str(path).endswith(".npz"):
     mu, sigma = load_stats(path)
@@ -179,7 +169,7 @@ def reference_stats(path, model, skipped: Skipped, *, resize: str, batch_size: i
 def generator_metrics(
   items,
   wanted,
-  skipped: Skipped,
+  skipped: Skips,
   *,
   reference=None,
   inception=None,
@@ -207,9 +197,6 @@ def generator_metrics(
         f"({len(missing)} images have none, e.g. {missing[0]})"
       )
   if {"fid", "is", "kid"} & wanted:
-    from hps_jax.metrics.fid import frechet_distance
-    from hps_jax.metrics.scores import inception_score, kernel_inception_distance
-
     if inception is None:
       raise ValueError("fid / is / kid need the Inception model")
     keep = tuple(k for m, k in (("is", "logits_unbiased"), ("kid", "pool3")) if m in wanted)
@@ -235,9 +222,6 @@ def generator_metrics(
   bad_names = {w for w, _ in skipped.items}
   readable = [(src, p) for src, p in items if src not in bad_names]
   if {"clip", "hps"} & wanted:
-    from hps_jax.metrics.scores import clip_score
-    from hps_jax.preference.scorer import Scorer
-
     for metric, ckpt, mode in (("clip", clip_checkpoint, "clip"), ("hps", hps_checkpoint, "pad")):
       if metric not in wanted:
         continue
@@ -251,7 +235,6 @@ def generator_metrics(
   if "aesthetic" in wanted:
     if not (aesthetic_mlp and clip_checkpoint):
       raise ValueError("the aesthetic metric needs the aesthetic head and a CLIP ViT-L/14 checkpoint")
-    from hps_jax.preference.scorer import AestheticScorer
 
     aes = AestheticScorer.from_checkpoint(aesthetic_mlp, clip_checkpoint)
     vals = [r["aesthetic"] for r in aes.iter_scores([src for src, _ in readable]) if "aesthetic" in r]

@@ -31,6 +31,8 @@ import functools
 import os
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -86,9 +88,7 @@ def _trace_sqrt_product_np(s1: np.ndarray, s2: np.ndarray) -> float:
 
 @functools.cache
 def _jax_kernel():
-  """The jitted float64 kernel (built on first use so that the NumPy backend never imports JAX)."""
-  import jax
-  import jax.numpy as jnp
+  """The jitted float64 kernel (built on first use)."""
 
   @jax.jit
   def kernel(mu1, s1, mu2, s2):
@@ -107,8 +107,6 @@ def _jax_kernel():
 
 def _x64_scope():
   """A context in which JAX creates and computes float64 arrays (`jax.enable_x64`, or the older experimental one)."""
-  import jax
-
   if hasattr(jax, "enable_x64"):
     return jax.enable_x64(True)
   from jax.experimental import enable_x64  # jax < 0.5
@@ -130,9 +128,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, backend: str = "jax") -> float
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * _trace_sqrt_product_np(s1, s2))
   if backend == "jax":
-    import jax
-    import jax.numpy as jnp
-
     with _x64_scope():
       args = [jnp.asarray(a, dtype=jnp.float64) for a in (mu1, sigma1, mu2, sigma2)]
       out = _jax_kernel()(*args)

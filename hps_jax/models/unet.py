@@ -3,8 +3,8 @@
 Attribute names follow diffusers' module names one for one, so a diffusers state-dict key maps to an NNX parameter
 path by swapping dots for slashes (and weight -> kernel / scale): e.g.
 `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight` <-> `down_blocks/0/attentions/0/
-transformer_blocks/0/attn1/to_q/kernel`. `hps_jax.convert.diffusers` does that mapping generically; `load_unet`
-below reads a diffusers `unet/` folder through it.
+transformer_blocks/0/attn1/to_q/kernel`. `hps_jax.convert.diffusers` does that mapping generically; its `load_unet`
+/ `save_unet` read and write a diffusers `unet/` folder.
 
 Layout of the model (SD 1.4: block_out_channels (320, 640, 1280, 1280), 8 heads everywhere, cross-attention on the
 768-wide CLIP ViT-L/14 text states):
@@ -665,42 +665,3 @@ class UNet2DConditionModel(nnx.Module):
       x = _call(block, x, res, emb, context, remat=cfg.remat, upsample_size=size)
 
     return self.conv_out(nnx.silu(self.conv_norm_out(x)))
-
-
-# loading ----------------------------------------------------------------------------------------------------
-def load_unet(
-  model_dir,
-  subfolder: str | None = "unet",
-  *,
-  dtype=jnp.float32,
-  param_dtype=jnp.float32,
-  variant: str | None = None,
-  **config_overrides,
-) -> UNet2DConditionModel:
-  """A diffusers UNet folder (`model_dir/unet/{config.json, diffusion_pytorch_model.safetensors|.bin}`, or
-  `model_dir` itself with subfolder=None) -> `UNet2DConditionModel`, built abstractly and filled from the weights
-  (strict: missing / unexpected keys raise). `config_overrides` set our own fields (attention_backend, remat)."""
-  from pathlib import Path
-
-  from hps_jax.convert.diffusers import build_from_diffusers, component_files, load_component
-  from hps_jax.convert.io import CheckpointError
-
-  config_path, weights = component_files(model_dir, subfolder, variant)
-  config, state = load_component(model_dir, subfolder, variant)
-  if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-    raise CheckpointError(f"{config_path}: _class_name {config['_class_name']!r} is not 'UNet2DConditionModel'")
-  try:
-    cfg = UNetConfig.from_diffusers(config, **config_overrides)
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{config_path}: unsupported UNet config ({e})") from e
-  return build_from_diffusers(
-    lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype), state, str(Path(weights))
-  )
-
-
-def save_unet(model: UNet2DConditionModel, out_dir):
-  """Writes `model` as a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors, float32)."""
-  from hps_jax.convert.diffusers import params_to_diffusers, save_component
-
-  config = {"_class_name": "UNet2DConditionModel", **model.config.to_diffusers()}
-  return save_component(out_dir, config, params_to_diffusers(model))

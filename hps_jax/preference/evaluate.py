@@ -1,4 +1,5 @@
-"""Preference accuracy (the paper's Table 2 metric) and friends, from per-image scores grouped by prompt.
+"""Preference accuracy (the paper's Table 2 metric) and friends, from per-image scores grouped by prompt, and the
+sharded scoring of a preference dataset's image slots (HPS / CLIP cosine, aesthetic rating) that feeds it.
 
 n-way accuracy: fraction of prompts whose chosen (best-ranked) image gets the strictly highest score — a tie for
 the top counts as wrong, so a constant scorer gets 0, not 1/n. The random-guess expectation is the mean of 1/n.
@@ -9,9 +10,17 @@ Pairwise accuracy: over all image pairs of a prompt with different ranks, the fr
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from typing import Callable, Sequence
 
+import jax
 import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from hps_jax import parallel
+from hps_jax.data import pipeline
+from hps_jax.models.clip import CLIP, normalize
+from hps_jax.preference.loss import prompt_image_cosines
 
 
 def preference_report(scores: Sequence[np.ndarray], ranks: Sequence[np.ndarray]) -> dict:
@@ -67,3 +76,69 @@ def markdown_table(report: dict, title: str = "") -> str:
       f"{r['pairwise_accuracy']:.4f} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def slot_scores(score_batch: Callable, source, transform, batch_size: int, progress: bool = False):
+  """Runs `score_batch(batch) -> (B, K) scores` over the source in order; returns per-prompt (scores, ranks)
+  lists of the valid image slots."""
+  ds = pipeline.eval_dataset(source, transform, batch_size=batch_size)
+  scores, ranks = [], []
+  bar = None
+  if progress and jax.process_index() == 0:
+    bar = tqdm(total=len(source), desc="eval", unit="prompt", dynamic_ncols=True)
+  for batch in ds:
+    batch, n = pipeline.pad_batch(batch, batch_size)
+    s = np.asarray(score_batch(batch))[:n]
+    for row in range(n):
+      m = batch["mask"][row]
+      scores.append(s[row][m])
+      ranks.append(batch["ranks"][row][m])
+    if bar is not None:
+      bar.update(n)
+  if bar is not None:
+    bar.close()
+  return scores, ranks
+
+
+def _slot_score_fn(model, per_image: Callable, mesh, batch_size: int) -> Callable:
+  """batch -> (B, K) scores. `per_image(model, pixels (B,K,S,S,3), ids (B,T)) -> (B, K)`; the batch (the same full
+  batch on every process) is sharded over the mesh's batch axes, params keep whatever sharding they have."""
+  mesh = mesh if mesh is not None else parallel.local_mesh()
+  if batch_size % parallel.batch_divisor(mesh):
+    raise ValueError(
+      f"eval batch size {batch_size} must be a multiple of the {parallel.batch_divisor(mesh)} batch shards"
+    )
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fn(state, pixels, ids):
+    out = per_image(nnx.merge(graphdef, state), pixels, ids)
+    return jax.lax.with_sharding_constraint(out, parallel.replicated(mesh))
+
+  def score(batch):
+    pixels, ids = parallel.put_global(mesh, (batch["pixels"], batch["ids"]))
+    return fn(state, pixels, ids)
+
+  return score
+
+
+def clip_score_fn(model: CLIP, mesh=None, batch_size: int = 16) -> Callable:
+  """HPS / CLIP: the cosine of each image slot with its prompt."""
+  return _slot_score_fn(model, prompt_image_cosines, mesh, batch_size)
+
+
+def aesthetic_score_fn(clip_model: CLIP, head, mesh=None, batch_size: int = 16) -> Callable:
+  """The LAION aesthetic rating of each image slot (the prompt is ignored)."""
+
+  def per_image(models, pixels, ids):
+    clip, mlp = models
+    b, k = pixels.shape[:2]
+    emb = normalize(clip.encode_image(pixels.reshape((b * k,) + pixels.shape[2:])))
+    return mlp(emb).reshape(b, k)
+
+  return _slot_score_fn((clip_model, head), per_image, mesh, batch_size)
+
+
+def evaluate_clip(model: CLIP, source, transform, *, batch_size: int, mesh=None, progress: bool = False) -> dict:
+  scores, ranks = slot_scores(clip_score_fn(model, mesh, batch_size), source, transform, batch_size, progress)
+  return preference_report(scores, ranks)

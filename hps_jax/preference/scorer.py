@@ -25,29 +25,13 @@ import numpy as np
 from flax import nnx
 
 from hps_jax import parallel
+from hps_jax.convert.aesthetic import load_aesthetic
+from hps_jax.convert.clip import load_clip
 from hps_jax.data.images import ImageError, describe, load_image
 from hps_jax.data.preprocess import PreprocessConfig
 from hps_jax.data.tokenizer import CLIPTokenizer
 from hps_jax.models.clip import CLIP, normalize
-
-_DTYPES = {
-  "float32": jnp.float32,
-  "fp32": jnp.float32,
-  "bfloat16": jnp.bfloat16,
-  "bf16": jnp.bfloat16,
-  "float16": jnp.float16,
-  "fp16": jnp.float16,
-}
-
-
-def as_dtype(d):
-  if d is None:
-    return jnp.float32
-  if isinstance(d, str):
-    if d not in _DTYPES:
-      raise ValueError(f"unknown dtype {d!r}; choose from {sorted(_DTYPES)}")
-    return _DTYPES[d]
-  return d
+from hps_jax.models.dtypes import as_dtype
 
 
 def make_buckets(batch_size: int, divisor: int) -> tuple[int, ...]:
@@ -201,7 +185,6 @@ class Scorer:
     """Loads a CLIP/HPS checkpoint (HF dir, OpenAI-layout `hpc.pt`, open_clip `HPS_v2*.pt`, safetensors).
     `tokenizer`: a CLIPTokenizer, a BPE file / HF tokenizer dir path, or None (the checkpoint dir's own
     vocab.json + merges.txt if it has them, else the default CLIP BPE file)."""
-    from hps_jax.convert.clip import load_clip
 
     model = load_clip(path, format, activation=activation, dtype=as_dtype(dtype), param_dtype=as_dtype(param_dtype))
     return cls(model, resolve_tokenizer(tokenizer, path), preprocess, batch_size=batch_size, mesh=mesh, buckets=buckets)
@@ -292,8 +275,6 @@ class AestheticScorer:
 
   @classmethod
   def from_checkpoint(cls, mlp_path, clip_path, clip_format: str = "auto", dtype=None, **kw) -> "AestheticScorer":
-    from hps_jax.convert.aesthetic import load_aesthetic
-    from hps_jax.convert.clip import load_clip
 
     return cls(load_clip(clip_path, clip_format, dtype=as_dtype(dtype)), load_aesthetic(mlp_path), **kw)
 

@@ -2,22 +2,37 @@
 
 Steps 1-3 score with RANDOM weights: they show the machinery end to end (checkpoint format -> loader -> tokenizer
 -> preprocessing -> sharded scoring -> CLI), not what a trained HPS model would say. Steps 4-5 train that tiny
-model as a preference classifier on the synthetic coloured-shape set (configs/hps_classifier.py:tiny) and show
+model as a preference classifier on the synthetic coloured-shape set (config hps_classifier:tiny) and show
 held-out accuracy before and after. Steps 6-9 are the adaptation of Stable Diffusion (Sec. 5) on a tiny random SD:
 HPS-label generated images with the trained classifier, train LoRA adapters on the labelled set
-(configs/lora_sd14.py:tiny), render base vs adapted with the same seeds ("Weird image." as the adapted model's
+(config lora_sd14:tiny), render base vs adapted with the same seeds ("Weird image." as the adapted model's
 negative prompt), and compute the Table 4 metrics (FID, aesthetic, CLIP score, HPS; FID's Inception, the CLIP and
 the aesthetic head are random here too). Every step goes through the same commands a real run uses."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
+from PIL import Image, ImageDraw
+
+from hps_jax.cli import main as cli_main  # the demo drives the commands exactly as a user would
+from hps_jax.cli.common import add_parser, load_config
+from hps_jax.convert.aesthetic import save_aesthetic
+from hps_jax.convert.clip import save_hf
+from hps_jax.convert.inception import save_inception_torch
+from hps_jax.data.synthetic import SyntheticPreference, write_generated
+from hps_jax.models.aesthetic import AestheticMLP
+from hps_jax.models.clip import CLIP, CLIPConfig
+from hps_jax.models.inception import FIDInception
+from hps_jax.preference import train as tr
+from hps_jax.preference.evaluate import evaluate_clip
+from hps_jax.preference.scorer import Scorer
 
 BANNER = "=" * 78
 
@@ -28,8 +43,6 @@ def say(msg=""):
 
 def synthetic_images(outdir: Path) -> list[tuple[Path, str]]:
   """A few drawn images with prompts that describe them (shapes and colours), in varied sizes and formats."""
-  from PIL import Image, ImageDraw
-
   outdir.mkdir(parents=True, exist_ok=True)
   specs = [
     ("red", "circle", (96, 64), "png"),
@@ -55,21 +68,21 @@ def synthetic_images(outdir: Path) -> list[tuple[Path, str]]:
   return out
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--outdir", default="demo_out")
-  args = ap.parse_args(argv)
+def add_demo(sub):
+  p = add_parser(
+    sub,
+    "demo",
+    help="the whole paper pipeline offline on tiny random models (what `make demo` runs)",
+    description=__doc__,
+  )
+  p.add_argument("--outdir", default="demo_out", help="where every output of the demo goes")
+  p.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
   out = Path(args.outdir)
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
-
-  import jax
-  from flax import nnx
-
-  from hps_jax import Scorer
-  from hps_jax.cli import main as cli_main
-  from hps_jax.convert.clip import save_hf
-  from hps_jax.models.clip import CLIP, CLIPConfig
 
   say(BANNER)
   say("hps_jax demo — offline, on a TINY CLIP WITH RANDOM WEIGHTS.")
@@ -101,7 +114,7 @@ def main(argv=None) -> int:
     say("      " + line)
 
   say("\n[4/9] Training the tiny CLIP as a preference classifier on the synthetic set (n-way choice loss):")
-  say("      hps-jax train-preference --config configs/hps_classifier.py:tiny --workdir " + str(out / "train"))
+  say("      hps-jax train-preference --config hps_classifier:tiny --workdir " + str(out / "train"))
   rc_eval_before = cli_main(
     [
       "eval-preference",
@@ -114,18 +127,14 @@ def main(argv=None) -> int:
       str(out / "eval_random.json"),
     ]
   )
-  config_path = Path(__file__).resolve().parents[1] / "configs" / "hps_classifier.py"
-  from hps_jax.cli import load_config
-  from hps_jax.preference import train as tr
-
-  config = load_config(f"{config_path}:tiny", [])
-  before = tr.evaluate_clip(
+  config = load_config("hps_classifier:tiny")
+  before = evaluate_clip(
     tr.build_model(config.model, config.seed),
     tr.build_source(config, "test"),
     tr.make_transform(config, CLIPConfig.tiny(), tr.build_tokenizer(config)),
     batch_size=config.eval_batch_size,
   )
-  rc_train = cli_main(["train-preference", "--config", f"{config_path}:tiny", "--workdir", str(out / "train")])
+  rc_train = cli_main(["train-preference", "--config", "hps_classifier:tiny", "--workdir", str(out / "train")])
   export = out / "train" / "export"
 
   say(
@@ -178,17 +187,6 @@ def main(argv=None) -> int:
 
 def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
   """Steps 6-9: label -> train-lora -> A/B samples -> Table 4 metrics, on a tiny random SD."""
-  from flax import nnx
-
-  from hps_jax.convert.aesthetic import save_aesthetic
-  from hps_jax.convert.clip import save_hf
-  from hps_jax.convert.inception import save_inception_torch
-  from hps_jax.data.synthetic import SyntheticPreference, write_generated
-  from hps_jax.models.aesthetic import AestheticMLP
-  from hps_jax.models.clip import CLIP, CLIPConfig
-  from hps_jax.models.inception import FIDInception
-
-  configs = Path(__file__).resolve().parents[1] / "configs"
   rcs = []
 
   say(
@@ -206,12 +204,12 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
       (reg / f"{i:03d}.png").write_bytes(rec["images"][rec["chosen"]])
       f.write(json.dumps({"file_name": f"{i:03d}.png", "caption": rec["prompt"]}) + "\n")
   manifest = out / "labelled" / "manifest.jsonl"
-  say(f"      hps-jax label --scorer {scorer_ckpt} --images {gen} --regularization {reg} --out {manifest}")
+  say(f"      hps-jax label --checkpoint {scorer_ckpt} --images {gen} --regularization {reg} --out {manifest}")
   rcs.append(
     cli_main(
       [
         "label",
-        "--scorer",
+        "--checkpoint",
         str(scorer_ckpt),
         "--images",
         str(gen),
@@ -225,15 +223,13 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
 
   say("\n[7/9] LoRA on the tiny random SD's attention projections, trained on the labelled manifest:")
   lora_wd = out / "lora"
-  say(
-    f"      hps-jax train-lora --config configs/lora_sd14.py:tiny --workdir {lora_wd} --config.data.manifest={manifest}"
-  )
+  say(f"      hps-jax train-lora --config lora_sd14:tiny --workdir {lora_wd} --config.data.manifest={manifest}")
   rcs.append(
     cli_main(
       [
         "train-lora",
         "--config",
-        f"{configs / 'lora_sd14.py'}:tiny",
+        "lora_sd14:tiny",
         "--workdir",
         str(lora_wd),
         f"--config.data.manifest={manifest}",
@@ -300,13 +296,13 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
         str(adapter),
         "--prompts",
         str(prompts),
-        "--reference-stats",
+        "--reference",
         str(stats),
         "--clip-checkpoint",
         str(clip),
         "--aesthetic-mlp",
         str(head),
-        "--hps-checkpoint",
+        "--checkpoint",
         str(scorer_ckpt),
         "--inception-weights",
         str(inception),
@@ -338,6 +334,11 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
       ("metrics (markdown)", table.with_suffix(".md")),
     ),
   }
+
+
+def main(argv=None) -> int:
+  """`python -m hps_jax.cli.demo [--outdir DIR]`, the same as `hps-jax demo`."""
+  return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""LoRA adaptation of Stable Diffusion v1.4 on HPS-labelled images: `--config configs/lora_sd14.py:{tiny,paper}`.
+"""LoRA adaptation of Stable Diffusion v1.4 on HPS-labelled images: `--config lora_sd14:{tiny,paper}` (or the
+file's path, configs/lora_sd14.py:tiny).
 
   tiny   offline: a tiny random-init SD (written to WORKDIR/base_model) trained on a synthetic labelled set; rank 4,
          32x32 images, 200 steps; a couple of minutes on 2 CPU cores.
@@ -12,8 +13,10 @@ Override anything with --config.key=value, e.g. --config.lora.rank=4 --config.da
 
 import ml_collections
 
+from hps_jax.configs import common
 from hps_jax.lora import DEFAULT_TARGETS
-from hps_jax.parallel import DEFAULT_RULES
+
+PRESETS = ("tiny", "paper")
 
 
 def base():
@@ -48,27 +51,9 @@ def base():
   c.batch_size = 40
   c.num_steps = 10_000
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-5
-  c.optim.weight_decay = 1e-2
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.schedule = "constant"
-  c.optim.warmup_steps = 0
-  c.optim.grad_clip = 1.0
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.sharding_rules = [(k, list(v) if isinstance(v, tuple) else v) for k, v in DEFAULT_RULES]
-
-  c.log_every = 50
-  c.eval_every = 0
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
-  c.progress = True
+  c.optim = common.optimizer(1e-5, 1e-2, "constant", grad_clip=1.0)
+  common.mesh_and_rules(c)
+  common.cadence(c, log_every=50, checkpoint_every=1000)
   return c
 
 
@@ -89,4 +74,4 @@ def get_config(arg: str = "tiny"):
     c.log_every = 10
     c.checkpoint_every = 50
     return c
-  raise ValueError(f"unknown preset {arg!r}: tiny or paper")
+  raise ValueError(f"unknown preset {arg!r}; choose from {', '.join(PRESETS)}")

@@ -1,13 +1,9 @@
-"""TFDS builders for the human preference datasets, stored as ArrayRecord with images as encoded bytes.
+"""What the preference builders share: the record schema, record validation, bad-record reports, the builder base
+class, and the entry points `prepare` and `data_source`.
 
-Four builders read a local copy of a dataset (`manual_dir`; nothing is downloaded) and write ArrayRecord files that
-`builder.as_data_source(split)` reads back with random access and without TensorFlow:
-
-* ``hpd_v1``: the Human Preference Dataset of HPS v1 (Wu et al., ICCV 2023).
-* ``hpd_v2``: HPDv2, the dataset of HPS v2 (Wu et al., 2023).
-* ``pickapic``: Pick-a-Pic v1 / v2 (Kirstain et al., NeurIPS 2023) parquet files; configs ``pickapic/default``
-  (ties excluded) and ``pickapic/with_ties``.
-* ``preference_jsonl``: our generic format, ``{split}.jsonl`` files next to the images (see `PreferenceJsonl`).
+Each builder (one module per dataset in this package) reads a local copy of a dataset (`manual_dir`; nothing is
+downloaded) and writes ArrayRecord files that `builder.as_data_source(split)` reads back with random access and
+without TensorFlow.
 
 Every record follows the shared schema of `hps_jax.data.pipeline`:
 ``{"id": str, "prompt": str, "images": [encoded bytes], "ranks": int32 array (lower = better, ties allowed),
@@ -33,7 +29,8 @@ false or no labels), ``not_different`` (``are_different`` false) and ``tie`` (0.
 `bad_record_report` reads it back. A split in which no record survives is an error.
 
 Records keep the order of the source files (``disable_shuffling``), so index i of a data source is the i-th valid
-record. Entry points: `prepare` (build once, reuse after) and `data_source` (the records of one split).
+record. Entry points: `prepare` (build once, reuse after) and `data_source` (the records of one split); both find
+a builder by name in `BUILDERS`, which the dataset modules fill (`_register`) when the package is imported.
 """
 
 from __future__ import annotations
@@ -44,7 +41,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import os
 import re
 from collections import Counter
@@ -60,15 +56,15 @@ __all__ = [
   "BUILDERS",
   "BAD_KINDS",
   "SKIP_KINDS",
-  "HpdV1",
-  "HpdV2",
-  "Pickapic",
-  "PickapicConfig",
-  "PreferenceJsonl",
+  "MAX_EXAMPLES",
+  "REPORT_NAME",
+  "BadRecord",
+  "BadRecordLog",
   "PreferenceSource",
   "bad_record_report",
   "data_source",
   "prepare",
+  "to_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,7 +76,6 @@ REPORT_NAME = "bad_records_{split}.json"
 
 _CHUNK = 32  # records validated together (image decoding runs on a thread pool, in order)
 _THREADS = max(1, min(8, os.cpu_count() or 1))
-_PARQUET_BATCH = 32  # parquet rows read at a time (Pick-a-Pic rows hold two full-size JPEGs)
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -377,334 +372,14 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
       logger.info("%s split %r: %s", name, log.split, log.summary())
 
 
-class HpdV1(_PreferenceBuilder):
-  """Human Preference Dataset (HPD), the dataset of HPS v1 (Wu et al., "Human Preference Score: Better Aligning
-  Text-to-Image Models with Human Preference", ICCV 2023).
-
-  Upstream layout of manual_dir::
-
-      preference_train.json   JSON list of {"human_preference": int (index of the chosen image in file_path),
-      preference_test.json      "prompt": str, "id": str | int, "file_path": [paths], "user_hash": str,
-                                "contain_name": bool}
-      preference_images/      the images
-
-  Each `file_path` entry is resolved as manual_dir/path, then manual_dir/preference_images/path (entries may or
-  may not start with ``preference_images/``). ranks: 0 for the chosen image, 1 for the others. Splits: train, test.
-  """
-
-  name = "hpd_v1"
-  VERSION = tfds.core.Version("1.0.0")
-  HOMEPAGE = "https://github.com/tgxs002/align_sd"
-  CITATION = """@inproceedings{wu2023hps,
-  title={Human Preference Score: Better Aligning Text-to-Image Models with Human Preference},
-  author={Wu, Xiaoshi and Sun, Keqiang and Zhu, Feng and Zhao, Rui and Li, Hongsheng},
-  booktitle={ICCV}, year={2023}}"""
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """Download the Human Preference Dataset of HPS v1 (see
-  https://github.com/tgxs002/align_sd) and extract it into manual_dir so that it holds preference_train.json,
-  preference_test.json and the preference_images/ folder."""
-  FILES = {"train": "preference_train.json", "test": "preference_test.json"}
-
-  def split_sources(self, manual_dir) -> dict[str, Path]:
-    manual_dir = Path(manual_dir)
-    missing = [f for f in self.FILES.values() if not (manual_dir / f).is_file()]
-    if missing:
-      raise _missing_error(
-        self.name, manual_dir, missing, "preference_train.json, preference_test.json and preference_images/"
-      )
-    return {split: manual_dir / f for split, f in self.FILES.items()}
-
-  def _records(self, split: str, source: Path):
-    root = source.parent
-    for i, rec in enumerate(_load_json_list(source)):
-      rid = default_id = f"{split}-{i}"
-      try:
-        if not isinstance(rec, dict):
-          raise BadRecord("bad_json", "not a JSON object")
-        rid = _record_id(rec, default_id)
-        paths = _path_list(rec, "file_path")
-        yield (
-          i,
-          _Candidate(
-            id=rid,
-            prompt=_prompt(rec, "prompt"),
-            images=[(root / p, root / "preference_images" / p) for p in paths],
-            chosen=_chosen_from_preference(_require(rec, "human_preference"), len(paths)),
-            where=f"{source.name}[{i}]",
-          ),
-        )
-      except BadRecord as e:
-        yield i, _located(e, f"{source.name}[{i}]", rid)
+BUILDERS: dict[str, type[_PreferenceBuilder]] = {}  # TFDS name -> builder class, filled by `_register`
 
 
-class HpdV2(_PreferenceBuilder):
-  """HPDv2, the dataset of HPS v2 (Wu et al., "Human Preference Score v2: A Solid Benchmark for Evaluating Human
-  Preferences of Text-to-Image Synthesis", 2023).
-
-  Upstream layout of manual_dir::
-
-      train.json   JSON list of {"human_preference": [0/1 per image, 1 = chosen], "prompt": str,
-                   "file_path": [paths relative to train/], ...}
-      train/       the training images
-      test.json    JSON list of {"prompt": str, "image_path": [paths relative to test/],
-                   "rank": [int per image, lower = better], "raw_annotations": [...], ...}
-      test/        the test images
-
-  train: chosen = the image marked 1 (exactly one must be; an integer index is accepted too), ranks 0 for it and
-  1 for the others. test: ranks = rank, chosen = argmin(rank) (the first on a tie). Paths are tried relative to the
-  split folder, then to manual_dir. ids: the record's "id" when present, else "<split>-<index in the list>".
-  """
-
-  name = "hpd_v2"
-  VERSION = tfds.core.Version("1.0.0")
-  HOMEPAGE = "https://github.com/tgxs002/HPSv2"
-  CITATION = """@article{wu2023hpsv2,
-  title={Human Preference Score v2: A Solid Benchmark for Evaluating Human Preferences of Text-to-Image Synthesis},
-  author={Wu, Xiaoshi and Hao, Yiming and Sun, Keqiang and Chen, Yixiong and Zhu, Feng and Zhao, Rui and
-  Li, Hongsheng}, journal={arXiv preprint arXiv:2306.09341}, year={2023}}"""
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """Download HPDv2 (see https://github.com/tgxs002/HPSv2, the "HPDv2" dataset
-  on Hugging Face) and extract it into manual_dir so that it holds train.json, test.json and the train/ and
-  test/ image folders."""
-
-  def split_sources(self, manual_dir) -> dict[str, Path]:
-    manual_dir = Path(manual_dir)
-    expected = ["train.json", "test.json", "train/", "test/"]
-    missing = [
-      e for e in expected if not ((manual_dir / e).is_dir() if e.endswith("/") else (manual_dir / e).is_file())
-    ]
-    if missing:
-      raise _missing_error(self.name, manual_dir, missing, "train.json, test.json, train/ and test/")
-    return {"train": manual_dir / "train.json", "test": manual_dir / "test.json"}
-
-  def _records(self, split: str, source: Path):
-    root, folder = source.parent, source.parent / source.stem
-    for i, rec in enumerate(_load_json_list(source)):
-      rid = default_id = f"{split}-{i}"
-      try:
-        if not isinstance(rec, dict):
-          raise BadRecord("bad_json", "not a JSON object")
-        rid = _record_id(rec, default_id)
-        if "rank" in rec or "image_path" in rec:  # the test layout
-          paths = _path_list(rec, "image_path")
-          ranks = _int_list(rec, "rank", len(paths))
-          chosen = int(np.argmin(ranks)) if ranks else 0
-        else:
-          paths = _path_list(rec, "file_path")
-          ranks, chosen = None, _chosen_from_preference(_require(rec, "human_preference"), len(paths))
-        yield (
-          i,
-          _Candidate(
-            id=rid,
-            prompt=_prompt(rec, "prompt"),
-            images=[(folder / p, root / p) for p in paths],
-            chosen=chosen,
-            ranks=ranks,
-            where=f"{source.name}[{i}]",
-          ),
-        )
-      except BadRecord as e:
-        yield i, _located(e, f"{source.name}[{i}]", rid)
-
-
-@dataclasses.dataclass(eq=False)
-class PickapicConfig(tfds.core.BuilderConfig):
-  """include_ties: keep 0.5 / 0.5 rows as ties (ranks [0, 0], chosen 0) instead of skipping them."""
-
-  include_ties: bool = False
-
-
-class Pickapic(_PreferenceBuilder):
-  """Pick-a-Pic (Kirstain et al., "Pick-a-Pic: An Open Dataset of User Preferences for Text-to-Image Generation",
-  NeurIPS 2023), v1 or v2, from its parquet files.
-
-  Layout of manual_dir (a snapshot of the Hugging Face dataset repository, e.g. yuvalkirstain/pickapic_v2)::
-
-      data/train-00000-of-00645-<hash>.parquet
-      data/validation-00000-of-00001-<hash>.parquet
-      data/validation_unique-00000-of-00001-<hash>.parquet
-      data/test-...parquet, data/test_unique-...parquet
-
-  Convention: the parquet files are those in manual_dir/data/ if it holds any, else those directly in manual_dir;
-  a file's split is its name up to the first "-" (``train-00000-of-00645.parquet`` and ``train.parquet`` are
-  both train; ``validation_unique-*`` is the split validation_unique, not validation). Every split found is built;
-  rows keep the order of the sorted file names, then the file's row order.
-
-  Columns read: caption, jpg_0, jpg_1 (image bytes), label_0, label_1 (1/0, 0/1, or 0.5/0.5 for a tie), and when
-  present has_label, are_different and ranking_id (the record id; else "<split>-<row index in the split>").
-  Rows with has_label false (or no labels) are skipped as ``unlabeled``, with are_different false as
-  ``not_different``, and ties as ``tie`` unless the config is ``with_ties``; other label values are ``bad_label``.
-  Rows are read in batches (pyarrow), never a whole file at once.
-  """
-
-  name = "pickapic"
-  VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [
-    PickapicConfig(name="default", include_ties=False, description="ties (0.5 / 0.5) are skipped"),
-    PickapicConfig(name="with_ties", include_ties=True, description="ties are kept with ranks [0, 0] and chosen 0"),
-  ]
-  DEFAULT_BUILDER_CONFIG_NAME = "default"
-  HOMEPAGE = "https://huggingface.co/datasets/yuvalkirstain/pickapic_v2"
-  CITATION = """@inproceedings{kirstain2023pickapic,
-  title={Pick-a-Pic: An Open Dataset of User Preferences for Text-to-Image Generation},
-  author={Kirstain, Yuval and Polyak, Adam and Singer, Uriel and Matiana, Shahbuland and Penna, Joe and
-  Levy, Omer}, booktitle={NeurIPS}, year={2023}}"""
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """Download the Pick-a-Pic parquet files (e.g. `huggingface-cli download
-  yuvalkirstain/pickapic_v2 --repo-type dataset --local-dir MANUAL_DIR`): manual_dir/data/ (or manual_dir itself)
-  must hold files named <split>-*.parquet or <split>.parquet."""
-  REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
-  OPTIONAL_COLUMNS = ("has_label", "are_different", "ranking_id")
-
-  def split_sources(self, manual_dir) -> dict[str, list[Path]]:
-    import pyarrow.parquet as pq
-
-    manual_dir = Path(manual_dir)
-    folder = manual_dir / "data"
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
-      files = sorted(manual_dir.glob("*.parquet")) if manual_dir.is_dir() else []
-    if not files:
-      raise _missing_error(
-        self.name,
-        manual_dir,
-        ["parquet files"],
-        "<split>-*.parquet or <split>.parquet files in manual_dir/data/ or manual_dir",
-      )
-    splits: dict[str, list[Path]] = {}
-    for f in files:
-      split = f.name[: -len(".parquet")].split("-", 1)[0]
-      if not _SPLIT_NAME.match(split):
-        raise ValueError(
-          f"{self.name}: cannot tell the split of {f}: the name must start with <split>- (letters, digits, underscores)"
-        )
-      columns = set(pq.read_schema(f).names)
-      missing = [c for c in self.REQUIRED_COLUMNS if c not in columns]
-      if missing:
-        raise ValueError(f"{self.name}: {f} lacks the columns {missing}; expected {list(self.REQUIRED_COLUMNS)}")
-      splits.setdefault(split, []).append(f)
-    return splits
-
-  def _records(self, split: str, source: list[Path]):
-    import pyarrow.parquet as pq
-
-    include_ties = bool(getattr(self.builder_config, "include_ties", False))
-    row = 0
-    for path in source:
-      first = row
-      pf = pq.ParquetFile(path)
-      columns = [c for c in self.REQUIRED_COLUMNS + self.OPTIONAL_COLUMNS if c in pf.schema_arrow.names]
-      for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
-        for rec in batch.to_pylist():
-          item = self._row(rec, f"{split}-{row}", include_ties)
-          where = f"{path.name} row {row - first}"
-          if isinstance(item, BadRecord):
-            item = _located(item, where, item.record_id)
-          else:
-            item.where = where
-          yield row, item
-          row += 1
-
-  @staticmethod
-  def _row(rec: dict, default_id: str, include_ties: bool) -> _Candidate | BadRecord:
-    rid = default_id if rec.get("ranking_id") is None else str(rec["ranking_id"])
-    labels = (rec["label_0"], rec["label_1"])
-    if rec.get("has_label") is False or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in labels):
-      return BadRecord("unlabeled", "has_label is false or a label is missing", rid)
-    if rec.get("are_different") is False:
-      return BadRecord("not_different", "are_different is false (the two images are the same)", rid)
-    caption = rec["caption"]
-    if not isinstance(caption, str) or not caption.strip():
-      return BadRecord("bad_label", f"caption must be a non-empty string, got {caption!r:.80}", rid)
-    try:
-      l0, l1 = float(labels[0]), float(labels[1])
-    except (TypeError, ValueError):
-      return BadRecord("bad_label", f"labels {labels!r} are not numbers", rid)
-    close = lambda a, b: abs(a - b) < 1e-6  # noqa: E731
-    if close(l0, 0.5) and close(l1, 0.5):
-      if not include_ties:
-        return BadRecord("tie", "label_0 = label_1 = 0.5", rid)
-      chosen, ranks = 0, [0, 0]
-    elif close(l0, 1.0) and close(l1, 0.0):
-      chosen, ranks = 0, [0, 1]
-    elif close(l0, 0.0) and close(l1, 1.0):
-      chosen, ranks = 1, [1, 0]
-    else:
-      return BadRecord("bad_label", f"labels ({l0}, {l1}) are none of (1, 0), (0, 1), (0.5, 0.5)", rid)
-    return _Candidate(id=rid, prompt=caption, images=[rec["jpg_0"], rec["jpg_1"]], chosen=chosen, ranks=ranks)
-
-
-class PreferenceJsonl(_PreferenceBuilder):
-  """Generic preference data in JSONL (our format; `hps_jax.data.synthetic.write_jsonl` writes it).
-
-  Layout of manual_dir: one ``<split>.jsonl`` per split (split names: letters, digits, underscores), one record
-  per line::
-
-      {"prompt": str, "images": [paths, relative to the .jsonl file's folder or absolute], "chosen": int,
-       "ranks": [int per image, lower = better] (optional; default 0 for chosen, 1 for the others),
-       "id": str | int (optional; default "<split>-<line number>")}
-
-  Blank lines are ignored; a line that is not a JSON object is a ``bad_json`` record reported with its line
-  number (1-based). When ranks are given, the chosen image must have the lowest rank.
-  """
-
-  name = "preference_jsonl"
-  VERSION = tfds.core.Version("1.0.0")
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """Put one <split>.jsonl file per split in manual_dir, each line
-  {"prompt": ..., "images": [paths relative to the file or absolute], "chosen": index, "ranks": [...] (optional),
-  "id": ... (optional)}."""
-
-  def split_sources(self, manual_dir) -> dict[str, Path]:
-    manual_dir = Path(manual_dir)
-    files = sorted(manual_dir.glob("*.jsonl")) if manual_dir.is_dir() else []
-    splits = {}
-    for f in files:
-      if _SPLIT_NAME.match(f.stem):
-        splits[f.stem] = f
-      else:
-        logger.warning("%s: ignoring %s: a split name has only letters, digits and underscores", self.name, f)
-    if not splits:
-      raise _missing_error(self.name, manual_dir, ["<split>.jsonl files"], "e.g. train.jsonl and test.jsonl")
-    return splits
-
-  def _records(self, split: str, source: Path):
-    root = source.parent
-    with open(source, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        rid = default_id = f"{split}-{line_no}"
-        try:
-          try:
-            rec = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise BadRecord("bad_json", f"invalid JSON ({e.msg} at column {e.colno})") from None
-          if not isinstance(rec, dict):
-            raise BadRecord("bad_json", "not a JSON object")
-          rid = _record_id(rec, default_id)
-          paths = _path_list(rec, "images")
-          chosen = _require(rec, "chosen")
-          if not _is_int(chosen):
-            raise BadRecord("bad_label", f"'chosen' must be an integer, got {chosen!r:.80}")
-          ranks = _int_list(rec, "ranks", len(paths)) if rec.get("ranks") is not None else None
-          yield (
-            line_no,
-            _Candidate(
-              id=rid,
-              prompt=_prompt(rec, "prompt"),
-              images=[(root / p,) for p in paths],
-              chosen=int(chosen),
-              ranks=ranks,
-              where=f"{source.name}:{line_no}",
-            ),
-          )
-        except BadRecord as e:
-          yield line_no, _located(e, f"{source.name}:{line_no}", rid)
-
-
-BUILDERS: dict[str, type[_PreferenceBuilder]] = {
-  "hpd_v1": HpdV1,
-  "hpd_v2": HpdV2,
-  "pickapic": Pickapic,
-  "preference_jsonl": PreferenceJsonl,
-}
+def _register(cls: type[_PreferenceBuilder]) -> type[_PreferenceBuilder]:
+  """Class decorator of the dataset modules' builders: `prepare` / `data_source` find a builder by its TFDS name
+  in BUILDERS (TFDS itself registers every concrete builder when its class is defined)."""
+  BUILDERS[cls.name] = cls
+  return cls
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Preference-classifier training (the HPS model): `--config configs/hps_classifier.py:{tiny,paper}`.
+"""Preference-classifier training (the HPS model): `--config hps_classifier:{tiny,paper}` (or the
+file's path, configs/hps_classifier.py:tiny).
 
   tiny   offline: a tiny random-init CLIP on the synthetic preference set; a few minutes on 2 CPU cores.
   paper  the paper's recipe: CLIP ViT-L/14 (OpenAI weights, QuickGELU) from --config.model.checkpoint, last 10
@@ -9,6 +10,8 @@ Override anything with --config.key=value, e.g. --config.optim.lr=3e-5 --config.
 """
 
 import ml_collections
+
+from hps_jax.configs import common
 
 # Trainable sets, as regexes on parameter paths (see hps_jax/models/clip.py for the path names).
 # Paper: the last 10 of 24 vision blocks and the last 6 of 12 text blocks. We also train what sits after those
@@ -24,6 +27,8 @@ PAPER_TRAINABLE = [
   r"text/ln_final/.*",
   r"text/proj",
 ]
+
+PRESETS = ("tiny", "paper")
 
 
 def base():
@@ -65,35 +70,9 @@ def base():
   c.num_epochs = 1
   c.num_steps = -1  # -1: num_epochs over the train split
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1.7e-5
-  c.optim.weight_decay = 3.1e-3
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.schedule = "cosine"  # cosine | constant
-  c.optim.warmup_steps = 0
-  c.optim.end_lr = 0.0
-  c.optim.grad_clip = 0.0  # 0 = off
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.sharding_rules = [
-    ("batch", ["data", "fsdp"]),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("proj", None),
-  ]
-
-  c.log_every = 10
-  c.eval_every = 0  # 0 = only at the end
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 3
-  c.progress = True
+  c.optim = common.optimizer(1.7e-5, 3.1e-3, "cosine")
+  common.mesh_and_rules(c)
+  common.cadence(c, log_every=10, checkpoint_every=500)
   return c
 
 
@@ -125,4 +104,4 @@ def get_config(arg: str = "tiny"):
     c.eval_every = 50
     c.checkpoint_every = 50
     return c
-  raise ValueError(f"unknown preset {arg!r}: tiny or paper")
+  raise ValueError(f"unknown preset {arg!r}; choose from {', '.join(PRESETS)}")

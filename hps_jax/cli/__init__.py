@@ -1,0 +1,101 @@
+"""`hps-jax` command line: one entry point, one subcommand per job.
+
+The table below names every subcommand, the module that implements it and its one-line help. Only the chosen
+subcommand's module is imported (so `hps-jax --help` and `hps-jax score --help` stay fast, and a command never pays
+for another's dependencies). Each module registers its parser through `add_<name>(sub)`; `run` is set as its
+default. The error contract is in `hps_jax.cli.common`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+from hps_jax import __version__
+from hps_jax.cli.common import EXIT_USAGE, HelpFormatter, UsageError
+from hps_jax.convert.io import CheckpointError
+
+# name -> (module, one-line help); the order is the order of `hps-jax --help`
+COMMANDS: dict[str, tuple[str, str]] = {
+  "score": ("hps_jax.cli.score", "HPS of images against prompts (JSONL out)"),
+  "aesthetic": ("hps_jax.cli.score", "LAION aesthetic score of images (JSONL out)"),
+  "train-preference": ("hps_jax.cli.preference", "train the preference classifier (HPS) from a config"),
+  "eval-preference": ("hps_jax.cli.preference", "preference accuracy of a scorer on a dataset (the paper's Table 2)"),
+  "fid": ("hps_jax.cli.metrics", "Frechet Inception Distance between two image sets (or a set and saved stats)"),
+  "metrics": ("hps_jax.cli.metrics", "generator metrics of an image set: fid, is, kid, clip, aesthetic, hps"),
+  "sample": ("hps_jax.cli.sample", "Stable Diffusion v1.x text-to-image (CFG with a negative prompt)"),
+  "label": ("hps_jax.cli.adapt", "HPS-label generated images (DiffusionDB) for the LoRA adaptation"),
+  "train-lora": ("hps_jax.cli.adapt", "LoRA-adapt Stable Diffusion on an HPS-labelled manifest"),
+  "eval-generator": ("hps_jax.cli.adapt", "Table 4: FID, aesthetic, CLIP score, HPS of base vs LoRA-adapted SD"),
+  "demo": ("hps_jax.cli.demo", "the whole paper pipeline offline on tiny random models (what `make demo` runs)"),
+}
+
+
+def _adder(name: str):
+  module = importlib.import_module(COMMANDS[name][0])
+  return getattr(module, "add_" + name.replace("-", "_"))
+
+
+def build_parser(command: str | None = None, *, full: bool = False) -> argparse.ArgumentParser:
+  """The parser; only `command`'s module is imported, the other subcommands are listed by name and help
+  (full=True: every subcommand's parser is built, e.g. to inspect all of them)."""
+  parser = argparse.ArgumentParser(
+    prog="hps-jax",
+    description="Human Preference Score (HPS) in JAX: score images, train and evaluate preference models, measure "
+    "and adapt generators. `hps-jax COMMAND --help` shows a command's options and their defaults.",
+    formatter_class=HelpFormatter,
+  )
+  parser.add_argument("--version", action="version", version=f"hps-jax {__version__}")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+  for name, (_, help) in COMMANDS.items():
+    if full or name == command:
+      _adder(name)(sub)
+    else:
+      sub.add_parser(name, help=help)  # listed in --help; its options are only built when it is chosen
+  return parser
+
+
+def _chosen(argv: list[str]) -> str | None:
+  """The subcommand in argv: the first argument that is not an option."""
+  for arg in argv:
+    if not arg.startswith("-"):
+      return arg if arg in COMMANDS else None
+  return None
+
+
+def _join_distributed_run():
+  """`hps_jax.parallel.initialize()` when the environment may describe a multi-process run (HPS_COORDINATOR /
+  HPS_NUM_PROCESSES / HPS_PROCESS_ID / HPS_DISTRIBUTED, a Slurm job, libtpu installed); otherwise JAX is not even
+  imported here, so a single-process command starts as fast as it can."""
+  keys = ("HPS_COORDINATOR", "HPS_NUM_PROCESSES", "HPS_PROCESS_ID", "HPS_DISTRIBUTED", "SLURM_JOB_ID")
+  if not (any(k in os.environ for k in keys) or importlib.util.find_spec("libtpu") is not None):
+    return
+  from hps_jax import parallel  # imports JAX: only for a run that may span processes
+
+  try:
+    parallel.initialize()
+  except ValueError as e:
+    raise UsageError(f"cannot join the multi-process run: {e}") from e
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser(_chosen(argv))
+  if not argv:
+    parser.print_help()
+    return EXIT_USAGE
+  args, extra = parser.parse_known_args(argv)
+  if args.command is None:
+    parser.error("choose a COMMAND")
+  if extra and not getattr(args, "accepts_config_overrides", False):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.overrides = extra
+  try:
+    _join_distributed_run()
+    return args.run(args)
+  except (UsageError, CheckpointError, FileNotFoundError) as e:
+    print(f"hps-jax {args.command}: error: {e}", file=sys.stderr)
+    return EXIT_USAGE

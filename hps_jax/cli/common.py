@@ -1,0 +1,206 @@
+"""What every `hps-jax` subcommand shares: the error contract (UsageError, exit codes), the help formatter, progress
+bars, the skip report, row writers, prompt and pair readers, argument groups used by several commands, config
+loading and the one training-command wiring (`run_training`).
+
+Exit codes: 0 all done; 1 the run finished but some inputs were skipped (each named in the summary); 2 bad usage,
+or an unreadable input file / checkpoint / config (one line, no traceback); 3 training stopped on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+from hps_jax import configs
+from hps_jax.data.pairs import read_image_rows
+from hps_jax.data.skips import Skips
+
+EXIT_OK = 0
+EXIT_SKIPPED = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+
+CHECKPOINT_FORMATS = ["auto", "hf", "openai", "open_clip"]
+
+
+class UsageError(Exception):
+  """An error in what the user asked for; printed as one line, exit 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows every option's default (when it has one) after its help text, and keeps the description's line breaks
+  out of the way of the wrapped option list."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+      return text
+    return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def add_parser(sub, name: str, **kw) -> argparse.ArgumentParser:
+  """A subcommand parser with the shared formatter."""
+  return sub.add_parser(name, formatter_class=HelpFormatter, **kw)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reporting and output
+# ------------------------------------------------------------------------------------------------------------
+def report_skips(skips: Skips, done: int, noun: str = "images", stream=None) -> int:
+  """The end-of-run summary: how many were processed, every skipped input with its reason; -> exit code."""
+  stream = stream or sys.stderr  # looked up at call time (redirections after import are honoured)
+  print(f"done: {done} {noun} processed, {len(skips.items)} skipped", file=stream)
+  for what, why in skips.items:
+    print(f"  skipped {what}: {why}", file=stream)
+  return EXIT_SKIPPED if skips.items else EXIT_OK
+
+
+def progress(total: int | None, desc: str, unit: str = "img"):
+  return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+
+def say_wrote(path, what: str) -> None:
+  """The one line every command prints for an output file it wrote."""
+  print(f"wrote {what} to {path}", file=sys.stderr)
+
+
+def open_output(path: str | None):
+  if path is None or path == "-":
+    return sys.stdout
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  return open(path, "w", encoding="utf-8")
+
+
+def write_json(path, obj) -> None:
+  """JSON written atomically (a temporary file renamed over the target)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def write_rows(rows, total: int, output: str | None, desc: str, skips: Skips) -> int:
+  """Writes result rows as JSONL with a progress bar; rows with an 'error' go to the skip report instead."""
+  done = 0
+  out = open_output(output)
+  try:
+    with progress(total, desc) as bar:
+      for row in rows:
+        bar.update(1)
+        if "error" in row:
+          skips.add(row["image"], row["error"])
+          continue
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out.flush()
+        done += 1
+  finally:
+    if out is not sys.stdout:
+      out.close()
+  if out is not sys.stdout:
+    say_wrote(output, f"{done} rows")
+  return report_skips(skips, done)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------------------
+def read_pairs(path: str, skips: Skips) -> Iterator[tuple[str, str]]:
+  """A JSONL of {"image": PATH, "prompt": TEXT} rows; relative image paths are relative to the file."""
+  try:
+    yield from read_image_rows(path, skips.add, require_prompt=True)
+  except ValueError as e:
+    raise UsageError(f"cannot read pairs file {path}: {e.__cause__ or e}") from e
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+  """One --prompt, or the non-empty lines of a --prompts file."""
+  if not prompts_file:
+    return [prompt]
+  try:
+    lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise UsageError(f"cannot read {prompts_file}: {e}") from e
+  return [line.strip() for line in lines if line.strip()]
+
+
+def positive(args, *names: str) -> None:
+  """Every named integer option must be >= 1."""
+  bad = [n for n in names if getattr(args, n) < 1]
+  if bad:
+    raise UsageError(", ".join("--" + n.replace("_", "-") for n in bad) + " must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# argument groups shared by several commands (one name for one thing)
+# ------------------------------------------------------------------------------------------------------------
+def add_checkpoint_args(p, *, required: bool = True, help: str | None = None, aliases: tuple = ()) -> None:
+  """--checkpoint (the HPS / CLIP model), its --format, --activation and --tokenizer."""
+  p.add_argument(
+    "--checkpoint",
+    *aliases,
+    dest="checkpoint",
+    required=required,
+    metavar="CKPT",
+    help=help or "HPS / CLIP checkpoint: HF CLIPModel dir, hpc.pt (HPS v1), HPS_v2*.pt, or safetensors",
+  )
+  p.add_argument("--format", default="auto", choices=CHECKPOINT_FORMATS, help="checkpoint layout (auto: detected)")
+  p.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the inferred MLP activation")
+  p.add_argument("--tokenizer", help="CLIP BPE file (bpe_simple_vocab_16e6.txt.gz) or HF tokenizer dir")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# configs and training
+# ------------------------------------------------------------------------------------------------------------
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()):
+  """An ml_collections config from 'name[:preset]' (a packaged config) or 'path.py[:preset]', with --config.KEY=VALUE
+  overrides; any mistake is a UsageError naming it."""
+  try:
+    return configs.load_config(spec, overrides)
+  except configs.ConfigError as e:
+    raise UsageError(str(e)) from e
+
+
+def add_training_args(p, *, config_example: str, dry_run_help: str) -> None:
+  p.add_argument(
+    "--config", required=True, help=f"a packaged config and preset ({config_example}) or a config file's PATH:preset"
+  )
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/, export/ go here")
+  p.add_argument("--dry-run", action="store_true", help=dry_run_help)
+  p.set_defaults(accepts_config_overrides=True)
+
+
+def run_training(args, run: Callable, describe: Callable) -> int:
+  """The one wiring of the training commands: config (+ overrides) -> --dry-run description, or run(config,
+  workdir) with resume from WORKDIR's last checkpoint (the loop's process 0 writes WORKDIR/config.json); the summary (status,
+  step, parameter counts, eval, export) is printed as one JSON line. Exit 0 done, 3 stopped on a non-finite loss."""
+  config = load_config(args.config, args.overrides)
+  workdir = Path(args.workdir)
+  if args.dry_run:
+    try:
+      print(describe(config, workdir))
+    except (ValueError, FileNotFoundError) as e:
+      raise UsageError(str(e)) from e
+    print(config)
+    return EXIT_OK
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    result = run(config, workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise UsageError(str(e)) from e
+  summary = {
+    "status": result.status,
+    "step": result.step,
+    "trainable_params": result.trainable_params,
+    "frozen_params": result.frozen_params,
+    "eval": result.eval,
+    "export": result.export_path,
+  }
+  print(json.dumps(summary))
+  return EXIT_OK if result.status == "done" else EXIT_FAILED

@@ -1,0 +1,166 @@
+"""`hps-jax fid` (Frechet Inception Distance, statistics files) and `hps-jax metrics` (FID / IS / KID / CLIP score /
+aesthetic / HPS of one image set); the Inception options shared with `eval-generator`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from hps_jax.cli.common import (
+  Skips,
+  UsageError,
+  add_parser,
+  open_output,
+  positive,
+  report_skips,
+  say_wrote,
+)
+from hps_jax.convert.inception import load_inception
+from hps_jax.metrics import compute
+from hps_jax.metrics.fid import frechet_distance
+
+METRICS = ("fid", "is", "kid", "clip", "aesthetic", "hps")
+
+
+def add_inception_args(p, *, batch_size: int = 50) -> None:
+  p.add_argument(
+    "--inception-weights",
+    help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity); "
+    "default $HPS_JAX_INCEPTION_WEIGHTS or the torch hub cache",
+  )
+  p.add_argument(
+    "--resize",
+    default="tf1",
+    choices=["tf1", "torch"],
+    help="tf1: the original TF FID / torch-fidelity resize; torch: pytorch-fid's F.interpolate",
+  )
+  p.add_argument("--batch-size", type=int, default=batch_size, help="images per Inception batch")
+
+
+def load_inception_arg(args):
+  """The FID Inception named by --inception-weights (or found in the default places)."""
+  positive(args, "batch_size")
+  return load_inception(args.inception_weights or compute.default_inception_weights())
+
+
+def add_fid(sub):
+  p = add_parser(
+    sub,
+    "fid",
+    help="Frechet Inception Distance between two image sets (or a set and saved stats)",
+    description="FID between PATH_A and PATH_B, each a directory of images, a JSONL of "
+    '{"image": PATH} rows, or (PATH_B only) a .npz of statistics (mu, sigma).',
+  )
+  p.add_argument("path_a", help="an image directory or a JSONL of {image} rows")
+  p.add_argument("path_b", nargs="?", help="second set or STATS.npz (omit with --save-stats to only save PATH_A's)")
+  add_inception_args(p)
+  p.add_argument("--save-stats", metavar="OUT.npz", help="also save PATH_A's statistics (pytorch-fid layout)")
+  p.set_defaults(run=run_fid)
+
+
+def run_fid(args) -> int:
+  if args.path_b is None and not args.save_stats:
+    raise UsageError("give PATH_B (a second image set or a stats .npz), or --save-stats OUT.npz")
+  model = load_inception_arg(args)
+  skips = Skips()
+  try:
+    a = compute.inception_pass(
+      model,
+      compute.list_images(args.path_a, skips),
+      skips,
+      resize=args.resize,
+      batch_size=args.batch_size,
+      desc="set A",
+    )
+    if a.count < 2:
+      raise UsageError(f"{args.path_a}: fewer than two readable images")
+    if args.save_stats:
+      a.stats.save(args.save_stats)
+      say_wrote(args.save_stats, f"the statistics of {a.count} images")
+    result = {"path_a": args.path_a, "num_a": a.count, "resize": args.resize}
+    if args.path_b is not None:
+      mu_b, sigma_b, b = compute.reference_stats(
+        args.path_b, model, skips, resize=args.resize, batch_size=args.batch_size
+      )
+      mu_a, sigma_a = a.stats.mu_sigma()
+      result.update(
+        {
+          "path_b": args.path_b,
+          "num_b": b.count if b is not None else None,
+          "fid": frechet_distance(mu_a, sigma_a, mu_b, sigma_b),
+        }
+      )
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  print(json.dumps(result))
+  return report_skips(skips, result["num_a"] + (result.get("num_b") or 0))
+
+
+def add_metrics(sub):
+  p = add_parser(
+    sub,
+    "metrics",
+    help="generator metrics of an image set: fid, is, kid, clip, aesthetic, hps",
+    description="Computes the chosen metrics of one image set. fid/kid need --reference; clip and "
+    'hps need prompts (a JSONL of {"image", "prompt"} rows).',
+  )
+  p.add_argument("--images", required=True, help="a directory of images or a JSONL of {image, prompt} rows")
+  p.add_argument("--metrics", default="fid,is", help=f"comma-separated subset of {','.join(METRICS)}")
+  p.add_argument("--reference", help="fid/kid reference: image directory / JSONL (or, for fid only, a stats .npz)")
+  add_inception_args(p)
+  p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
+  p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets")
+  p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset")
+  p.add_argument("--clip-checkpoint", help="CLIP for the clip and aesthetic metrics (ViT-L/14 for aesthetic)")
+  p.add_argument("--aesthetic-mlp", help="LAION aesthetic head (.pth)")
+  p.add_argument("--checkpoint", metavar="CKPT", help="HPS checkpoint for the hps metric")
+  p.add_argument("--output", help="JSON file (default: stdout)")
+  p.set_defaults(run=run_metrics)
+
+
+def run_metrics(args) -> int:
+  wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
+  bad = [m for m in wanted if m not in METRICS]
+  if bad or not wanted:
+    raise UsageError(f"unknown metrics {bad}; choose from {','.join(METRICS)}")
+  if {"fid", "kid"} & set(wanted) and not args.reference:
+    raise UsageError("fid and kid need --reference")
+  if "kid" in wanted and str(args.reference).endswith(".npz"):
+    raise UsageError("kid needs reference images (features), not saved statistics")
+  if {"clip", "aesthetic"} & set(wanted) and not args.clip_checkpoint:
+    raise UsageError("clip and aesthetic need --clip-checkpoint")
+  if "aesthetic" in wanted and not args.aesthetic_mlp:
+    raise UsageError("aesthetic needs --aesthetic-mlp")
+  if "hps" in wanted and not args.checkpoint:
+    raise UsageError("hps needs --checkpoint")
+  skips = Skips()
+  try:
+    items = compute.list_images(args.images, skips)
+    result = compute.generator_metrics(
+      items,
+      wanted,
+      skips,
+      reference=args.reference,
+      inception=load_inception_arg(args) if {"fid", "is", "kid"} & set(wanted) else None,
+      resize=args.resize,
+      batch_size=args.batch_size,
+      is_splits=args.is_splits,
+      kid_subsets=args.kid_subsets,
+      kid_subset_size=args.kid_subset_size,
+      clip_checkpoint=args.clip_checkpoint,
+      aesthetic_mlp=args.aesthetic_mlp,
+      hps_checkpoint=args.checkpoint,
+    )
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  result = {"images": args.images, **result}
+  result["skipped"] = len(skips.items)
+  out = open_output(args.output)
+  try:
+    out.write(json.dumps(result, indent=2) + "\n")
+  finally:
+    if out is not sys.stdout:
+      out.close()
+  if out is not sys.stdout:
+    say_wrote(args.output, "the metrics")
+  return report_skips(skips, result.get("num_images", len(items) - len(skips.items)))

@@ -1,0 +1,100 @@
+"""`hps-jax score` (HPS of images against prompts) and `hps-jax aesthetic` (the LAION aesthetic rating)."""
+
+from __future__ import annotations
+
+from hps_jax.cli.common import (
+  Skips,
+  UsageError,
+  add_checkpoint_args,
+  add_parser,
+  positive,
+  read_pairs,
+  write_rows,
+)
+from hps_jax.preference.scorer import AestheticScorer, Scorer
+
+
+def add_preprocess_arg(p, default: str) -> None:
+  p.add_argument(
+    "--preprocess",
+    default=default,
+    choices=["pad", "clip"],
+    help="pad: longest edge to the input size + zero pad (the paper); clip: resize short side + center crop",
+  )
+
+
+def add_score(sub):
+  p = add_parser(
+    sub,
+    "score",
+    help="HPS of images against prompts (JSONL out)",
+    description="Scores images with a preference model: hps = 100 * cos(image, prompt). Scores only "
+    "compare images of the same prompt.",
+  )
+  add_checkpoint_args(p)
+  add_preprocess_arg(p, "pad")
+  p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+  p.add_argument("--output", help="JSONL file (default: stdout)")
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument("--prompt", help="one prompt for all IMAGES")
+  g.add_argument("--pairs", help='JSONL with {"image": PATH, "prompt": TEXT} per line')
+  p.add_argument("images", nargs="*", help="image files (with --prompt)")
+  p.set_defaults(run=run_score)
+
+
+def run_score(args) -> int:
+  if args.prompt is not None and not args.images:
+    raise UsageError("--prompt needs at least one IMAGE")
+  if args.pairs is not None and args.images:
+    raise UsageError("give images either on the command line (with --prompt) or in --pairs, not both")
+  positive(args, "batch_size")
+  skips = Skips()
+  if args.pairs is not None:
+    items = list(read_pairs(args.pairs, skips))
+  else:
+    items = [(img, args.prompt) for img in args.images]
+  scorer = Scorer.from_checkpoint(
+    args.checkpoint,
+    args.format,
+    args.preprocess,
+    args.dtype,
+    tokenizer=args.tokenizer,
+    activation=args.activation,
+    batch_size=args.batch_size,
+  )
+  return write_rows(scorer.iter_scores(items), len(items), args.output, "scoring", skips)
+
+
+def add_aesthetic(sub):
+  p = add_parser(
+    sub,
+    "aesthetic",
+    help="LAION aesthetic score of images (JSONL out)",
+    description="Rates images with the LAION aesthetic predictor: an MLP head on the CLIP ViT-L/14 image "
+    "embedding (the prompt plays no part).",
+  )
+  p.add_argument(
+    "--aesthetic-mlp",
+    "--mlp",
+    dest="mlp",
+    required=True,
+    help="sac+logos+ava1-l14-linearMSE.pth or ava+logos-l14-reluMSE.pth",
+  )
+  p.add_argument("--clip-checkpoint", required=True, help="CLIP ViT-L/14 (OpenAI) checkpoint in any supported format")
+  p.add_argument(
+    "--clip-format", default="auto", choices=["auto", "hf", "openai", "open_clip"], help="the CLIP checkpoint's layout"
+  )
+  add_preprocess_arg(p, "clip")
+  p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+  p.add_argument("--output", help="JSONL file (default: stdout)")
+  p.add_argument("images", nargs="+", help="image files")
+  p.set_defaults(run=run_aesthetic)
+
+
+def run_aesthetic(args) -> int:
+  positive(args, "batch_size")
+  scorer = AestheticScorer.from_checkpoint(
+    args.mlp, args.clip_checkpoint, args.clip_format, preprocess=args.preprocess, batch_size=args.batch_size
+  )
+  return write_rows(scorer.iter_scores(args.images), len(args.images), args.output, "aesthetic", Skips())

@@ -1,0 +1,55 @@
+"""Opening a preference dataset by name as a random-access source of records: `synthetic` (generated on the fly)
+or one of the TFDS builders of `hps_jax.data.datasets` prepared from a local download; `limit` takes a prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hps_jax.data.synthetic import SyntheticPreference
+
+DATASETS = ("hpd_v1", "hpd_v2", "pickapic", "preference_jsonl")  # TFDS builders in hps_jax.data.datasets
+
+
+def open_source(
+  dataset: str,
+  split: str,
+  *,
+  manual_dir: str = "",
+  data_dir: str = "",
+  builder_config: str = "",
+  seed: int = 0,
+  synthetic_size: int = 200,
+  synthetic_image_size: int = 48,
+):
+  """`synthetic` (generated on the fly; the split name seeds it) or a TFDS builder prepared from `manual_dir`."""
+  if dataset == "synthetic":
+    return SyntheticPreference(synthetic_size, seed=seed, split=split, image_size=synthetic_image_size)
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}: synthetic or one of {sorted(DATASETS)}")
+  try:
+    from hps_jax.data.datasets import data_source
+  except ImportError as e:
+    raise ValueError(f"dataset {dataset!r} is read through TFDS: pip install 'hps_jax[data]' ({e})") from e
+  if not manual_dir:
+    raise ValueError(f"dataset {dataset!r} needs its local download directory (manual_dir)")
+  return data_source(dataset, split, manual_dir, data_dir or str(Path(manual_dir) / "tfds_prepared"), builder_config)
+
+
+def limit(source, n: int):
+  """The first n records of a source (n <= 0: all)."""
+  if n <= 0 or n >= len(source):
+    return source
+  return _Prefix(source, n)
+
+
+class _Prefix:
+  def __init__(self, source, n):
+    self.source, self.n = source, n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
