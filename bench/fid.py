@@ -2,24 +2,19 @@
 distance of 2048-d Gaussians (hps_jax's eigh form on the default JAX device vs scipy `sqrtm` on the host, as
 pytorch-fid computes it).
 
-  python bench/fid.py --batch 8 --iters 2                          # CPU
-  python bench/fid.py --batch 200 --out bench/results/fid_h100.json  # on a GPU
+  python -m bench.fid --batch 8 --iters 2                          # CPU
+  python -m bench.fid --batch 200 --out bench/results/fid_h100.json  # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from score import device_name, emit, timed  # noqa: E402  (shared bench helpers)
+from bench.common import device_name, emit, median_time
 
 
 def random_fid_state_dict(seed: int = 0) -> dict:
@@ -81,10 +76,10 @@ def main():
 
   for _ in range(args.warmup):
     run_jax()
-  jt = statistics.median(timed(run_jax, args.iters))
+  jt = median_time(run_jax, args.iters)
   result = {
     "bench": "fid",
-    "device": device_name(jax),
+    "device": device_name(),
     "backend": jax.devices()[0].platform,
     "batch": args.batch,
     "input_size": args.size,
@@ -107,7 +102,7 @@ def main():
 
     for _ in range(args.warmup):
       run_torch()
-    tt = statistics.median(timed(run_torch, args.iters))
+    tt = median_time(run_torch, args.iters)
     result.update(
       {
         "torch_device": dev,
@@ -125,13 +120,13 @@ def main():
   s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
   mu1, mu2 = a.mean(0), b.mean(0)
   frechet_distance(mu1, s1, mu2, s2)  # compile
-  jf = statistics.median(timed(lambda: frechet_distance(mu1, s1, mu2, s2), max(args.iters, 2)))
+  jf = median_time(lambda: frechet_distance(mu1, s1, mu2, s2), max(args.iters, 2))
   result["frechet_2048_jax_s"] = jf
   result["frechet_2048_value_jax"] = frechet_distance(mu1, s1, mu2, s2)
   try:
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    sf = statistics.median(timed(lambda: calculate_frechet_distance(mu1, s1, mu2, s2), max(args.iters, 2)))
+    sf = median_time(lambda: calculate_frechet_distance(mu1, s1, mu2, s2), max(args.iters, 2))
     result["frechet_2048_scipy_sqrtm_s"] = sf
     result["frechet_2048_value_scipy"] = float(calculate_frechet_distance(mu1, s1, mu2, s2))
   except ImportError:

@@ -12,26 +12,21 @@ max abs difference of the two final [0, 1] images is reported. Prints one JSON l
 
 Defaults are the acceptance setting (50 PNDM steps, CFG 7.5, 512x512, batch 1):
 
-  python bench/sample.py --out bench/results/sample_h100_fp32.json                   # on a GPU
-  python bench/sample.py --dtype bfloat16 --batch 4 --out bench/results/sample_h100_bf16.json
-  python bench/sample.py --resolution 256 --steps 4 --iters 1 --out bench/results/sample_cpu.json   # CPU, reduced
+  python -m bench.sample --out bench/results/sample_h100_fp32.json                   # on a GPU
+  python -m bench.sample --dtype bfloat16 --batch 4 --out bench/results/sample_h100_bf16.json
+  python -m bench.sample --resolution 256 --steps 4 --iters 1 --out bench/results/sample_cpu.json   # CPU, reduced
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from score import device_name, emit, timed  # noqa: E402  (shared bench helpers)
+from bench.common import SD_PRESETS, device_name, emit, timed
 
 NEGATIVE = "Weird image."
 PROMPTS = [
@@ -40,87 +35,6 @@ PROMPTS = [
   "a red fox sitting in the snow, photograph",
   "a bowl of ramen, studio lighting, 4k",
 ]
-
-# CompVis/stable-diffusion-v1-4 unet/, vae/ and text_encoder/ config.json (architecture keys only)
-SD14 = {
-  "unet": dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    norm_num_groups=32,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-  ),
-  "vae": dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512],
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-  ),
-  "text": dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    vocab_size=49408,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-    layer_norm_eps=1e-5,
-  ),
-}
-# every SD 1.x block type at toy widths (VAE factor 4): checks that the script runs, in seconds
-TINY = {
-  "unet": dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    norm_num_groups=8,
-    cross_attention_dim=32,
-    attention_head_dim=2,
-  ),
-  "vae": dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 3,
-    up_block_types=["UpDecoderBlock2D"] * 3,
-    block_out_channels=[32, 32, 64],
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=32,
-    scaling_factor=0.18215,
-  ),
-  "text": dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=77,
-    vocab_size=49408,
-    hidden_act="quick_gelu",
-    projection_dim=32,
-  ),
-}
-PRESETS = {"sd14": SD14, "tiny": TINY}
 
 # jax.monitoring events whose durations make up the compile time of a jitted call
 COMPILE_EVENTS = (
@@ -185,7 +99,7 @@ def count(module) -> int:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--preset", default="sd14", choices=sorted(PRESETS))
+  ap.add_argument("--preset", default="sd14", choices=sorted(SD_PRESETS))
   ap.add_argument("--steps", type=int, default=50)
   ap.add_argument("--resolution", type=int, default=512, help="image side in pixels")
   ap.add_argument("--batch", type=int, default=1, help="images per call (each with CFG: 2x UNet batch)")
@@ -210,7 +124,7 @@ def main(argv=None):
 
   from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
 
-  preset = PRESETS[args.preset]
+  preset = SD_PRESETS[args.preset]
   pipe = build_pipeline(preset, args.scheduler, args.seed)
   n_params = {"unet": count(pipe.unet), "vae": count(pipe.vae), "text_encoder": count(pipe.text_encoder)}
   tmp = tempfile.TemporaryDirectory(prefix="bench_sd_")
@@ -244,7 +158,7 @@ def main(argv=None):
   result = {
     "bench": "sample",
     "preset": args.preset,
-    "device": device_name(jax),
+    "device": device_name(),
     "backend": jax.default_backend(),
     "resolution": res,
     "latent_size": res // sd.vae_factor,

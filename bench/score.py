@@ -4,82 +4,18 @@ Full-size architecture (ViT-L/14 by default) with random weights: throughput doe
 Both sides get the same preprocessed pixels and token ids and compute 100 * cos(image, text); the timed region is
 the model forward (host preprocessing excluded on both sides). Prints one JSON line; --out also writes it.
 
-  python bench/score.py --batch 4 --iters 3                    # CPU: small batch
-  python bench/score.py --batch 64 --dtype bfloat16 --out bench/results/score_h100_bf16.json   # on a GPU
+  python -m bench.score --batch 4 --iters 3                    # CPU: small batch
+  python -m bench.score --batch 64 --dtype bfloat16 --out bench/results/score_h100_bf16.json   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def device_name(jax) -> str:
-  d = jax.devices()[0]
-  if d.platform == "cpu":
-    import os
-
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-  return getattr(d, "device_kind", d.platform)
-
-
-# Dense (no 2:4 sparsity) peak FLOP/s from NVIDIA's datasheets, (bf16 tensor core, fp32 without TF32), for MFU:
-# H100 SXM 989 / 67 TFLOP/s, H100 PCIe 756 / 51, H200 (SXM) 989 / 67, A100 (SXM or PCIe) 312 / 19.5.
-# Matched against jax's device_kind in this order (the first substring found wins).
-PEAK_FLOPS = [
-  ("H100 PCIe", {"bfloat16": 756e12, "float32": 51e12}),
-  ("H100", {"bfloat16": 989e12, "float32": 67e12}),
-  ("H200", {"bfloat16": 989e12, "float32": 67e12}),
-  ("A100", {"bfloat16": 312e12, "float32": 19.5e12}),
-]
-
-
-def peak_flops(device, dtype: str) -> float | None:
-  if device.platform != "gpu":
-    return None
-  kind = getattr(device, "device_kind", "")
-  return next((v[dtype] for name, v in PEAK_FLOPS if name in kind), None)
-
-
-def aot_compile(jitted, *args):
-  """Ahead-of-time lower + compile of a jitted step: (compiled, lower seconds, compile seconds, XLA's FLOP count of
-  one call from `cost_analysis`, 0.0 when the backend reports none)."""
-  t0 = time.perf_counter()
-  lowered = jitted.lower(*args)
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return compiled, lower_s, compile_s, float(cost.get("flops", 0.0)) if cost else 0.0
-
-
-def emit(result: dict, out: str | None):
-  """Prints the result as one JSON line and, with --out, writes it there too."""
-  line = json.dumps(result)
-  print(line)
-  if out:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(line + "\n")
-
-
-def timed(fn, iters: int) -> list[float]:
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return times
+from bench.common import device_name, emit, timed
 
 
 def main(argv=None):
@@ -99,7 +35,8 @@ def main(argv=None):
   from hps_jax.convert.clip import build_model, params_from_hf
   from hps_jax.data.tokenizer import CLIPTokenizer
   from hps_jax.models.clip import CLIPConfig
-  from hps_jax.preference.scorer import Scorer, as_dtype
+  from hps_jax.models.dtypes import as_dtype
+  from hps_jax.preference.scorer import Scorer
   from tests.refs import hf_clip
 
   cfg = CLIPConfig.preset(args.model)
@@ -125,7 +62,7 @@ def main(argv=None):
   result = {
     "bench": "score",
     "model": args.model,
-    "device": device_name(jax),
+    "device": device_name(),
     "backend": jax.default_backend(),
     "batch": args.batch,
     "dtype": args.dtype,

@@ -21,7 +21,7 @@ JAX: `jax.jit` of (adapters, frozen base, optimizer state, batch) -> (adapters, 
 adapters and optimizer state donated, as `hps_jax.train_loop` builds it; lowered and compiled ahead of time (both
 timed separately). --dtype is the compute dtype of the base model; parameters and adapters stay float32 (the
 adapter branch runs in float32). FLOPs per step come from XLA's `cost_analysis` of the compiled step; MFU =
-FLOPs / step time / the device's dense peak (bench/unet_step.py's table), only on a known GPU (null elsewhere).
+FLOPs / step time / the device's dense peak (the table in bench/common.py), only on a known GPU (null elsewhere).
 PyTorch: float32 parameters, `torch.autocast(bfloat16)` on CUDA for --dtype bfloat16; on CPU autocast bf16 is tried
 when asked for and float32 is used if it fails (`torch_dtype` reports what ran); `torch.optim.AdamW` on the LoRA
 parameters and `clip_grad_norm_`. The PyTorch side runs first and frees its GPU memory before JAX starts (JAX
@@ -34,9 +34,9 @@ difference: about 1e-6 to 1e-5 in float32; with bf16 compute expect about 1e-3 t
 points: XLA fusions vs autocast, which also runs peft's adapter branch in bf16). Prints one JSON line; --out also
 writes it. The paper trained at batch 40, which needs a large GPU (add --batch 40; the default is 1).
 
-  python bench/train_lora.py --batch 8 --out bench/results/train_lora_h100_bf16.json               # on a GPU
-  python bench/train_lora.py --resolution 256 --dtype float32 --iters 2 --out bench/results/train_lora_cpu.json
-  python bench/train_lora.py --preset tiny --resolution 32 --dtype float32 --iters 2               # smoke run
+  python -m bench.train_lora --batch 8 --out bench/results/train_lora_h100_bf16.json               # on a GPU
+  python -m bench.train_lora --resolution 256 --dtype float32 --iters 2 --out bench/results/train_lora_cpu.json
+  python -m bench.train_lora --preset tiny --resolution 32 --dtype float32 --iters 2               # smoke run
 """
 
 from __future__ import annotations
@@ -44,27 +44,21 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.common import SD_PRESETS, aot_compile, device_name, emit, flops_per_s, mfu, peak_flops, timed
 
-from sample import SD14, TINY  # noqa: E402  (the diffusers configs of the bench presets)
-from score import aot_compile, device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
-
-PRESETS = {"sd14": SD14, "tiny": TINY}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # of every attn1 / attn2 (hps_jax.lora.DEFAULT_TARGETS)
 CONTEXT_LENGTH = 77
 
 
 def optim_config():
   """The paper recipe's optimizer settings (configs/lora_sd14.py), shared by both sides."""
-  from configs.lora_sd14 import base
+  from hps_jax.configs.lora_sd14 import base
 
   return base().optim
 
@@ -87,7 +81,7 @@ def build_torch(args, model_dir: Path):
   from hps_jax.lora import Adapter
 
   torch.manual_seed(0)
-  model = diffusers.UNet2DConditionModel(**PRESETS[args.preset]["unet"])
+  model = diffusers.UNet2DConditionModel(**SD_PRESETS[args.preset]["unet"])
   model.save_pretrained(model_dir / "unet")
   model.requires_grad_(False)
   model.add_adapter(
@@ -189,8 +183,8 @@ def jax_side(args, model_dir: Path, adapters, inputs) -> dict:
   from flax import nnx
 
   from hps_jax import lora
+  from hps_jax.convert.diffusers import load_unet
   from hps_jax.diffusion import schedulers as sch
-  from hps_jax.models.unet import load_unet
   from hps_jax.train_loop import count_params, make_optimizer
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -260,7 +254,7 @@ def jax_side(args, model_dir: Path, adapters, inputs) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--preset", default="sd14", choices=sorted(PRESETS))
+  ap.add_argument("--preset", default="sd14", choices=sorted(SD_PRESETS))
   ap.add_argument("--batch", type=int, default=1, help="images per step (the paper: 40, on a large GPU)")
   ap.add_argument("--resolution", type=int, default=512, help="image side in pixels (latents: resolution / 8)")
   ap.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha = rank)")
@@ -275,7 +269,7 @@ def main(argv=None):
   ap.add_argument("--no-torch", action="store_true", help="time only the JAX side")
   ap.add_argument("--out", help="also write the JSON result here")
   args = ap.parse_args(argv)
-  kw = PRESETS[args.preset]["unet"]
+  kw = SD_PRESETS[args.preset]["unet"]
   down = 2 ** (len(kw["block_out_channels"]) - 1)
   if args.resolution % (8 * down):
     ap.error(f"--resolution must be a multiple of {8 * down} for the {args.preset} UNet")
@@ -349,15 +343,15 @@ def main(argv=None):
   peak = peak_flops(dev, args.dtype)
   result.update(
     {
-      "device": device_name(jax),
+      "device": device_name(),
       "backend": dev.platform,
       "jax_version": jax.__version__,
       "adapter_params": n_torch,
       **jres,
       "jax_images_per_s": b / jstep,
-      "jax_flops_per_s": flops / jstep if flops else None,
+      "jax_flops_per_s": flops_per_s(flops, jstep),
       "peak_flops": peak,
-      "mfu": flops / jstep / peak if (peak and flops) else None,
+      "mfu": mfu(flops, jstep, peak),
     }
   )
   if "torch_step_s" in result:

@@ -7,23 +7,18 @@ choice loss over K images per prompt at 224 px. The timed region is one optimize
 (data loading excluded on both sides). Prints one JSON line (--out also writes it). On a GPU, MFU is reported from
 XLA's FLOP count of the compiled step and the device's dense bf16/fp32 peak.
 
-  python bench/train_preference.py --batch 1 --iters 2                      # CPU: tiny batch
-  python bench/train_preference.py --batch 8 --dtype bfloat16 --out bench/results/train_h100_bf16.json
+  python -m bench.train_preference --batch 1 --iters 2                      # CPU: tiny batch
+  python -m bench.train_preference --batch 8 --dtype bfloat16 --out bench/results/train_h100_bf16.json
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from score import aot_compile, device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
+from bench.common import aot_compile, device_name, emit, flops_per_s, mfu, peak_flops, timed
 
 
 def torch_trainable(name: str) -> bool:
@@ -47,10 +42,10 @@ def jax_side(cfg, batch, args):
   import optax
   from flax import nnx
 
-  from configs.hps_classifier import PAPER_TRAINABLE
+  from hps_jax.configs.hps_classifier import PAPER_TRAINABLE
   from hps_jax.models.clip import CLIP
+  from hps_jax.models.dtypes import as_dtype
   from hps_jax.preference.loss import preference_loss
-  from hps_jax.preference.scorer import as_dtype
   from hps_jax.train_loop import count_params, regex_filter
 
   model = CLIP(cfg, dtype=as_dtype(args.dtype), rngs=nnx.Rngs(0))
@@ -153,7 +148,7 @@ def main():
   result = {
     "bench": "train_preference",
     "model": args.model,
-    "device": device_name(jax),
+    "device": device_name(),
     "backend": dev.platform,
     "batch_prompts": b,
     "images_per_prompt": k,
@@ -165,12 +160,9 @@ def main():
     "jax_samples_per_s": b / jstep,
     "jax_images_per_s": b * k / jstep,
     "step_flops": flops,
-    "jax_flops_per_s": flops / jstep if flops else None,
-    "mfu": None,
+    "jax_flops_per_s": flops_per_s(flops, jstep),
+    "mfu": mfu(flops, jstep, peak_flops(dev, args.dtype)),
   }
-  peak = peak_flops(dev, args.dtype)
-  if peak and flops:
-    result["mfu"] = flops / jstep / peak
   if not args.no_torch:
     tt, tdev, tver, threads, n_torch = torch_side(cfg, batch, args)
     tstep = statistics.median(tt)

@@ -11,30 +11,23 @@ separately) and the FLOP count comes from XLA's `cost_analysis` of the compiled 
 recomputed forward). MFU = FLOPs / step time / the device's dense peak, reported only on a known GPU (null on CPU).
 Prints one JSON line; --out also writes it.
 
-  python bench/unet_step.py --batch 4 --out bench/results/unet_step_h100_bf16.json            # on a GPU
-  python bench/unet_step.py --batch 1 --iters 2 --out bench/results/unet_step_cpu.json        # CPU
+  python -m bench.unet_step --batch 4 --out bench/results/unet_step_h100_bf16.json            # on a GPU
+  python -m bench.unet_step --batch 1 --iters 2 --out bench/results/unet_step_cpu.json        # CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from score import aot_compile, device_name, emit, peak_flops, timed  # noqa: E402  (shared bench helpers)
+from bench.common import SD_PRESETS, aot_compile, device_name, emit, flops_per_s, mfu, peak_flops, timed
 
 
 def unet_kwargs(preset: str) -> dict:
-  from sample import PRESETS  # the diffusers UNet arguments of bench/sample.py's presets
-
-  return dict(PRESETS[preset]["unet"])
+  return dict(SD_PRESETS[preset]["unet"])  # the diffusers UNet arguments of the bench presets
 
 
 def jax_side(args, inputs):
@@ -158,7 +151,7 @@ def main(argv=None):
   result = {
     "bench": "unet_step",
     "preset": args.preset,
-    "device": device_name(jax),
+    "device": device_name(),
     "backend": dev.platform,
     "batch": b,
     "latent_size": s,
@@ -173,9 +166,9 @@ def main(argv=None):
     "jax_version": jax.__version__,
     **res,
     "jax_samples_per_s": b / jstep,
-    "jax_flops_per_s": flops / jstep if flops else None,
+    "jax_flops_per_s": flops_per_s(flops, jstep),
     "peak_flops": peak,
-    "mfu": flops / jstep / peak if (peak and flops) else None,
+    "mfu": mfu(flops, jstep, peak),
   }
   if not args.no_torch:
     try:

@@ -12,8 +12,8 @@ peft = pytest.importorskip("peft")
 
 from hps_jax import lora  # noqa: E402
 from hps_jax.convert import lora as lora_io  # noqa: E402
+from hps_jax.convert.diffusers import load_unet  # noqa: E402
 from hps_jax.convert.io import CheckpointError, save_safetensors  # noqa: E402
-from hps_jax.models.unet import load_unet  # noqa: E402
 
 TOL = 1e-4
 
@@ -25,13 +25,6 @@ def _quiet():
   diffusers.utils.logging.disable_progress_bar()
   yield
   diffusers.utils.logging.set_verbosity(level)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  from hps_jax.diffusion.tiny import write_tiny_sd
-
-  return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +91,7 @@ def test_adapter_is_visible(adapted):
 
 def test_peft_file_in_diffusers(adapted, pipe, inputs, tmp_path, parity):
   model, out, _ = adapted
-  file = lora_io.save_peft(model, tmp_path / "ours")
+  file = lora.save_peft(model, tmp_path / "ours")
   assert file.name == "pytorch_lora_weights.safetensors"
   pipe.load_lora_weights(str(tmp_path / "ours"))
   try:
@@ -183,7 +176,7 @@ def torch_legacy(tiny_dir, inputs, tmp_path_factory):
 def test_legacy_bin_from_pytorch(tiny_dir, torch_legacy, inputs, parity):
   d, want = torch_legacy
   model = load_unet(tiny_dir)
-  info = lora_io.apply_lora_file(model, d)
+  info = lora.apply_lora_file(model, d)
   assert info["format"] == "attn_procs" and info["layers"] == 32 and info["ranks"] == [2, 4]
   assert info["alphas"] == [2.0, 4.0] and info["alpha_source"].startswith("rank")
   parity(
@@ -204,14 +197,14 @@ def _same(a: dict, b: dict):
 def test_round_trips(adapted, tmp_path):
   model, _, _ = adapted
   want = lora.get_adapters(model)
-  got, info = lora_io.load_lora(lora_io.save_peft(model, tmp_path / "peft"))
+  got, info = lora_io.load_lora(lora.save_peft(model, tmp_path / "peft"))
   _same(got, want)
   assert info["format"] == "peft" and info["ranks"] == [2, 4] and info["rank"] is None
   assert info["alphas"] == [3.0, 8.0] and "lora_adapter_metadata" in info["alpha_source"]
   got, info = lora_io.load_lora(lora_io.save_kohya(want, tmp_path / "kohya.safetensors"))
   _same(got, want)
   assert info["format"] == "kohya" and info["alpha_source"] == "alpha keys"
-  got, _ = lora_io.load_lora(lora_io.save_kohya(want, tmp_path / "kohya_resolved.safetensors"), model=model)
+  got, _ = lora.load_lora(lora_io.save_kohya(want, tmp_path / "kohya_resolved.safetensors"), model=model)
   _same(got, want)
   # the legacy layout folds alpha / r into `up`: same delta, alpha = r
   got, info = lora_io.load_lora(lora_io.save_legacy(want, tmp_path / "legacy"))
@@ -241,15 +234,15 @@ def test_kohya_names_parse_without_a_model(adapted):
 
 def test_apply_lora_file_and_scale(tiny_dir, adapted, inputs, tmp_path, parity):
   model, out, base = adapted
-  file = lora_io.save_peft(model, tmp_path)
+  file = lora.save_peft(model, tmp_path)
   fresh = load_unet(tiny_dir)
   lora.apply_lora(fresh, lora.LoRAConfig(rank=8, targets=r".*attn1/to_q|.*ff/net/2"))  # replaced / removed
-  info = lora_io.apply_lora_file(fresh, file)
+  info = lora.apply_lora_file(fresh, file)
   assert set(lora.lora_layers(fresh)) == set(lora.lora_layers(model)) and info["layers"] == 32
   parity("LoRA: apply_lora_file(save_peft(model)) vs model", np.abs(_ours(fresh, inputs) - out).max(), 1e-6)
   lora.set_lora_scale(fresh, 0.0)
   np.testing.assert_allclose(_ours(fresh, inputs), base, atol=1e-6)
-  lora_io.apply_lora_file(fresh, file, multiplier=0.5)
+  lora.apply_lora_file(fresh, file, multiplier=0.5)
   assert all(m.scale == 0.5 * m.alpha / m.rank for m in lora.lora_layers(fresh).values())
   # a kohya file that also adapts a 1x1 conv (proj_in of SD 1.x): a clear error, and the model is left alone
   conv = {
@@ -258,14 +251,14 @@ def test_apply_lora_file_and_scale(tiny_dir, adapted, inputs, tmp_path, parity):
   }
   save_safetensors(conv, tmp_path / "locon.safetensors")
   with pytest.raises(CheckpointError, match=r"locon\.safetensors.*not linear.*down_blocks/0/attentions/0/proj_in"):
-    lora_io.apply_lora_file(fresh, tmp_path / "locon.safetensors")
+    lora.apply_lora_file(fresh, tmp_path / "locon.safetensors")
   assert set(lora.lora_layers(fresh)) == set(lora.lora_layers(model))
 
 
 def test_save_merged_unet(adapted, inputs, tmp_path, parity):
   model, out, _ = adapted
   kernels = {p: np.asarray(m.kernel[...]) for p, m in lora.lora_layers(model).items()}
-  d = lora_io.save_merged_unet(model, tmp_path / "unet")
+  d = lora.save_merged_unet(model, tmp_path / "unet")
   assert all(not m.merged for m in lora.lora_layers(model).values())  # the model is left as it was
   for p, m in lora.lora_layers(model).items():
     np.testing.assert_array_equal(np.asarray(m.kernel[...]), kernels[p])

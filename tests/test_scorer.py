@@ -86,11 +86,15 @@ def test_input_kinds_give_identical_scores(hf_checkpoint, tmp_path):
   pixels = scorer.prepare_images(kinds)
   assert all(np.array_equal(pixels[0], p) for p in pixels[1:])  # every kind decodes to the same input
   scores = scorer.score(kinds, "a red circle")
-  assert np.ptp(scores) <= 1e-5, scores  # (rows at other batch positions may round differently in the last bit)
+  # HPS = 100 * cos is ~26 here, where a float32 ulp is 1.9e-6; the five rows run as a bucket-4 chunk and a bucket-1
+  # chunk (different programs), whose cosines may differ in their last bits: ~1e-5 in HPS (1.14e-5 seen). So the
+  # bound is float32 resolution at this scale, 1e-4 absolute, not a few ulps.
+  assert np.ptp(scores) <= 1e-4, scores
   # a single image (not a list) and a 4-d uint8 batch are accepted too
   assert scorer.score(arr, "a red circle").shape == (1,)
   batch = np.stack([arr, arr])
-  np.testing.assert_allclose(scorer.score(batch, "a red circle"), scores[:2], rtol=1e-6)
+  # other batch composition and padding: equal to float32 resolution at the HPS scale (~26), as above
+  np.testing.assert_allclose(scorer.score(batch, "a red circle"), scores[:2], rtol=0, atol=1e-4)
   # embeddings are unit vectors and their dot product is the cosine
   e_img, e_txt = scorer.embed_images([arr]), scorer.embed_texts("a red circle")
   np.testing.assert_allclose(np.linalg.norm(e_img, axis=-1), 1, rtol=1e-5)
@@ -125,8 +129,9 @@ def test_buckets_bound_compilations(hf_checkpoint):
   scorer.score(imgs[:2], "x")
   scorer.score(imgs[:1], "y")
   assert scorer.compiled_variants == 3
-  # padding does not change results: scoring in different chunkings gives the same values
-  np.testing.assert_allclose(scorer.score(imgs[:2], "x"), scorer.score(imgs[:8], "x")[:2], rtol=1e-6, atol=1e-6)
+  # padding does not change results: scoring in different chunkings gives the same values, to float32 resolution at
+  # the HPS scale (100 * cos, tens: ulp ~2e-6; the bucket-2 and bucket-8 programs may round the cosine differently)
+  np.testing.assert_allclose(scorer.score(imgs[:2], "x"), scorer.score(imgs[:8], "x")[:2], rtol=0, atol=1e-4)
 
 
 def test_sharded_over_eight_devices_equals_one(hf_checkpoint, tmp_path):

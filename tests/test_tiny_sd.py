@@ -12,13 +12,6 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = ["a photo of a cat", "Weird image. a dog on the moon, trending on artstation"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  from hps_jax.diffusion.tiny import write_tiny_sd
-
-  return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=3)
-
-
 def test_tokenizer_folder_round_trip(tiny_dir):
   from hps_jax.data.tokenizer import CLIPTokenizer
 

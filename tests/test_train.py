@@ -3,14 +3,14 @@ trainable/frozen parameter accounting. Training runs in subprocesses (device cou
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import assert_same_trajectory, sigkill_after_checkpoint, train_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"{ROOT}/configs/hps_classifier.py:tiny"
@@ -47,19 +47,9 @@ def _train(workdir, *overrides, devices=1, timeout=900):
   return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
 
 
-def _metrics(workdir) -> dict[int, dict]:
-  """step -> logged row; when a resumed run re-logs a step, the later row wins."""
-  rows = {}
-  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    if "loss" in row:
-      rows[row["step"]] = row
-  return rows
-
-
 def test_tiny_preset_learns_the_synthetic_task(tmp_path):
   """Held-out n-way accuracy goes from about chance to >= 0.8 (the tiny preset, as `make demo` runs it)."""
-  from hps_jax.cli import load_config
+  from hps_jax.configs import load_config
   from hps_jax.preference import train as tr
 
   config = load_config(TINY, [])
@@ -74,7 +64,7 @@ def test_tiny_preset_learns_the_synthetic_task(tmp_path):
   after = summary["eval"]
   assert after["accuracy"] >= 0.8, (before, after)
   assert after["pairwise_accuracy"] >= 0.75  # ranks 1 vs 2 (wrong colour vs wrong shape) are never trained on
-  rows = _metrics(tmp_path / "wd")
+  rows = train_metrics(tmp_path / "wd")
   first, last = min(rows), max(rows)
   assert rows[last]["loss"] < 0.5 * rows[first]["loss"]
   # the export loads through the public scoring path and ranks the held-out set the same way
@@ -98,9 +88,12 @@ def test_sharded_losses_equal_single_device(tmp_path, data, fsdp, single_device_
     "--config.optim.warmup_steps=0",
   ]
   _train(tmp_path / "wd", *common, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", devices=8)
-  rows = _metrics(tmp_path / "wd")
+  rows = train_metrics(tmp_path / "wd")
   got = np.array([rows[s]["loss"] for s in range(1, 21)])
-  np.testing.assert_allclose(got, single_device_losses, rtol=0, atol=1e-5)
+  # losses ~2; the sharded and single-device programs reduce in different orders (ulp-level gradient
+  # differences), and Adam's first updates (~lr * sign(g)) can turn those into ~1e-5 loss differences by step 3
+  # (9.8e-6 measured on one machine): 1e-4 leaves room for another CPU
+  np.testing.assert_allclose(got, single_device_losses, rtol=0, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +107,7 @@ def single_device_losses(tmp_path_factory):
     "--config.optim.warmup_steps=0",
   ]
   _train(wd, *common)
-  rows = _metrics(wd)
+  rows = train_metrics(wd)
   losses = np.array([rows[s]["loss"] for s in range(1, 21)])
   assert losses[-5:].mean() < losses[:5].mean()  # it is training, not sitting still
   return losses
@@ -123,37 +116,17 @@ def single_device_losses(tmp_path_factory):
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
   common = ["--config.num_steps=24", "--config.log_every=1", "--config.checkpoint_every=8", "--config.data.eval_split="]
   _train(tmp_path / "straight", *common)
-  straight = _metrics(tmp_path / "straight")
+  straight = train_metrics(tmp_path / "straight")
 
   wd = tmp_path / "killed"
-  proc = subprocess.Popen(
-    _cmd(wd, *common),
-    env=_env(),
-    cwd=ROOT,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-    start_new_session=True,
-  )
-  deadline = time.time() + 600
-  try:
-    while not (wd / "checkpoints" / "8").exists() or len(_lines(wd / "metrics.jsonl")) < 11:
-      assert proc.poll() is None, "training ended before it could be killed"
-      assert time.time() < deadline, "no checkpoint appeared"
-      time.sleep(0.05)
-  finally:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  killed_at = max(_metrics(wd))
+  # killed once checkpoint 8 is written and at least 11 metrics lines are logged
+  ready = lambda wd: len(_lines(wd / "metrics.jsonl")) >= 11
+  killed_at = sigkill_after_checkpoint(_cmd(wd, *common), _env(), wd, 8, ready)
   assert 8 < killed_at < 24 and not (wd / "checkpoints" / "24").exists()
 
   summary, log = _train(wd, *common)
   assert "resumed from" in log and summary["step"] == 24
-  resumed = _metrics(wd)
-  assert sorted(resumed) == list(range(1, 25))
-  for step in range(1, 25):
-    assert resumed[step]["loss"] == straight[step]["loss"], step  # bit-identical trajectory
-    assert resumed[step]["data_checksum"] == straight[step]["data_checksum"], step  # same data order
+  assert_same_trajectory(train_metrics(wd), straight, 24)
 
 
 def _lines(path):
@@ -163,7 +136,7 @@ def _lines(path):
 def test_paper_preset_parameter_counts():
   """ViT-L/14 with the paper's trainable set: the last 10 of 24 vision blocks and last 6 of 12 text blocks, plus the
   final LayerNorms and projections (see configs/hps_classifier.py). Counts derived by hand from the architecture."""
-  from hps_jax.cli import load_config
+  from hps_jax.configs import load_config
   from hps_jax.preference.train import parameter_counts
 
   config = load_config(f"{ROOT}/configs/hps_classifier.py:paper", [])

@@ -4,14 +4,14 @@ the encoders compute. Training runs in subprocesses (sharing the test run's XLA 
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import assert_same_trajectory, sigkill_after_checkpoint, train_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"{ROOT}/configs/lora_sd14.py:tiny"
@@ -45,22 +45,12 @@ def _train(env, workdir, *overrides, timeout=900):
   return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
 
 
-def _metrics(workdir) -> dict[int, dict]:
-  rows = {}
-  path = Path(workdir) / "metrics.jsonl"
-  for line in path.read_text().splitlines() if path.exists() else []:
-    row = json.loads(line)
-    if "loss" in row:
-      rows[row["step"]] = row
-  return rows
-
-
 @pytest.fixture(scope="module")
 def straight(env, tmp_path_factory):
   """The uninterrupted 200-step run (constant LR: its first steps are any shorter run's steps too)."""
   wd = tmp_path_factory.mktemp("straight")
   summary, _ = _train(env, wd, "--config.log_every=1")
-  return wd, summary, _metrics(wd)
+  return wd, summary, train_metrics(wd)
 
 
 def test_loss_falls_only_adapters_train_and_export_reloads(straight):
@@ -72,8 +62,8 @@ def test_loss_falls_only_adapters_train_and_export_reloads(straight):
   # trainable = the adapters alone: 4 transformer blocks x 8 projections at rank 4 (tests/test_lora.py counts)
   assert summary["trainable_params"] == 9984
   from hps_jax import lora
+  from hps_jax.convert.diffusers import load_unet
   from hps_jax.convert.lora import load_lora
-  from hps_jax.models.unet import load_unet
 
   adapters, info = load_lora(summary["export"])
   assert len(adapters) == 32 and {a.down.shape[1] for a in adapters.values()} == {4}
@@ -87,28 +77,13 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(env, straight, tmp_p
   _, _, reference = straight
   common = ["--config.num_steps=30", "--config.log_every=1", "--config.checkpoint_every=10"]
   wd = tmp_path / "killed"
-  proc = subprocess.Popen(
-    _cmd(wd, *common), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-  )
-  deadline = time.time() + 600
-  try:
-    while not (wd / "checkpoints" / "10").exists() or len(_metrics(wd)) < 13:
-      assert proc.poll() is None, "training ended before it could be killed"
-      assert time.time() < deadline, "no checkpoint appeared"
-      time.sleep(0.05)
-  finally:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-  killed_at = max(_metrics(wd))
+  # killed once checkpoint 10 is written and at least 13 steps have logged a loss
+  killed_at = sigkill_after_checkpoint(_cmd(wd, *common), env, wd, 10, lambda wd: len(train_metrics(wd)) >= 13)
   assert 10 < killed_at < 30 and not (wd / "checkpoints" / "30").exists()
 
   summary, log = _train(env, wd, *common)
   assert "resumed from" in log and summary["step"] == 30
-  resumed = _metrics(wd)
-  assert sorted(resumed) == list(range(1, 31))
-  for step in range(1, 31):
-    assert resumed[step]["loss"] == reference[step]["loss"], step  # bit-identical trajectory
-    assert resumed[step]["data_checksum"] == reference[step]["data_checksum"], step  # same examples and noise
+  assert_same_trajectory(train_metrics(wd), reference, 30)
 
 
 def test_latent_cache_holds_the_encoders_outputs(tmp_path, parity):
@@ -116,7 +91,7 @@ def test_latent_cache_holds_the_encoders_outputs(tmp_path, parity):
   from flax import nnx
 
   from hps_jax.adapt import train_lora as tl
-  from hps_jax.cli import load_config
+  from hps_jax.configs import load_config
 
   config = load_config(TINY, ["--config.data.synthetic_size=3"])  # an in-process override (demo, notebooks)
   model_dir = tl.base_model_dir(config, tmp_path)
@@ -174,7 +149,7 @@ def test_data_parallel_losses_equal_single_device(env, straight, tmp_path):
     "--config.checkpoint_every=0",
     "--config.mesh.data=2",
   )
-  got = _metrics(tmp_path / "dp")
+  got = train_metrics(tmp_path / "dp")
   np.testing.assert_allclose(
     [got[s]["loss"] for s in range(1, 9)], [reference[s]["loss"] for s in range(1, 9)], rtol=2e-5, atol=0
   )
