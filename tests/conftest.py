@@ -31,7 +31,7 @@ def aesthetic_weights():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
   """A tiny random-init Stable Diffusion folder (`hps_jax.diffusion.tiny.write_tiny_sd`, seed 3), written once per
-  session (per xdist worker) for tests/test_lora_interop.py and tests/test_tiny_sd.py. Shared: read it, never write
+  session (per xdist worker) for tests/convert/test_lora_interop.py and tests/diffusion/test_tiny_sd.py. Shared: read it, never write
   into it."""
   from hps_jax.diffusion.tiny import write_tiny_sd
 
@@ -39,7 +39,7 @@ def tiny_dir(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# training subprocesses (tests/test_train.py, tests/test_train_lora.py): logged metrics and the SIGKILL + resume
+# training subprocesses (tests/preference/test_train.py, tests/adapt/test_train_lora.py): logged metrics and the SIGKILL + resume
 # harness. A test runs the uninterrupted reference, kills a second run with `sigkill_after_checkpoint`, resumes it
 # in the same workdir and compares with `assert_same_trajectory`.
 # ------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 pytorch-fid's `fid_inception_v3()` (torchvision Inception3, aux_logits=False, 1008 classes, FID blocks) and
 torch-fidelity's `FeatureExtractorInceptionV3` name their modules identically (their `state_dict()` key sets are
-equal; tests/test_inception.py checks it), and both load their weights file with a strict `load_state_dict`, so one
+equal; tests/models/test_inception.py checks it), and both load their weights file with a strict `load_state_dict`, so one
 layout serves pytorch-fid's `pt_inception-...pth` and torch-fidelity's `weights-inception-...pth` alike:
 
   <module>.conv.weight                 (O, I, kh, kw)  -> <module>/conv/kernel (kh, kw, I, O)

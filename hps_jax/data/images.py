@@ -11,7 +11,7 @@
 Every failure raises :class:`ImageError` (a ``ValueError``) whose message names the source (the path for files) and
 says what went wrong; no raw PIL / OS exception escapes (the original is chained as ``__cause__``).
 
-Decisions (each is tested in ``tests/test_images.py``):
+Decisions (each is tested in ``tests/data/test_images.py``):
 
 * **Full decode.** Files are decoded completely (``img.load()``) so truncated or corrupt JPEG/PNG data is detected
   at load time. ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is *not* enabled here; if some other code sets that global

@@ -11,7 +11,7 @@ it) normalized as ``(pixel / 255 - mean) / std`` (CLIP mean/std by default):
   2. center crop ``size x size`` at offset ``int((dim - size) / 2)`` (the extra pixel of an odd margin is dropped
      at the bottom/right), as ``CLIPImageProcessor.center_crop`` does.
   Measured against ``transformers.CLIPImageProcessor`` (5.x, torchvision backend, default ViT-L/14 settings):
-  see ``tests/test_preprocess.py`` for the asserted tolerance.
+  see ``tests/data/test_preprocess.py`` for the asserted tolerance.
 
 ``"pad"`` -- the HPS paper (HPSv2's ``ResizeMaxSize`` letterboxing), with two deliberate differences:
   1. if the *longest* edge is larger than ``size``, resize with PIL bicubic so it equals ``size`` exactly; the

@@ -39,7 +39,7 @@ The numerics follow diffusers (PyTorch) to the bit where that is possible:
 What remains: inside a jitted function XLA's CPU and GPU backends contract elementwise `a * x + b * y` into FMAs,
 which PyTorch's eager kernels never do, so a jitted sampling loop differs from diffusers by a few float32 ulps;
 run op by op (no `jit`), and with the host sqrt replaced by torch's, the step functions reproduce diffusers' CPU
-results bit for bit (see tests/test_schedulers.py).
+results bit for bit (see tests/diffusion/test_schedulers.py).
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_sharded_over_eight_devices_equals_one(hf_checkpoint, tmp_path):
 
 def test_aesthetic_scorer_end_to_end(aesthetic_weights, tmp_path, parity):
   """CLIP image embedding (normalized) -> MLP head, against transformers CLIP + the torch head on the same pixels."""
-  from tests.test_aesthetic import reference_mlp
+  from tests.models.test_aesthetic import reference_mlp
 
   cfg = CLIPConfig.tiny().replace(embed_dim=768)
   ref = hf_clip(cfg, seed=9)

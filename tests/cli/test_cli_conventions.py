@@ -14,7 +14,7 @@ import pytest
 import hps_jax
 from hps_jax.cli import COMMANDS, build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _one_error_line(err: str, command: str) -> str:

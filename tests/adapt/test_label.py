@@ -23,8 +23,8 @@ from hps_jax.adapt.label import (
   softmax,
 )
 from hps_jax.cli import main
-from tests.test_cli import checkpoint  # noqa: F401  (the tiny random HPS checkpoint fixture)
-from tests.test_diffusiondb import Skips, corrupt_member, encode, pixels, write_parquet, write_part
+from tests.cli.test_cli import checkpoint  # noqa: F401  (the tiny random HPS checkpoint fixture)
+from tests.data.test_diffusiondb import Skips, corrupt_member, encode, pixels, write_parquet, write_part
 
 
 # ------------------------------------------------------------------------------------------------------------

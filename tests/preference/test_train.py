@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import assert_same_trajectory, sigkill_after_checkpoint, train_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = f"{ROOT}/configs/hps_classifier.py:tiny"
 
 

@@ -1,4 +1,4 @@
-"""The choice loss by hand, and `hps-jax eval-preference` end to end (the metric itself: tests/test_evaluate.py)."""
+"""The choice loss by hand, and `hps-jax eval-preference` end to end (the metric itself: tests/preference/test_evaluate.py)."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 from hps_jax.preference.evaluate import preference_report
 from hps_jax.preference.loss import choice_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_choice_loss_matches_hand_computation():

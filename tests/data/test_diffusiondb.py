@@ -25,7 +25,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 
 # ------------------------------------------------------------------------------------------------------------
-# builders (also used by tests/test_label.py)
+# builders (also used by tests/adapt/test_label.py)
 # ------------------------------------------------------------------------------------------------------------
 def pixels(seed: int, size: int = 16) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
