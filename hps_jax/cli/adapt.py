@@ -28,10 +28,10 @@ from hps_jax.cli.common import (
 )
 from hps_jax.cli.metrics import add_inception_args, load_inception_arg
 from hps_jax.cli.sample import add_sampling_args, load_sd, sample_config
+from hps_jax.cli.score import scorer_from_args
 from hps_jax.data.diffusiondb import read_records
 from hps_jax.diffusion.render import render
 from hps_jax.metrics import compute
-from hps_jax.preference.scorer import Scorer
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -103,15 +103,7 @@ def run_label(args) -> int:
     raise UsageError(f"{args.images}: no (image, prompt) records to label")
   counts = Counter(r.prompt for r in records)
   candidates = [(i, r) for i, r in enumerate(records) if lab.selectable(counts[r.prompt], config)]
-  scorer = Scorer.from_checkpoint(
-    args.checkpoint,
-    args.format,
-    args.preprocess,
-    args.dtype,
-    tokenizer=args.tokenizer,
-    activation=args.activation,
-    batch_size=args.batch_size,
-  )
+  scorer = scorer_from_args(args)
   scored, blurry = lab.score_records(records, candidates, scorer, config, skips, progress, args.batch_size)
   selections, stats = lab.select_by_prompt(scored, config)
   out = Path(args.out)

@@ -54,7 +54,12 @@ def run_score(args) -> int:
     items = list(read_pairs(args.pairs, skips))
   else:
     items = [(img, args.prompt) for img in args.images]
-  scorer = Scorer.from_checkpoint(
+  return write_rows(scorer_from_args(args).iter_scores(items), len(items), args.output, "scoring", skips)
+
+
+def scorer_from_args(args) -> Scorer:
+  """The Scorer of --checkpoint / --format / --preprocess / --dtype / --tokenizer / --activation / --batch-size."""
+  return Scorer.from_checkpoint(
     args.checkpoint,
     args.format,
     args.preprocess,
@@ -63,7 +68,6 @@ def run_score(args) -> int:
     activation=args.activation,
     batch_size=args.batch_size,
   )
-  return write_rows(scorer.iter_scores(items), len(items), args.output, "scoring", skips)
 
 
 def add_aesthetic(sub):
