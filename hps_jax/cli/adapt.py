@@ -219,7 +219,7 @@ def run_eval_generator(args) -> int:
   output = Path(args.output)
   outdir = Path(args.outdir) if args.outdir else output.with_name(output.stem + "_images")
   sd, _ = load_sd(args)
-  cfg = sample_config(args)
+  cfg = sample_config(args, sd)
   jobs = [(p, args.seed + j * args.num_images + k) for j, p in enumerate(prompts) for k in range(args.num_images)]
   variants = [("base", 0.0, args.base_negative_prompt)]
   if args.lora:

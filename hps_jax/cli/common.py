@@ -9,6 +9,7 @@ or an unreadable input file / checkpoint / config (one line, no traceback); 3 tr
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from hps_jax import configs
+from hps_jax.data.images import image_files
 from hps_jax.data.pairs import read_image_rows
 from hps_jax.data.skips import Skips
 
@@ -86,26 +88,92 @@ def write_json(path, obj) -> None:
   os.replace(tmp, path)
 
 
-def write_rows(rows, total: int, output: str | None, desc: str, skips: Skips) -> int:
-  """Writes result rows as JSONL with a progress bar; rows with an 'error' go to the skip report instead."""
-  done = 0
-  out = open_output(output)
-  try:
-    with progress(total, desc) as bar:
+OUTPUT_FORMATS = (".jsonl", ".csv", ".parquet")
+
+
+def check_output(path: str | None, *, overwrite: bool, inputs=()) -> None:
+  """Validates an --output path before any work: a known format (by extension), not one of the inputs, and not an
+  existing file unless --overwrite. None / '-' is stdout (JSONL)."""
+  if path is None or path == "-":
+    return
+  out = Path(path)
+  if out.suffix.lower() not in OUTPUT_FORMATS:
+    raise UsageError(
+      f"--output {path}: unknown format {out.suffix or '(no extension)'}; use {', '.join(OUTPUT_FORMATS)}"
+    )
+  if out.is_dir():
+    raise UsageError(f"--output {path} is a directory, expected a file")
+  resolved = out.resolve()
+  for i in inputs:
+    if i is not None and Path(i).resolve() == resolved:
+      raise UsageError(f"--output {path} is also an input: choose another file")
+  if out.exists() and not overwrite:
+    raise UsageError(f"--output {path} exists: pass --overwrite to replace it")
+  if out.suffix.lower() == ".parquet":
+    try:
+      import pyarrow  # noqa: F401  (optional: the [data] extra)
+    except ImportError:
+      raise UsageError("writing .parquet needs pyarrow: pip install 'hps_jax[data]' (or use .jsonl / .csv)") from None
+
+
+def add_ranks(rows: list[dict], key: str) -> None:
+  """rank = 1 for the highest `key` among the rows of the same prompt (ties share the better rank): HPS values only
+  compare images of one prompt."""
+  by_prompt: dict[str, list[dict]] = {}
+  for row in rows:
+    by_prompt.setdefault(row.get("prompt"), []).append(row)
+  for group in by_prompt.values():
+    values = [r[key] for r in group]
+    for r in group:
+      r["rank"] = 1 + sum(v > r[key] for v in values)
+
+
+def write_table(rows: list[dict], path: str | None) -> None:
+  """Rows as JSONL (stdout, .jsonl), CSV or Parquet by the path's extension; files are written atomically."""
+  if path is None or path == "-":
+    for row in rows:
+      sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+    return
+  out = Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(out.name + ".tmp")
+  fmt = out.suffix.lower()
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  if fmt == ".parquet":
+    import pyarrow as pa  # optional (the [data] extra), checked by check_output
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+  elif fmt == ".csv":
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=columns)
+      writer.writeheader()
+      writer.writerows(rows)
+  else:
+    with open(tmp, "w", encoding="utf-8") as f:
       for row in rows:
-        bar.update(1)
-        if "error" in row:
-          skips.add(row["image"], row["error"])
-          continue
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        out.flush()
-        done += 1
-  finally:
-    if out is not sys.stdout:
-      out.close()
-  if out is not sys.stdout:
-    say_wrote(output, f"{done} rows")
-  return report_skips(skips, done)
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  os.replace(tmp, out)
+
+
+def write_rows(rows, total: int, output: str | None, desc: str, skips: Skips, rank_by: str | None = None) -> int:
+  """Collects result rows with a progress bar (rows with an 'error' go to the skip report), adds per-prompt ranks
+  when asked, writes them (`write_table`) and reports; -> exit code."""
+  done = []
+  with progress(total, desc) as bar:
+    for row in rows:
+      bar.update(1)
+      if "error" in row:
+        skips.add(row["image"], row["error"])
+        continue
+      done.append(row)
+  if rank_by is not None:
+    add_ranks(done, rank_by)
+  write_table(done, output)
+  if output is not None and output != "-":
+    say_wrote(output, f"{len(done)} rows")
+  return report_skips(skips, len(done))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -117,6 +185,20 @@ def read_pairs(path: str, skips: Skips) -> Iterator[tuple[str, str]]:
     yield from read_image_rows(path, skips.add, require_prompt=True)
   except ValueError as e:
     raise UsageError(f"cannot read pairs file {path}: {e.__cause__ or e}") from e
+
+
+def expand_images(paths) -> list[str]:
+  """Image paths from the command line, each directory replaced by the image files below it (recursive)."""
+  out = []
+  for p in paths:
+    if Path(p).is_dir():
+      try:
+        out.extend(str(f) for f in image_files(p))
+      except ValueError as e:
+        raise UsageError(str(e)) from e
+    else:
+      out.append(str(p))
+  return out
 
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:

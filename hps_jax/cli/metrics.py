@@ -133,9 +133,17 @@ def run_metrics(args) -> int:
     raise UsageError("aesthetic needs --aesthetic-mlp")
   if "hps" in wanted and not args.checkpoint:
     raise UsageError("hps needs --checkpoint")
+  positive(args, "is_splits", "kid_subsets", "kid_subset_size")
   skips = Skips()
   try:
     items = compute.list_images(args.images, skips)
+    if "kid" in wanted:  # before any feature extraction: a KID subset draws that many images from each set
+      n_ref = len(compute.list_images(args.reference, Skips()))
+      if args.kid_subset_size > min(len(items), n_ref):
+        raise UsageError(
+          f"--kid-subset-size {args.kid_subset_size} is larger than the image sets (--images: {len(items)}, "
+          f"--reference: {n_ref}): pass --kid-subset-size <= {min(len(items), n_ref)}"
+        )
     result = compute.generator_metrics(
       items,
       wanted,

@@ -23,8 +23,8 @@ def add_sampling_args(p, *, batch_flag: str = "--batch-size") -> None:
   p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim"], help="sampler")
   p.add_argument("--seed", type=int, default=0, help="image k of prompt j gets seed + j * num_images + k")
   p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-  p.add_argument("--height", type=int, default=512, help="image height in pixels")
-  p.add_argument("--width", type=int, default=512, help="image width in pixels")
+  p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size, 512 for SD 1.x)")
+  p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
   p.add_argument(batch_flag, type=int, default=4, help="images per sampling batch (one compiled shape)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   p.add_argument("--lora", help="LoRA file or dir: PEFT/diffusers safetensors, kohya/A1111, or the HPS v1 release .bin")
@@ -41,7 +41,16 @@ def load_sd(args):
   return sd, info
 
 
-def sample_config(args) -> SampleConfig:
+def sample_config(args, sd: StableDiffusion) -> SampleConfig:
+  """The sampling settings; --height / --width default to the model's native size and must be positive multiples
+  of the VAE factor (checked here, before any compilation)."""
+  args.height = args.height or sd.native_size
+  args.width = args.width or sd.native_size
+  f = sd.vae_factor
+  if min(args.height, args.width) < f or args.height % f or args.width % f:
+    raise UsageError(
+      f"--height and --width must be positive multiples of {f} (the VAE factor), got {args.height}x{args.width}"
+    )
   return SampleConfig(
     steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height, width=args.width
   )
@@ -93,7 +102,7 @@ def run_sample(args) -> int:
   slots = [(p, args.seed + j * args.num_images + k, j) for j, p in enumerate(prompts) for k in range(args.num_images)]
   sd, lora_info = load_sd(args)
   scorer = Scorer.from_checkpoint(args.checkpoint) if args.best_of > 1 else None
-  cfg = sample_config(args)
+  cfg = sample_config(args, sd)
   out = Path(args.outdir)
   settings = {
     "model": str(args.model),

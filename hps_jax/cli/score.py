@@ -7,11 +7,21 @@ from hps_jax.cli.common import (
   UsageError,
   add_checkpoint_args,
   add_parser,
+  check_output,
+  expand_images,
   positive,
   read_pairs,
   write_rows,
 )
 from hps_jax.preference.scorer import AestheticScorer, Scorer
+
+
+def add_output_args(p) -> None:
+  p.add_argument(
+    "--output",
+    help="results file by extension: .jsonl, .csv or .parquet (default: JSONL on stdout); one row per image",
+  )
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
 
 def add_preprocess_arg(p, default: str) -> None:
@@ -29,17 +39,17 @@ def add_score(sub):
     "score",
     help="HPS of images against prompts (JSONL out)",
     description="Scores images with a preference model: hps = 100 * cos(image, prompt). Scores only "
-    "compare images of the same prompt.",
+    "compare images of the same prompt; `rank` is each image's place among the images of its prompt (1 = best).",
   )
   add_checkpoint_args(p)
   add_preprocess_arg(p, "pad")
   p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
-  p.add_argument("--output", help="JSONL file (default: stdout)")
+  add_output_args(p)
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--prompt", help="one prompt for all IMAGES")
   g.add_argument("--pairs", help='JSONL with {"image": PATH, "prompt": TEXT} per line')
-  p.add_argument("images", nargs="*", help="image files (with --prompt)")
+  p.add_argument("images", nargs="*", help="image files or folders (searched recursively), with --prompt")
   p.set_defaults(run=run_score)
 
 
@@ -49,12 +59,14 @@ def run_score(args) -> int:
   if args.pairs is not None and args.images:
     raise UsageError("give images either on the command line (with --prompt) or in --pairs, not both")
   positive(args, "batch_size")
+  check_output(args.output, overwrite=args.overwrite, inputs=[args.pairs, *args.images])
   skips = Skips()
   if args.pairs is not None:
     items = list(read_pairs(args.pairs, skips))
   else:
-    items = [(img, args.prompt) for img in args.images]
-  return write_rows(scorer_from_args(args).iter_scores(items), len(items), args.output, "scoring", skips)
+    items = [(img, args.prompt) for img in expand_images(args.images)]
+  rows = scorer_from_args(args).iter_scores(items)
+  return write_rows(rows, len(items), args.output, "scoring", skips, rank_by="hps")
 
 
 def scorer_from_args(args) -> Scorer:
@@ -91,14 +103,16 @@ def add_aesthetic(sub):
   )
   add_preprocess_arg(p, "clip")
   p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-  p.add_argument("--output", help="JSONL file (default: stdout)")
-  p.add_argument("images", nargs="+", help="image files")
+  add_output_args(p)
+  p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
   p.set_defaults(run=run_aesthetic)
 
 
 def run_aesthetic(args) -> int:
   positive(args, "batch_size")
+  check_output(args.output, overwrite=args.overwrite, inputs=args.images)
+  images = expand_images(args.images)
   scorer = AestheticScorer.from_checkpoint(
     args.mlp, args.clip_checkpoint, args.clip_format, preprocess=args.preprocess, batch_size=args.batch_size
   )
-  return write_rows(scorer.iter_scores(args.images), len(args.images), args.output, "aesthetic", Skips())
+  return write_rows(scorer.iter_scores(images), len(images), args.output, "aesthetic", Skips())

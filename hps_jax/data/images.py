@@ -47,6 +47,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -349,3 +350,15 @@ def _decode_to_rgb(name: str, img: Image.Image, bg, exif_transpose: bool) -> np.
     raise
   except Exception as e:
     raise ImageError(name, f"cannot convert image to RGB: {type(e).__name__}: {e}") from e
+
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def image_files(directory) -> list[Path]:
+  """Every image file below a directory (recursive, by extension, case-insensitive), sorted by path."""
+  d = Path(directory)
+  files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+  if not files:
+    raise ValueError(f"{d}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+  return files

@@ -83,6 +83,11 @@ class StableDiffusion:
     return self.unet.config.in_channels
 
   @property
+  def native_size(self) -> int:
+    """The image size the model was trained at: the UNet's sample_size (latents) times the VAE factor."""
+    return int(self.unet.config.sample_size) * self.vae_factor
+
+  @property
   def vae_factor(self) -> int:
     return self.vae.config.downsample_factor
 

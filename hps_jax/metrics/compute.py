@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from hps_jax.data.images import ImageError, describe, load_image
+from hps_jax.data.images import ImageError, describe, image_files, load_image
 from hps_jax.data.pairs import read_image_rows
 from hps_jax.data.skips import Skips
 from hps_jax.metrics.fid import FeatureStats, frechet_distance, load_stats
@@ -28,7 +28,6 @@ from hps_jax.metrics.inception_features import extract
 from hps_jax.metrics.scores import clip_score, inception_score, kernel_inception_distance
 from hps_jax.preference.scorer import AestheticScorer, Scorer
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 
@@ -51,10 +50,7 @@ def list_images(path, skipped: Skips | None = None) -> list[tuple[str, str | Non
   """(image path, prompt or None) for a directory of images or a JSONL of {"image", "prompt"} rows."""
   p = Path(path)
   if p.is_dir():
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-      raise ValueError(f"{p}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return [(str(f), None) for f in files]
+    return [(str(f), None) for f in image_files(p)]
   if p.suffix == ".jsonl":
     return list(read_image_rows(p, skipped.add if skipped is not None else (lambda *_: None), require_prompt=False))
   if not p.exists():
@@ -228,7 +224,8 @@ def generator_metrics(
       if not ckpt:
         raise ValueError(f"the {metric} metric needs a checkpoint")
       scorer = Scorer.from_checkpoint(ckpt, preprocess=mode)
-      cos = np.array([r["cosine"] for r in scorer.iter_scores(readable) if "cosine" in r])
+      rows = tqdm(scorer.iter_scores(readable), total=len(readable), desc=metric, unit="img", dynamic_ncols=True)
+      cos = np.array([r["cosine"] for r in rows if "cosine" in r])
       result["clip_score" if metric == "clip" else "hps_mean"] = (
         clip_score(cos) if metric == "clip" else float(100 * cos.mean())
       )
@@ -237,6 +234,8 @@ def generator_metrics(
       raise ValueError("the aesthetic metric needs the aesthetic head and a CLIP ViT-L/14 checkpoint")
 
     aes = AestheticScorer.from_checkpoint(aesthetic_mlp, clip_checkpoint)
-    vals = [r["aesthetic"] for r in aes.iter_scores([src for src, _ in readable]) if "aesthetic" in r]
+    rows = aes.iter_scores([src for src, _ in readable])
+    rows = tqdm(rows, total=len(readable), desc="aesthetic", unit="img", dynamic_ncols=True)
+    vals = [r["aesthetic"] for r in rows if "aesthetic" in r]
     result["aesthetic_mean"] = float(np.mean(vals))
   return result

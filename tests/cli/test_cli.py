@@ -84,7 +84,8 @@ def test_corrupt_corpus_pairs(checkpoint, corpus, tmp_path):
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert [Path(r["image"]).name for r in rows] == GOOD
   for r in rows:
-    assert set(r) == {"image", "prompt", "hps", "cosine"}
+    assert set(r) == {"image", "prompt", "hps", "cosine", "rank"}
+    assert r["rank"] == 1  # every image has its own prompt here
     assert r["prompt"] == f"prompt for {Path(r['image']).name}"
     assert np.isfinite(r["hps"]) and r["hps"] == pytest.approx(100 * r["cosine"], rel=1e-9)
     assert "img/s" in res.stderr  # the progress bar reports a rate
@@ -114,6 +115,43 @@ def test_prompt_mode_stdout_and_clean_exit(checkpoint, corpus):
   rows = [json.loads(l) for l in res.stdout.splitlines()]
   assert [r["prompt"] for r in rows] == ["a cat", "a cat"]
   assert "done: 2 images processed, 0 skipped" in res.stderr
+
+
+def test_folders_ranks_and_output_formats(checkpoint, corpus, tmp_path, capsys):
+  """A folder argument scores every image below it; `rank` orders the images of one prompt (1 = highest HPS); the
+  .csv and .parquet outputs hold the same rows as .jsonl; an existing output is refused without --overwrite."""
+  from hps_jax.cli import main
+
+  good = tmp_path / "good"
+  (good / "sub").mkdir(parents=True)
+  for i, name in enumerate(GOOD):
+    (good / ("sub" if i % 2 else ".") / name).write_bytes((corpus / name).read_bytes())
+  base = ["score", "--checkpoint", str(checkpoint), "--prompt", "a cat", str(good), "--batch-size", "4"]
+  assert main([*base, "--output", str(tmp_path / "s.jsonl")]) == 0
+  rows = [json.loads(l) for l in (tmp_path / "s.jsonl").read_text().splitlines()]
+  assert sorted(Path(r["image"]).name for r in rows) == sorted(GOOD)  # the folder, recursively
+  order = np.argsort([-r["hps"] for r in rows], kind="stable")
+  assert [rows[i]["rank"] for i in order] == sorted(r["rank"] for r in rows)
+  assert sorted(r["rank"] for r in rows) == [1, 2, 3, 4]
+
+  import csv
+
+  import pyarrow.parquet as pq
+
+  assert main([*base, "--output", str(tmp_path / "s.csv")]) == 0
+  assert main([*base, "--output", str(tmp_path / "s.parquet")]) == 0
+  with open(tmp_path / "s.csv", newline="", encoding="utf-8") as f:
+    from_csv = list(csv.DictReader(f))
+  from_parquet = pq.read_table(tmp_path / "s.parquet").to_pylist()
+  for want, c, p in zip(rows, from_csv, from_parquet):
+    assert c["image"] == p["image"] == want["image"] and int(c["rank"]) == p["rank"] == want["rank"]
+    assert float(c["hps"]) == p["hps"] == want["hps"]  # repr round trip: the same float64
+  capsys.readouterr()
+  assert main([*base, "--output", str(tmp_path / "s.csv")]) == 2  # exists
+  assert "pass --overwrite" in capsys.readouterr().err
+  assert main([*base, "--output", str(tmp_path / "s.csv"), "--overwrite"]) == 0
+  assert main([*base, "--output", str(tmp_path / "s.txt")]) == 2
+  assert "unknown format .txt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

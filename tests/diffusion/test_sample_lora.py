@@ -122,3 +122,18 @@ def test_usage_errors(setup, tmp_path, capsys):
     )
     == 2
   )
+
+
+def test_size_defaults_to_the_model_and_is_checked_before_sampling(setup, tmp_path, capsys):
+  """No --height / --width: the model's native size (tiny SD: 8 latents x VAE factor 4 = 32 px), not 512; a size
+  that is not a multiple of the VAE factor is a one-line usage error before anything compiles."""
+  _, model, _ = setup
+  _run("sample", "--model", model, "--prompt", "a red circle", "--steps", "2", "--outdir", tmp_path / "native")
+  rows, images = _images(tmp_path / "native")
+  assert images.shape == (1, 32, 32, 3) and rows[0]["height"] == rows[0]["width"] == 32
+  capsys.readouterr()
+  assert (
+    main(["sample", "--model", str(model), "--prompt", "x", "--height", "33", "--outdir", str(tmp_path / "x")]) == 2
+  )
+  err = capsys.readouterr().err
+  assert "--height and --width must be positive multiples of 4" in err and "Traceback" not in err

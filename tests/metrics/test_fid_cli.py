@@ -184,3 +184,23 @@ def test_metrics_usage_errors(sets, capsys):
   assert "prompt per image" in capsys.readouterr().err
   assert cli(["metrics", "--images", str(root / "a"), "--metrics", "bogus"]) == 2
   assert cli(["fid", str(root / "a")]) == 2
+
+
+def test_kid_subset_larger_than_the_sets_fails_before_feature_extraction(sets, inception, tmp_path, capsys):
+  """The default KID subset (1000 images) with 7- and 6-image sets: exit 2 at once, naming both set sizes, and no Inception
+  pass runs (it would take minutes at real sizes)."""
+  import time
+
+  from hps_jax.cli import main as cli_main
+
+  root = sets[0]
+  t0 = time.perf_counter()
+  argv = ["metrics", "--images", str(root / "a"), "--metrics", "kid", "--reference", str(root / "b")]
+  argv += ["--inception-weights", str(inception[1])]
+  assert cli_main(argv) == 2
+  elapsed = time.perf_counter() - t0
+  err = capsys.readouterr().err
+  assert "--kid-subset-size 1000 is larger than the image sets" in err and "Traceback" not in err
+  assert "set A" not in err and "img/s" not in err  # no progress bar: nothing was extracted
+  assert "--images: 7, --reference: 6" in err
+  print(f"KID misconfiguration reported in {elapsed:.2f} s")
