@@ -1,7 +1,11 @@
 """hps_jax: Human Preference Score (Wu et al., ICCV 2023) in JAX / Flax NNX.
 
 `from hps_jax import Scorer` is the entry point for scoring; submodules are imported lazily so that the command
-line starts quickly and torch is never imported by the core.
+line starts quickly and torch is never imported by the core. One-liners:
+
+    hps_jax.score(images, "a prompt", model="hps-v2.1")   # np.ndarray of HPS; a registry name or a checkpoint path
+    hps_jax.fid("generated/", "reference/")               # float; a directory, JSONL or stats .npz
+    hps_jax.Scorer.from_pretrained("hps-v2.1")            # published weights, cached and sha256-checked
 """
 
 __version__ = "0.1.0"
@@ -13,6 +17,9 @@ _LAZY = {
   "CLIPConfig": "hps_jax.models.clip",
   "CLIPTokenizer": "hps_jax.data.tokenizer",
   "load_clip": "hps_jax.convert.clip",
+  "score": "hps_jax.metrics.api",
+  "fid": "hps_jax.metrics.api",
+  "WeightsError": "hps_jax.weights",
 }
 
 __all__ = sorted(_LAZY)

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "label": ("hps_jax.cli.adapt", "HPS-label generated images (DiffusionDB) for the LoRA adaptation"),
   "train-lora": ("hps_jax.cli.adapt", "LoRA-adapt Stable Diffusion on an HPS-labelled manifest"),
   "eval-generator": ("hps_jax.cli.adapt", "Table 4: FID, aesthetic, CLIP score, HPS of base vs LoRA-adapted SD"),
+  "weights": ("hps_jax.cli.weights", "list, locate and verify the published weights hps_jax knows (cache, sha256)"),
+  "convert": ("hps_jax.cli.convert", "any supported PyTorch / safetensors checkpoint to safetensors (no torch needed)"),
   "demo": ("hps_jax.cli.demo", "the whole paper pipeline offline on tiny random models (what `make demo` runs)"),
 }
 
@@ -99,3 +101,25 @@ def main(argv=None) -> int:
   except (UsageError, CheckpointError, FileNotFoundError) as e:
     print(f"hps-jax {args.command}: error: {e}", file=sys.stderr)
     return EXIT_USAGE
+  except Exception as e:  # noqa: BLE001  (only device out-of-memory is turned into a message; the rest re-raises)
+    if not _out_of_memory(e):
+      raise
+    print(
+      f"hps-jax {args.command}: error: the accelerator ran out of memory ({_first_line(e)}): lower --batch-size "
+      "(or --height / --width, or use --dtype bfloat16)",
+      file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
+def _out_of_memory(e: BaseException) -> bool:
+  """An XLA allocation failure (RESOURCE_EXHAUSTED / out of memory), whatever JAX version raised it."""
+  text = str(e)
+  return type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and (
+    "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+  )
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+  line = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+  return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -255,6 +255,7 @@ def run_eval_generator(args) -> int:
         clip_checkpoint=args.clip_checkpoint,
         aesthetic_mlp=args.aesthetic_mlp,
         hps_checkpoint=args.checkpoint,
+        inception_sha256=getattr(args, "inception_sha256", None),
       )
     except ValueError as e:
       raise UsageError(str(e)) from e

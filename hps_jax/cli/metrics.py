@@ -38,9 +38,13 @@ def add_inception_args(p, *, batch_size: int = 50) -> None:
 
 
 def load_inception_arg(args):
-  """The FID Inception named by --inception-weights (or found in the default places)."""
+  """The FID Inception named by --inception-weights (or found in the default places); sets
+  args.inception_sha256, which saved statistics record and are checked against."""
   positive(args, "batch_size")
-  return load_inception(args.inception_weights or compute.default_inception_weights())
+  path = args.inception_weights or compute.default_inception_weights()
+  model = load_inception(path)
+  args.inception_sha256 = compute.file_sha256(path)
+  return model
 
 
 def add_fid(sub):
@@ -75,12 +79,18 @@ def run_fid(args) -> int:
     if a.count < 2:
       raise UsageError(f"{args.path_a}: fewer than two readable images")
     if args.save_stats:
-      a.stats.save(args.save_stats)
+      meta = compute.stats_meta(resize=args.resize, inception_sha256=args.inception_sha256, num_images=a.count)
+      a.stats.save(args.save_stats, meta)
       say_wrote(args.save_stats, f"the statistics of {a.count} images")
     result = {"path_a": args.path_a, "num_a": a.count, "resize": args.resize}
     if args.path_b is not None:
       mu_b, sigma_b, b = compute.reference_stats(
-        args.path_b, model, skips, resize=args.resize, batch_size=args.batch_size
+        args.path_b,
+        model,
+        skips,
+        resize=args.resize,
+        batch_size=args.batch_size,
+        inception_sha256=args.inception_sha256,
       )
       mu_a, sigma_a = a.stats.mu_sigma()
       result.update(
@@ -158,6 +168,7 @@ def run_metrics(args) -> int:
       clip_checkpoint=args.clip_checkpoint,
       aesthetic_mlp=args.aesthetic_mlp,
       hps_checkpoint=args.checkpoint,
+      inception_sha256=getattr(args, "inception_sha256", None),
     )
   except ValueError as e:
     raise UsageError(str(e)) from e

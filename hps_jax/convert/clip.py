@@ -167,6 +167,24 @@ def infer_openai_config(sd, activation: str | None = None, fmt: str = "auto") ->
 
 
 _HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+# transformers' CLIPTextConfig default, and the legacy value that makes CLIPTextTransformer pool at argmax(ids).
+_HF_DEFAULT_EOS, _HF_LEGACY_EOS = 49407, 2
+
+
+def _eos_from_hf(tc: dict) -> int | None:
+  """Our `eos_token_id` from a text_config: None (argmax pooling) for transformers' legacy `eos_token_id == 2`,
+  else the id whose first position transformers pools at."""
+  eos = tc.get("eos_token_id", _HF_DEFAULT_EOS)
+  if isinstance(eos, (list, tuple)) and len(eos) == 1:
+    eos = eos[0]
+  if eos is None or eos == _HF_LEGACY_EOS:
+    return None
+  if isinstance(eos, bool) or not isinstance(eos, int):
+    raise CheckpointError(f"text_config eos_token_id {eos!r} is not a single token id")
+  vocab = tc.get("vocab_size", 49408)
+  if not 0 <= eos < vocab:
+    raise CheckpointError(f"text_config eos_token_id {eos} is outside the {vocab}-token vocabulary")
+  return eos
 
 
 def config_from_hf(hf: dict) -> CLIPConfig:
@@ -190,6 +208,7 @@ def config_from_hf(hf: dict) -> CLIPConfig:
     vision_mlp_dim=vc.get("intermediate_size", 3072),
     vocab_size=tc.get("vocab_size", 49408),
     context_length=tc.get("max_position_embeddings", 77),
+    eos_token_id=_eos_from_hf(tc),
     text_width=tc.get("hidden_size", 512),
     text_layers=tc.get("num_hidden_layers", 12),
     text_heads=tc.get("num_attention_heads", 8),
@@ -201,6 +220,8 @@ def config_from_hf(hf: dict) -> CLIPConfig:
 
 
 def config_to_hf(cfg: CLIPConfig) -> dict:
+  """Our config as a transformers CLIPConfig dict; `eos_token_id=None` (argmax pooling) is written as the legacy 2,
+  which transformers reads as argmax too, so `config_from_hf(config_to_hf(cfg)) == cfg`."""
   common = dict(hidden_act=cfg.activation, layer_norm_eps=cfg.layer_norm_eps)
   return {
     "architectures": ["CLIPModel"],
@@ -217,7 +238,7 @@ def config_to_hf(cfg: CLIPConfig) -> dict:
       vocab_size=cfg.vocab_size,
       projection_dim=cfg.embed_dim,
       bos_token_id=49406,
-      eos_token_id=49407,
+      eos_token_id=_HF_LEGACY_EOS if cfg.eos_token_id is None else cfg.eos_token_id,
       pad_token_id=1,
       **common,
     ),

@@ -91,6 +91,7 @@ class CLIPTokenizer:
     pad_id: int = 0,
     clean: str = "open_clip",
     context_length: int = 77,
+    source: str | None = None,
   ):
     if clean not in _CLEANERS:
       raise ValueError(f"clean must be one of {sorted(_CLEANERS)}, got {clean!r}")
@@ -102,6 +103,7 @@ class CLIPTokenizer:
     self.clean_name = clean
     self.clean = _CLEANERS[clean]
     self.context_length = context_length
+    self.source = source or f"{len(self.vocab)}-token vocabulary"  # where the vocabulary came from, for messages
     specials = "|".join(regex.escape(t) for t in self.special)
     self._pattern = regex.compile(f"{specials}|{_SPLIT}", regex.IGNORECASE)
     self._bytes = byte_alphabet()
@@ -124,23 +126,28 @@ class CLIPTokenizer:
     vocab_list += ["<start_of_text>", "<end_of_text>"]
     vocab = {t: i for i, t in enumerate(vocab_list)}
     kw.setdefault("pad_id", 0)
+    kw.setdefault("source", f"BPE file {path}")
     return cls(vocab, merges, start_token="<start_of_text>", end_token="<end_of_text>", **kw)
 
   @classmethod
   def from_hf_dir(cls, path: str | os.PathLike, **kw) -> "CLIPTokenizer":
-    """A Hugging Face CLIP tokenizer dir: vocab.json + merges.txt, or tokenizer.json."""
+    """A Hugging Face CLIP tokenizer dir: vocab.json + merges.txt (the hub layout), or tokenizer.json alone (what
+    transformers >= 5 `save_pretrained` writes: `model.vocab`, `model.merges` as "a b" strings or ["a", "b"]
+    pairs, `added_tokens`)."""
     path = Path(path)
+    fast = {}
     if (path / "vocab.json").exists() and (path / "merges.txt").exists():
       vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
       lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
       merges = [tuple(l.split()) for l in lines if l.strip() and not l.startswith("#version")]
+      kw.setdefault("source", f"Hugging Face tokenizer {path} (vocab.json + merges.txt)")
     elif (path / "tokenizer.json").exists():
-      model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-      vocab = model["vocab"]
-      merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+      fast = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+      vocab, merges = _fast_tokenizer_bpe(fast, path / "tokenizer.json")
+      kw.setdefault("source", f"Hugging Face tokenizer {path / 'tokenizer.json'}")
     else:
       raise FileNotFoundError(f"{path}: no Hugging Face tokenizer (vocab.json + merges.txt, or tokenizer.json)")
-    special = _hf_special_tokens(path)
+    special = {**_fast_special_tokens(fast), **_hf_special_tokens(path)}
     start, end = special.get("bos_token", "<|startoftext|>"), special.get("eos_token", "<|endoftext|>")
     pad = special.get("pad_token", end)
     for name, tok in (("start", start), ("end", end), ("pad", pad)):
@@ -268,6 +275,33 @@ class CLIPTokenizer:
     )
 
 
+def _fast_tokenizer_bpe(tj: dict, where: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """Vocabulary (with the added tokens) and merges of a tokenizers-library JSON holding a BPE model."""
+  model = tj.get("model") or {}
+  if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
+    raise ValueError(f"{where}: not a byte-level BPE tokenizer (model type {model.get('type')!r})")
+  vocab = dict(model["vocab"])
+  for tok in tj.get("added_tokens") or []:
+    vocab.setdefault(tok["content"], int(tok["id"]))
+  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+  bad = [m for m in merges if len(m) != 2]
+  if bad:
+    raise ValueError(f"{where}: merges must be pairs of symbols, got e.g. {bad[0]!r}")
+  return vocab, merges
+
+
+def _fast_special_tokens(tj: dict) -> dict[str, str]:
+  """bos/eos from a tokenizer.json post-processor (CLIP's RobertaProcessing: cls = start, sep = end); the
+  tokenizer configs, read after, take precedence."""
+  post = tj.get("post_processor") or {}
+  out = {}
+  for key, name in (("cls", "bos_token"), ("sep", "eos_token")):
+    v = post.get(key)
+    if isinstance(v, (list, tuple)) and v and isinstance(v[0], str):
+      out[name] = v[0]
+  return out
+
+
 def _hf_special_tokens(path: Path) -> dict[str, str]:
   out = {}
   for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -281,4 +315,5 @@ def _hf_special_tokens(path: Path) -> dict[str, str]:
 
 @lru_cache(maxsize=4)
 def _default_cached(kw: tuple) -> CLIPTokenizer:
-  return CLIPTokenizer.from_bpe_file(default_bpe_path(), **dict(kw))
+  path = default_bpe_path()
+  return CLIPTokenizer.from_bpe_file(path, **{"source": f"default CLIP BPE file {path}", **dict(kw)})

@@ -13,7 +13,9 @@ and pool3 features (KID needs the features themselves).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from hps_jax.data.images import ImageError, describe, image_files, load_image
 from hps_jax.data.pairs import read_image_rows
 from hps_jax.data.skips import Skips
-from hps_jax.metrics.fid import FeatureStats, frechet_distance, load_stats
+from hps_jax.metrics.fid import FeatureStats, frechet_distance, load_stats, load_stats_meta
 from hps_jax.metrics.inception_features import extract
 from hps_jax.metrics.scores import clip_score, inception_score, kernel_inception_distance
 from hps_jax.preference.scorer import AestheticScorer, Scorer
@@ -140,11 +142,50 @@ def inception_pass(
   return runner.finish()
 
 
-def reference_stats(path, model, skipped: Skips, *, resize: str, batch_size: int, keep=(), progress=True):
-  """FID reference: a stats .npz (mu, sigma) or an image set. Returns (mu, sigma, InceptionFeatures or None)."""
+class StatsMismatchWarning(UserWarning):
+  """Saved FID statistics made with another resize or other Inception weights than the set they are compared with."""
+
+
+def file_sha256(path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def stats_meta(*, resize: str, inception_sha256: str | None, num_images: int) -> dict:
+  """What a saved statistics file records about how it was made."""
+  return {"resize": resize, "inception_sha256": inception_sha256, "num_images": num_images}
+
+
+def check_stats_meta(path, *, resize: str, inception_sha256: str | None) -> list[str]:
+  """Warns (StatsMismatchWarning, one line each) when saved statistics were made another way; -> the messages."""
+  meta = load_stats_meta(path)
+  if meta is None:
+    return []
+  problems = []
+  if meta.get("resize") not in (None, resize):
+    problems.append(f"{path} was made with --resize {meta['resize']}, this run uses {resize}: FID is not comparable")
+  theirs = meta.get("inception_sha256")
+  if theirs and inception_sha256 and theirs != inception_sha256:
+    problems.append(
+      f"{path} was made with other Inception weights (sha256 {theirs[:12]}..., this run {inception_sha256[:12]}...)"
+    )
+  for msg in problems:
+    warnings.warn(msg, StatsMismatchWarning, stacklevel=2)
+  return problems
+
+
+def reference_stats(
+  path, model, skipped: Skips, *, resize: str, batch_size: int, keep=(), progress=True, inception_sha256=None
+):
+  """FID reference: a stats .npz (mu, sigma) or an image set. Returns (mu, sigma, InceptionFeatures or None).
+  A stats file recording another resize or other Inception weights (`inception_sha256`) gives a warning."""
 
   if str(path).endswith(".npz"):
     mu, sigma = load_stats(path)
+    check_stats_meta(path, resize=resize, inception_sha256=inception_sha256)
     return mu, sigma, None
   run = inception_pass(
     model,
@@ -177,6 +218,7 @@ def generator_metrics(
   clip_checkpoint=None,
   aesthetic_mlp=None,
   hps_checkpoint=None,
+  inception_sha256: str | None = None,
 ) -> dict:
   """The `wanted` metrics (fid, is, kid, clip, aesthetic, hps) of one image set: `items` are (image, prompt or
   None) pairs; fid/kid compare with `reference` (images, or saved statistics for fid) through the `inception`
@@ -205,7 +247,13 @@ def generator_metrics(
       if reference is None:
         raise ValueError("fid and kid need a reference (images, or saved statistics for fid)")
       mu_r, sigma_r, ref = reference_stats(
-        reference, inception, skipped, resize=resize, batch_size=batch_size, keep=("pool3",) if "kid" in wanted else ()
+        reference,
+        inception,
+        skipped,
+        resize=resize,
+        batch_size=batch_size,
+        keep=("pool3",) if "kid" in wanted else (),
+        inception_sha256=inception_sha256,
       )
       result["reference"] = str(reference)
       if "fid" in wanted:

@@ -28,6 +28,7 @@ under one digit of float64's sixteen.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
 
@@ -221,11 +222,13 @@ class FeatureStats:
     """Fréchet distance between this accumulator's Gaussian fit and another's."""
     return frechet_distance(*self.mu_sigma(), *other.mu_sigma(), backend=backend)
 
-  def save(self, path: str | os.PathLike):
-    """Writes `mu`, `sigma` (float64, pytorch-fid layout) and `n` to an `.npz` at exactly `path`."""
+  def save(self, path: str | os.PathLike, meta: dict | None = None):
+    """Writes `mu`, `sigma` (float64, pytorch-fid layout), `n` and, when given, `meta` (how the statistics were made:
+    a JSON string, e.g. the resize and the Inception weights' sha256) to an `.npz` at exactly `path`."""
     mu, sigma = self.mu_sigma()
+    extra = {"meta": np.asarray(json.dumps(meta, sort_keys=True))} if meta else {}
     with open(path, "wb") as f:
-      np.savez(f, mu=mu, sigma=sigma, n=np.int64(self.n))
+      np.savez(f, mu=mu, sigma=sigma, n=np.int64(self.n), **extra)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "FeatureStats":
@@ -261,6 +264,18 @@ def _read_stats(path, need_n: bool):
   if need_n and n < 2:
     raise ValueError(f"{os.fspath(path)}: sample count n={n} < 2")
   return mu, sigma, n
+
+
+def load_stats_meta(path: str | os.PathLike) -> dict | None:
+  """The `meta` a statistics file records (None for pytorch-fid files and older ones)."""
+  with np.load(path, allow_pickle=False) as f:
+    if "meta" not in f.files:
+      return None
+    try:
+      meta = json.loads(str(f["meta"]))
+    except ValueError:
+      return None
+  return meta if isinstance(meta, dict) else None
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

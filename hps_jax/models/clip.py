@@ -2,8 +2,11 @@
 
 Pure architecture: no checkpoint formats here (see `hps_jax.convert.clip`). Images are NHWC float arrays already
 normalized; token ids are int32 (batch, context_length) from `hps_jax.data.tokenizer`. The text embedding is read
-at the end-of-text token, found as the position of the largest id (CLIP's end token 49407 is the largest id of its
-vocabulary), as OpenAI CLIP, open_clip and transformers (for CLIP vocabularies) all do.
+at the end-of-text token. `CLIPConfig.eos_token_id` says how that token is found, as the checkpoint defines it:
+None (OpenAI CLIP, open_clip, and transformers configs with the legacy `eos_token_id == 2`) takes the position of
+the largest id (CLIP's end token 49407 is the largest id of its vocabulary); an id takes the first position holding
+it (transformers' CLIPTextTransformer for any other `eos_token_id`, which vocabularies whose end token is not the
+largest id need).
 
 Parameter paths (used by the freezing regexes and the converters):
   vision/patch_embed/kernel, vision/class_embedding, vision/pos_embedding, vision/ln_pre/{scale,bias},
@@ -42,6 +45,7 @@ class CLIPConfig:
   # text tower
   vocab_size: int = 49408
   context_length: int = 77
+  eos_token_id: int | None = None  # None: pool at argmax(ids); an id: pool at its first position
   text_width: int = 768
   text_layers: int = 12
   text_heads: int = 12
@@ -60,6 +64,9 @@ class CLIPConfig:
     for w, h, name in ((self.vision_width, self.vision_heads, "vision"), (self.text_width, self.text_heads, "text")):
       if w % h:
         raise ValueError(f"{name} width {w} is not divisible by {h} heads")
+    eos = self.eos_token_id
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size):
+      raise ValueError(f"eos_token_id must be None or an id in [0, {self.vocab_size}), got {eos!r}")
 
   @property
   def num_patches(self) -> int:
@@ -392,7 +399,10 @@ class TextTransformer(nnx.Module):
     if self.proj is None:
       raise ValueError("this text tower has no projection (a CLIPTextModel): use hidden_states()")
     x = self.hidden_states(token_ids)
-    eot = jnp.argmax(token_ids, axis=-1)
+    if self.cfg.eos_token_id is None:
+      eot = jnp.argmax(token_ids, axis=-1)
+    else:
+      eot = jnp.argmax(token_ids == self.cfg.eos_token_id, axis=-1)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
     return pooled.astype(jnp.float32) @ self.proj[...].astype(jnp.float32)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -24,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hps_jax import parallel
+from hps_jax import parallel, weights
 from hps_jax.convert.aesthetic import load_aesthetic
 from hps_jax.convert.clip import load_clip
+from hps_jax.convert.io import CheckpointError
 from hps_jax.data.images import ImageError, describe, load_image
 from hps_jax.data.preprocess import PreprocessConfig
 from hps_jax.data.tokenizer import CLIPTokenizer
@@ -127,6 +129,8 @@ def _default_workers() -> int:
 class Scorer:
   """HPS scorer around a CLIP model. See the module docstring."""
 
+  checkpoint: str | None = None  # where the model was loaded from (`from_checkpoint`), named in errors
+
   def __init__(
     self,
     model: CLIP,
@@ -184,10 +188,15 @@ class Scorer:
   ) -> "Scorer":
     """Loads a CLIP/HPS checkpoint (HF dir, OpenAI-layout `hpc.pt`, open_clip `HPS_v2*.pt`, safetensors).
     `tokenizer`: a CLIPTokenizer, a BPE file / HF tokenizer dir path, or None (the checkpoint dir's own
-    vocab.json + merges.txt if it has them, else the default CLIP BPE file)."""
+    tokenizer — vocab.json + merges.txt, or tokenizer.json — if it has one, else the default CLIP BPE file).
+    Raises CheckpointError when the tokenizer has ids beyond the checkpoint's token embedding table."""
 
     model = load_clip(path, format, activation=activation, dtype=as_dtype(dtype), param_dtype=as_dtype(param_dtype))
-    return cls(model, resolve_tokenizer(tokenizer, path), preprocess, batch_size=batch_size, mesh=mesh, buckets=buckets)
+    tok = resolve_tokenizer(tokenizer, path)
+    check_token_ids([max(tok.vocab.values()), tok.pad_id], model.config.vocab_size, tok, path)
+    scorer = cls(model, tok, preprocess, batch_size=batch_size, mesh=mesh, buckets=buckets)
+    scorer.checkpoint = str(path)
+    return scorer
 
   # scoring ---------------------------------------------------------------------------------------------------
   def prepare_images(self, images) -> np.ndarray:
@@ -196,7 +205,9 @@ class Scorer:
     return np.stack(out) if out else np.zeros((0, self.preprocess.size, self.preprocess.size, 3), np.float32)
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-    return np.asarray(self.tokenizer(list(prompts), context_length=self.config.context_length), np.int32)
+    ids = np.asarray(self.tokenizer(list(prompts), context_length=self.config.context_length), np.int32)
+    check_token_ids(ids, self.config.vocab_size, self.tokenizer, self.checkpoint)
+    return ids
 
   def cosine(self, images, prompts) -> np.ndarray:
     images = _as_list(images)
@@ -211,7 +222,9 @@ class Scorer:
 
   def cosine_arrays(self, pixels: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     """Cosine for already preprocessed pixels (N, S, S, 3) and token ids (N, T)."""
-    return self._cos(np.asarray(pixels, np.float32), np.asarray(token_ids, np.int32))
+    token_ids = np.asarray(token_ids, np.int32)
+    check_token_ids(token_ids, self.config.vocab_size, self.tokenizer, self.checkpoint)
+    return self._cos(np.asarray(pixels, np.float32), token_ids)
 
   def embed_images(self, images) -> np.ndarray:
     """L2-normalized image embeddings."""
@@ -237,6 +250,35 @@ class Scorer:
   @property
   def compiled_variants(self) -> int:
     return self._cos.compiled_variants()
+
+  # registry and description ---------------------------------------------------------------------------------
+  @classmethod
+  def from_pretrained(cls, name, **kw) -> "Scorer":
+    """A scorer of published weights by name (`hps_jax.weights.REGISTRY`: hps-v1, hps-v2, hps-v2.1, pickscore,
+    clip-vit-l-14), taken from the cache (`$HPS_JAX_CACHE`, sha256-checked) or downloaded into it; a checkpoint
+    path works too. `kw`: `from_checkpoint`'s arguments. Raises `WeightsError` (one line: what to download, where
+    to put it) when the weights are not available."""
+    path, source = _pretrained_path(name)
+    entry = weights.REGISTRY.get(str(name))
+    if entry is not None:
+      kw.setdefault("format", entry.format)
+      if entry.tokenizer and kw.get("tokenizer") is None:
+        kw["tokenizer"] = weights.resolve(entry.tokenizer)
+    scorer = cls.from_checkpoint(path, **kw)
+    scorer._source, scorer._dtype = source, kw.get("dtype")
+    return scorer
+
+  def __repr__(self) -> str:
+    c = self.config
+    arch = (
+      f"vision {c.vision_layers}x{c.vision_width} patch {c.patch_size}, text {c.text_layers}x{c.text_width}, "
+      f"embed {c.embed_dim}, {c.activation}"
+    )
+    return (
+      f"Scorer(source={getattr(self, '_source', 'in-memory model')!r}, arch={arch!r}, "
+      f"preprocess={_describe_preprocess(self.preprocess)!r}, {_describe_dtype(self, self._cos.state)}, "
+      f"batch_size={self._cos.batch_size})"
+    )
 
 
 class AestheticScorer:
@@ -301,6 +343,57 @@ class AestheticScorer:
         else {"image": describe(src), "error": str(err)}
       )
 
+  @classmethod
+  def from_pretrained(
+    cls, name="laion-aesthetic-linear", clip="clip-vit-l-14", clip_format: str = "auto", dtype=None, **kw
+  ) -> "AestheticScorer":
+    """The aesthetic predictor of published weights by name (`hps_jax.weights.REGISTRY`: laion-aesthetic-linear
+    or laion-aesthetic-relu on clip-vit-l-14), from the cache or downloaded into it (sha256-checked); checkpoint
+    paths work too. `kw`: the constructor's arguments."""
+    mlp_path, mlp_source = _pretrained_path(name)
+    clip_path, clip_source = _pretrained_path(clip)
+    scorer = cls.from_checkpoint(mlp_path, clip_path, clip_format, dtype, **kw)
+    scorer._source, scorer._dtype = f"{mlp_source} on {clip_source}", dtype
+    return scorer
+
+  def __repr__(self) -> str:
+    kernels = [
+      leaf.shape
+      for path, leaf in jax.tree_util.tree_flatten_with_path(self._run.state[1])[0]
+      if "kernel" in [getattr(k, "key", None) for k in path] and getattr(leaf, "ndim", 0) == 2
+    ]
+    dims = [k[0] for k in kernels[:1]] + [k[1] for k in kernels]
+    return (
+      f"AestheticScorer(source={getattr(self, '_source', 'in-memory model')!r}, "
+      f"arch={'CLIP image embedding -> MLP ' + '-'.join(map(str, dims))!r}, "
+      f"preprocess={_describe_preprocess(self.preprocess)!r}, {_describe_dtype(self, self._run.state)}, "
+      f"batch_size={self._run.batch_size})"
+    )
+
+
+def _pretrained_path(name) -> tuple[Path, str]:
+  """(path, description) of a registry name (resolved through the cache) or an existing checkpoint path."""
+  if str(name) in weights.REGISTRY:
+    path = weights.resolve(str(name))
+    return path, f"{name} ({path})"
+  if Path(name).exists():
+    return Path(name), str(name)
+  raise weights.WeightsError(
+    f"{name!r} is neither a known weights name ({', '.join(weights.REGISTRY)}) nor an existing checkpoint path"
+  )
+
+
+def _describe_preprocess(p: PreprocessConfig) -> str:
+  return f"{p.mode} {p.size}px" + (" upscale" if p.upscale else "")
+
+
+def _describe_dtype(scorer, state) -> str:
+  leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
+  params = str(leaves[0].dtype) if leaves else "?"
+  compute = getattr(scorer, "_dtype", None)
+  dtype = jnp.dtype(as_dtype(compute)).name if compute is not None else params
+  return f"dtype={dtype!r}, params={params!r}"
+
 
 def _checked(loaded):
   for arr, err in loaded:
@@ -310,15 +403,37 @@ def _checked(loaded):
 
 
 def resolve_tokenizer(tokenizer, checkpoint=None) -> CLIPTokenizer:
+  """`tokenizer` itself, a tokenizer file / dir path, else the checkpoint dir's own Hugging Face tokenizer
+  (vocab.json + merges.txt, or tokenizer.json), else the default CLIP BPE file. Prints "tokenizer: <source>"
+  on stderr."""
   if isinstance(tokenizer, CLIPTokenizer):
-    return tokenizer
-  if tokenizer is not None:
-    return CLIPTokenizer.from_path(tokenizer)
-  if checkpoint is not None:
-    d = Path(checkpoint)
-    if d.is_dir() and (d / "vocab.json").exists() and (d / "merges.txt").exists():
-      return CLIPTokenizer.from_hf_dir(d)
-  return CLIPTokenizer.default()
+    tok = tokenizer
+  elif tokenizer is not None:
+    tok = CLIPTokenizer.from_path(tokenizer)
+  else:
+    d = Path(checkpoint) if checkpoint is not None else None
+    has_own = (
+      d is not None
+      and d.is_dir()
+      and ((d / "tokenizer.json").exists() or ((d / "vocab.json").exists() and (d / "merges.txt").exists()))
+    )
+    tok = CLIPTokenizer.from_hf_dir(d) if has_own else CLIPTokenizer.default()
+  print(f"tokenizer: {getattr(tok, 'source', tok)}", file=sys.stderr)
+  return tok
+
+
+def check_token_ids(ids, vocab_size: int, tokenizer, checkpoint=None) -> None:
+  """Raises CheckpointError when a token id does not index the `vocab_size`-row text embedding table (a
+  tokenizer that does not belong to the checkpoint): an out-of-range id would silently give NaN scores."""
+  top = int(np.max(ids)) if np.size(ids) else -1
+  low = int(np.min(ids)) if np.size(ids) else 0
+  if top >= vocab_size or low < 0:
+    bad = top if top >= vocab_size else low
+    raise CheckpointError(
+      f"tokenizer {getattr(tokenizer, 'source', tokenizer)} gives token id {bad}, but checkpoint "
+      f"{checkpoint or '(in memory)'} has a {vocab_size}-token text embedding table (ids 0..{vocab_size - 1}): "
+      "pass the checkpoint's own tokenizer (--tokenizer / tokenizer=)"
+    )
 
 
 def _as_list(images) -> list:

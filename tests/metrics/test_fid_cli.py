@@ -111,6 +111,15 @@ def test_fid_command_stats_and_corrupt_input(inception, sets, tmp_path, capsys):
   rc = cli(["fid", str(root / "b"), str(tmp_path / "a.npz"), "--inception-weights", str(weights), "--batch-size", "4"])
   again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert rc == 0 and abs(again["fid"] - want) <= 1e-6 * abs(want)
+  # the file records how it was made; statistics made another way are compared with a warning, never silently
+  meta = json.loads(str(npz["meta"]))
+  assert meta == {"resize": "tf1", "inception_sha256": compute.file_sha256(weights), "num_images": 7}
+  with pytest.warns(compute.StatsMismatchWarning, match="--resize tf1, this run uses torch"):
+    rc = cli(
+      ["fid", str(root / "b"), str(tmp_path / "a.npz"), "--inception-weights", str(weights), "--resize", "torch"]
+    )
+  assert rc == 0
+  capsys.readouterr()
   # a corrupt and an empty file are named and counted; the exit code says so
   bad = tmp_path / "bad"
   _write_set(bad, 3, 3)
