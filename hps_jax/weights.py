@@ -90,7 +90,8 @@ class Entry:
 
 
 _AESTHETIC = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # = hps_jax.metrics.compute.INCEPTION_FILE (a layer above)
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 _SD_FILES = (
   "model_index.json",
   "*/config.json",
@@ -182,8 +183,8 @@ REGISTRY: dict[str, Entry] = {
       "inception-fid",
       "FID Inception-v3 (TF 2015-12-05 graph, as pytorch-fid / torch-fidelity ship it)",
       "url",
-      "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + _INCEPTION_FILE,
-      _INCEPTION_FILE,
+      INCEPTION_URL,
+      INCEPTION_FILE,
       licence="Apache-2.0",
       sha256_prefix="6726825d",
     ),

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hps_jax.diffusion.render import GridLayout
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -156,8 +158,16 @@ def test_adapt_sd(run_notebook):
   assert {r["negative_prompt"] for r in samples} == {"Weird image."}
   grid = np.asarray(Image.open(out / "samples" / "ab_grid.png"))
   h, w = s["sample_size"]
-  assert grid.shape == (len(samples) * h, 2 * w, 3)
-  assert np.abs(grid[:, :w].astype(int) - grid[:, w:]).max() > 0  # the adapted side differs from the base
+  scale = -(-256 // h)  # small tiles are enlarged (nearest) to >= 256 px
+  layout = GridLayout(tile_h=h * scale, tile_w=w * scale, scale=scale)
+  assert grid.shape == (
+    layout.header + len(samples) * (layout.tile_h + layout.caption),
+    2 * layout.tile_w + layout.gap,
+    3,
+  )
+  t, l0, b, r0 = layout.box(0, 0)
+  _, l1, _, r1 = layout.box(0, 1)
+  assert np.abs(grid[t:b, l0:r0].astype(int) - grid[t:b, l1:r1]).max() > 0  # the adapted side differs from the base
   # eval-generator: base vs adapted, CLIP score and HPS at least
   table = json.loads((out / "eval" / "table4.json").read_text())
   assert set(table["results"]) == {"base", "adapted"}

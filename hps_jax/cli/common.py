@@ -230,7 +230,9 @@ def add_checkpoint_args(p, *, required: bool = True, help: str | None = None, al
     dest="checkpoint",
     required=required,
     metavar="CKPT",
-    help=help or "HPS / CLIP checkpoint: HF CLIPModel dir, hpc.pt (HPS v1), HPS_v2*.pt, or safetensors",
+    help=help
+    or "HPS / CLIP checkpoint: HF CLIPModel dir, hpc.pt (HPS v1), HPS_v2*.pt, safetensors, or a published model's "
+    "name (hps-v2.1, hps-v2, hps-v1, clip-vit-l-14, pickscore: `hps-jax weights list`)",
   )
   p.add_argument("--format", default="auto", choices=CHECKPOINT_FORMATS, help="checkpoint layout (auto: detected)")
   p.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the inferred MLP activation")

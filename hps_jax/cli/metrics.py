@@ -41,7 +41,10 @@ def load_inception_arg(args):
   """The FID Inception named by --inception-weights (or found in the default places); sets
   args.inception_sha256, which saved statistics record and are checked against."""
   positive(args, "batch_size")
-  path = args.inception_weights or compute.default_inception_weights()
+  try:
+    path = args.inception_weights or compute.default_inception_weights()
+  except ValueError as e:  # the registry's one-line "download X and put it at Y" (WeightsError)
+    raise UsageError(str(e)) from e
   model = load_inception(path)
   args.inception_sha256 = compute.file_sha256(path)
   return model
@@ -68,16 +71,7 @@ def run_fid(args) -> int:
   model = load_inception_arg(args)
   skips = Skips()
   try:
-    a = compute.inception_pass(
-      model,
-      compute.list_images(args.path_a, skips),
-      skips,
-      resize=args.resize,
-      batch_size=args.batch_size,
-      desc="set A",
-    )
-    if a.count < 2:
-      raise UsageError(f"{args.path_a}: fewer than two readable images")
+    a = compute.set_statistics(model, args.path_a, skips, resize=args.resize, batch_size=args.batch_size)
     if args.save_stats:
       meta = compute.stats_meta(resize=args.resize, inception_sha256=args.inception_sha256, num_images=a.count)
       a.stats.save(args.save_stats, meta)

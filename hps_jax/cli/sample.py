@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from hps_jax.cli.common import UsageError, add_parser, progress, read_prompts, say_wrote
-from hps_jax.diffusion.render import best_of_jobs, contact_sheet, pick_best, render
+from hps_jax.diffusion.render import best_of_jobs, contact_sheet, labelled_grid, pick_best, render
 from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
 from hps_jax.models.dtypes import as_dtype
 from hps_jax.preference.scorer import Scorer
@@ -75,7 +75,7 @@ def add_sample(sub):
     "--ab",
     action="store_true",
     help="with --lora: render base and adapted with the same seeds into "
-    "OUTDIR/base and OUTDIR/adapted, and ab_grid.png (base | adapted)",
+    "OUTDIR/base and OUTDIR/adapted, and ab_grid.png (base | adapted, labelled, the prompt under each row)",
   )
   p.add_argument("--base-negative-prompt", default="", help="negative prompt of the base side in --ab")
   p.add_argument(
@@ -155,8 +155,9 @@ def run_sample(args) -> int:
         cols = args.num_images if len(prompts) > 1 else min(len(kept), 8)
         Image.fromarray(contact_sheet(kept, cols)).save(vdir / "grid.png")
   if args.ab:
-    pairs = [img for b, a in zip(rendered["base"], rendered["adapted"]) for img in (b, a)]
-    Image.fromarray(contact_sheet(pairs, 2)).save(out / "ab_grid.png")
-    say_wrote(out / "ab_grid.png", "the A/B grid (left: base, right: adapted; one row per image)")
+    captions = [f"{prompt}  (seed {seed})" for prompt, seed, _ in slots]
+    grid, _ = labelled_grid([rendered["base"], rendered["adapted"]], ["base", "adapted"], captions)
+    Image.fromarray(grid).save(out / "ab_grid.png")
+    say_wrote(out / "ab_grid.png", "the A/B grid (left: base, right: adapted; one row per image, its prompt below)")
   say_wrote(out, f"{len(slots) * len(variants)} images and samples.jsonl")
   return 0

@@ -14,6 +14,7 @@ from hps_jax.cli.common import (
   write_rows,
 )
 from hps_jax.preference.scorer import AestheticScorer, Scorer
+from hps_jax.weights import WeightsError
 
 
 def add_output_args(p) -> None:
@@ -70,16 +71,17 @@ def run_score(args) -> int:
 
 
 def scorer_from_args(args) -> Scorer:
-  """The Scorer of --checkpoint / --format / --preprocess / --dtype / --tokenizer / --activation / --batch-size."""
-  return Scorer.from_checkpoint(
-    args.checkpoint,
-    args.format,
-    args.preprocess,
-    args.dtype,
-    tokenizer=args.tokenizer,
-    activation=args.activation,
-    batch_size=args.batch_size,
-  )
+  """The Scorer of --checkpoint (a path, or a published model's name: hps-v2.1, hps-v1, clip-vit-l-14, ...) with
+  --format / --preprocess / --dtype / --tokenizer / --activation / --batch-size."""
+  kw = dict(preprocess=args.preprocess, dtype=args.dtype, activation=args.activation, batch_size=args.batch_size)
+  if args.format != "auto":
+    kw["format"] = args.format
+  if args.tokenizer:
+    kw["tokenizer"] = args.tokenizer
+  try:
+    return Scorer.from_pretrained(args.checkpoint, **kw)
+  except WeightsError as e:
+    raise UsageError(str(e)) from e
 
 
 def add_aesthetic(sub):

@@ -3,9 +3,11 @@ sheets (grids) of the results: the library behind `hps-jax sample` and `hps-jax 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 
 def render(
@@ -46,3 +48,63 @@ def contact_sheet(images: Sequence[np.ndarray], cols: int) -> np.ndarray:
     r, c = divmod(i, cols)
     sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
   return sheet
+
+
+@dataclasses.dataclass(frozen=True)
+class GridLayout:
+  """Where the tiles of a labelled A/B grid are: tiles are the images upscaled `scale` times (nearest), below a
+  `header` strip with the column labels; each row is a tile row followed by a `caption` strip; columns are `gap`
+  pixels apart."""
+
+  tile_h: int
+  tile_w: int
+  scale: int
+  header: int = 28
+  caption: int = 26
+  gap: int = 8
+
+  def box(self, row: int, col: int) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the tile in `row`, `col`."""
+    top = self.header + row * (self.tile_h + self.caption)
+    left = col * (self.tile_w + self.gap)
+    return top, left, top + self.tile_h, left + self.tile_w
+
+
+def labelled_grid(
+  columns: Sequence[Sequence[np.ndarray]], labels: Sequence[str], captions: Sequence[str], min_tile: int = 256
+) -> tuple[np.ndarray, GridLayout]:
+  """One row per image index: the images of every column side by side (e.g. base | adapted from the same seed),
+  the column labels on top and each row's caption (its prompt) under it. Small images are enlarged (integer
+  nearest-neighbour factor) so tiles are at least `min_tile` pixels tall. -> (uint8 image, layout)."""
+  h, w = columns[0][0].shape[:2]
+  scale = max(1, -(-min_tile // h))
+  layout = GridLayout(tile_h=h * scale, tile_w=w * scale, scale=scale)
+  n_rows, n_cols = len(columns[0]), len(columns)
+  width = n_cols * layout.tile_w + (n_cols - 1) * layout.gap
+  height = layout.header + n_rows * (layout.tile_h + layout.caption)
+  canvas = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  font = ImageFont.load_default(size=16)
+  for c, label in enumerate(labels):
+    left = c * (layout.tile_w + layout.gap)
+    text = _fit(draw, label, font, layout.tile_w - 4)
+    draw.text((left + layout.tile_w // 2, layout.header // 2), text, fill=(0, 0, 0), font=font, anchor="mm")
+  for r in range(n_rows):
+    for c in range(n_cols):
+      top, left, _, _ = layout.box(r, c)
+      tile = np.repeat(np.repeat(np.asarray(columns[c][r], np.uint8), scale, axis=0), scale, axis=1)
+      canvas.paste(Image.fromarray(tile), (left, top))
+    text = _fit(draw, captions[r] if r < len(captions) else "", font, width - 8)
+    draw.text(
+      (4, layout.header + r * (layout.tile_h + layout.caption) + layout.tile_h + 5), text, fill=(0, 0, 0), font=font
+    )
+  return np.asarray(canvas), layout
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+  """`text`, shortened with an ellipsis to fit `width` pixels."""
+  if draw.textlength(text, font=font) <= width:
+    return text
+  while text and draw.textlength(text + "…", font=font) > width:
+    text = text[:-1]
+  return text + "…"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from hps_jax import weights
 from hps_jax.convert.inception import load_inception
 from hps_jax.data.skips import Skips
 from hps_jax.metrics import compute
@@ -38,14 +37,11 @@ def score(images, prompts, model="hps-v2.1", **kw) -> np.ndarray:
 
 
 def inception_weights_path(inception_weights=None) -> Path:
-  """The FID Inception weights: the given path, else $HPS_JAX_INCEPTION_WEIGHTS / the torch hub copy, else the
-  registry's `inception-fid` (cached or downloaded)."""
+  """The FID Inception weights: the given path, else `compute.default_inception_weights()` (environment, torch hub
+  copy, the registry's cached or downloaded `inception-fid`)."""
   if inception_weights is not None:
     return Path(inception_weights)
-  try:
-    return compute.default_inception_weights()
-  except FileNotFoundError:
-    return weights.resolve("inception-fid")
+  return compute.default_inception_weights()
 
 
 def fid(
@@ -58,17 +54,7 @@ def fid(
     raise ValueError("batch_size must be >= 1")
   model = load_inception(inception_weights_path(inception_weights))
   skips = Skips()
-  a = compute.inception_pass(
-    model,
-    compute.list_images(path_a, skips),
-    skips,
-    resize=resize,
-    batch_size=batch_size,
-    desc="set A",
-    progress=progress,
-  )
-  if a.count < 2:
-    raise ValueError(f"{path_a}: fewer than two readable images")
+  a = compute.set_statistics(model, path_a, skips, resize=resize, batch_size=batch_size, progress=progress)
   mu_b, sigma_b, _ = compute.reference_stats(
     path_b_or_stats, model, skips, resize=resize, batch_size=batch_size, progress=progress
   )

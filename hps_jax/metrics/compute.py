@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from hps_jax import weights
 from hps_jax.data.images import ImageError, describe, image_files, load_image
 from hps_jax.data.pairs import read_image_rows
 from hps_jax.data.skips import Skips
@@ -30,22 +31,30 @@ from hps_jax.metrics.inception_features import extract
 from hps_jax.metrics.scores import clip_score, inception_score, kernel_inception_distance
 from hps_jax.preference.scorer import AestheticScorer, Scorer
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
-
 
 def default_inception_weights() -> Path:
-  """$HPS_JAX_INCEPTION_WEIGHTS, else the copy pytorch-fid / torch hub keep in ~/.cache/torch/hub/checkpoints."""
+  """$HPS_JAX_INCEPTION_WEIGHTS, else the copy pytorch-fid / torch hub keep in ~/.cache/torch/hub/checkpoints, else
+  the weights registry's `inception-fid` (cached, or downloaded and sha256-checked; offline: one line saying what to
+  download and where to put it, as a WeightsError)."""
   env = os.environ.get("HPS_JAX_INCEPTION_WEIGHTS")
   if env:
     return Path(env)
-  hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints" / INCEPTION_FILE
+  torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+  hub = torch_home / "hub" / "checkpoints" / weights.INCEPTION_FILE
   if hub.exists():
     return hub
-  raise FileNotFoundError(
-    f"no FID Inception weights: pass --inception-weights PATH or set HPS_JAX_INCEPTION_WEIGHTS "
-    f"to {INCEPTION_FILE} (from {INCEPTION_URL})"
-  )
+  return weights.resolve("inception-fid")
+
+
+def set_statistics(model, path, skipped: Skips, *, resize: str, batch_size: int, desc="set A", keep=(), progress=True):
+  """The Inception pass over one image set (needs at least two readable images)."""
+  run = inception_pass(
+    model, list_images(path, skipped), skipped, resize=resize, batch_size=batch_size, keep=keep, desc=desc,
+    progress=progress,
+  )  # fmt: skip
+  if run.count < 2:
+    raise ValueError(f"{path}: fewer than two readable images")
+  return run
 
 
 def list_images(path, skipped: Skips | None = None) -> list[tuple[str, str | None]]:
@@ -187,18 +196,9 @@ def reference_stats(
     mu, sigma = load_stats(path)
     check_stats_meta(path, resize=resize, inception_sha256=inception_sha256)
     return mu, sigma, None
-  run = inception_pass(
-    model,
-    list_images(path, skipped),
-    skipped,
-    resize=resize,
-    batch_size=batch_size,
-    keep=keep,
-    desc="reference",
-    progress=progress,
+  run = set_statistics(
+    model, path, skipped, resize=resize, batch_size=batch_size, desc="reference", keep=keep, progress=progress
   )
-  if run.count < 2:
-    raise ValueError(f"{path}: fewer than two readable images")
   mu, sigma = run.stats.mu_sigma()
   return mu, sigma, run
 

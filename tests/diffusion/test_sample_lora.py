@@ -12,6 +12,7 @@ from PIL import Image
 
 from hps_jax import lora
 from hps_jax.cli import main
+from hps_jax.diffusion.render import GridLayout
 
 STEPS = ["--steps", "2", "--height", "32", "--width", "32", "--batch-size", "2"]
 
@@ -63,9 +64,14 @@ def test_lora_ab_and_scale(setup, tmp_path):
   np.testing.assert_array_equal(ab_adapted, adapted)
   assert np.abs(adapted.astype(int) - base.astype(int)).mean() > 1  # the adapter changes the images
   grid = np.asarray(Image.open(tmp_path / "ab" / "ab_grid.png"))
-  assert grid.shape == (4 * 32, 2 * 32, 3)
-  np.testing.assert_array_equal(grid[32:64, :32], base[1])  # row = image, left = base, right = adapted
-  np.testing.assert_array_equal(grid[32:64, 32:], adapted[1])
+  layout = GridLayout(tile_h=256, tile_w=256, scale=8)  # 32 px tiles enlarged 8x (nearest) to be readable
+  assert grid.shape == (layout.header + 4 * (256 + layout.caption), 2 * 256 + layout.gap, 3)
+  for col, images in ((0, base), (1, adapted)):  # row = image, left = base, right = adapted
+    t, l, b, r = layout.box(1, col)
+    np.testing.assert_array_equal(grid[t:b:8, l:r:8], images[1])
+  t, l, b, r = layout.box(1, 0)
+  caption = grid[b : b + layout.caption, : 2 * 256]
+  assert (caption < 128).any()  # the prompt is written under the row
   assert (
     ab_rows[0]["negative_prompt"] == ""
     and _images(tmp_path / "ab" / "adapted")[0][0]["negative_prompt"] == "Weird image."
