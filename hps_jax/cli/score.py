@@ -14,7 +14,6 @@ from hps_jax.cli.common import (
   write_rows,
 )
 from hps_jax.preference.scorer import AestheticScorer, Scorer
-from hps_jax.weights import WeightsError
 
 
 def add_output_args(p) -> None:
@@ -80,7 +79,7 @@ def scorer_from_args(args) -> Scorer:
     kw["tokenizer"] = args.tokenizer
   try:
     return Scorer.from_pretrained(args.checkpoint, **kw)
-  except WeightsError as e:
+  except ValueError as e:  # WeightsError, CheckpointError, a config / tokenizer mismatch: one line, exit 2
     raise UsageError(str(e)) from e
 
 
@@ -114,7 +113,10 @@ def run_aesthetic(args) -> int:
   positive(args, "batch_size")
   check_output(args.output, overwrite=args.overwrite, inputs=args.images)
   images = expand_images(args.images)
-  scorer = AestheticScorer.from_checkpoint(
-    args.mlp, args.clip_checkpoint, args.clip_format, preprocess=args.preprocess, batch_size=args.batch_size
-  )
+  try:
+    scorer = AestheticScorer.from_checkpoint(
+      args.mlp, args.clip_checkpoint, args.clip_format, preprocess=args.preprocess, batch_size=args.batch_size
+    )
+  except ValueError as e:  # e.g. a head whose input is not the CLIP model's embedding size
+    raise UsageError(str(e)) from e
   return write_rows(scorer.iter_scores(images), len(images), args.output, "aesthetic", Skips())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hps_jax import weights
 from hps_jax.convert.inception import load_inception
 from hps_jax.data.skips import Skips
 from hps_jax.metrics import compute
@@ -38,10 +39,13 @@ def score(images, prompts, model="hps-v2.1", **kw) -> np.ndarray:
 
 def inception_weights_path(inception_weights=None) -> Path:
   """The FID Inception weights: the given path, else `compute.default_inception_weights()` (environment, torch hub
-  copy, the registry's cached or downloaded `inception-fid`)."""
+  copy, the weights cache), else the registry's `inception-fid` downloaded into the cache."""
   if inception_weights is not None:
     return Path(inception_weights)
-  return compute.default_inception_weights()
+  try:
+    return compute.default_inception_weights()
+  except FileNotFoundError:
+    return weights.resolve("inception-fid")  # the Python one-liner may download (sha256-checked)
 
 
 def fid(

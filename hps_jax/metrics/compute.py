@@ -34,8 +34,8 @@ from hps_jax.preference.scorer import AestheticScorer, Scorer
 
 def default_inception_weights() -> Path:
   """$HPS_JAX_INCEPTION_WEIGHTS, else the copy pytorch-fid / torch hub keep in ~/.cache/torch/hub/checkpoints, else
-  the weights registry's `inception-fid` (cached, or downloaded and sha256-checked; offline: one line saying what to
-  download and where to put it, as a WeightsError)."""
+  the weights cache's `inception-fid` (sha256-checked; never downloaded here: `hps-jax weights path inception-fid
+  --download` or `hps_jax.fid` fetch it). Missing: FileNotFoundError, one line saying what to download and where."""
   env = os.environ.get("HPS_JAX_INCEPTION_WEIGHTS")
   if env:
     return Path(env)
@@ -43,7 +43,10 @@ def default_inception_weights() -> Path:
   hub = torch_home / "hub" / "checkpoints" / weights.INCEPTION_FILE
   if hub.exists():
     return hub
-  return weights.resolve("inception-fid")
+  try:
+    return weights.resolve("inception-fid", download_missing=False)
+  except weights.WeightsError as e:
+    raise FileNotFoundError(f"no FID Inception weights (pass --inception-weights PATH): {e}") from e
 
 
 def set_statistics(model, path, skipped: Skips, *, resize: str, batch_size: int, desc="set A", keep=(), progress=True):

@@ -206,3 +206,18 @@ def test_python_dash_m_usage_errors_from_other_modules(args, tmp_path):
   )
   assert res.returncode == 2, res.stderr
   assert "Traceback" not in res.stderr and res.stderr.startswith(f"hps-jax {args[0]}: error:"), res.stderr
+
+
+def test_aesthetic_head_and_clip_size_mismatch_is_one_line(checkpoint, corpus, tmp_path, capsys):
+  """A 768-input aesthetic head on a CLIP whose embedding is smaller: exit 2 naming both sizes, before any image."""
+  from flax import nnx
+
+  from hps_jax.cli import main
+  from hps_jax.convert.aesthetic import save_aesthetic
+  from hps_jax.models.aesthetic import AestheticMLP
+
+  head = save_aesthetic(AestheticMLP(rngs=nnx.Rngs(0)), tmp_path / "head.safetensors")
+  rc = main(["aesthetic", "--aesthetic-mlp", str(head), "--clip-checkpoint", str(checkpoint), str(corpus / "ok.png")])
+  assert rc == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and "expects 768-d embeddings" in err[0], err
