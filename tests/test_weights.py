@@ -248,3 +248,23 @@ def test_fid_one_liner_matches_the_command(tmp_path, capsys):
     main(["fid", str(tmp_path / "a"), str(tmp_path / "b"), "--inception-weights", str(w), "--batch-size", "4"]) == 0
   )
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"] == pytest.approx(got, rel=1e-9)
+
+
+def test_sample_model_by_name_from_a_populated_cache(cache, tmp_path, capsys):
+  """`sample --model sd-v1-4` resolves the cached diffusers folder offline (pinned on first use, verified after);
+  a second run gives the same image. A tiny random SD stands in for the real weights."""
+  from PIL import Image
+
+  from hps_jax.diffusion.tiny import write_tiny_sd
+
+  write_tiny_sd(weights.cache_path("sd-v1-4"), seed=2)
+  argv = ["sample", "--model", "sd-v1-4", "--prompt", "a red circle", "--steps", "2", "--outdir"]
+  assert main([*argv, str(tmp_path / "one")]) == 0
+  assert main([*argv, str(tmp_path / "two")]) == 0
+  first, second = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("one", "two"))
+  assert first.shape == (32, 32, 3) and np.array_equal(first, second)
+  assert main(["weights", "verify", "sd-v1-4"]) == 0
+  (weights.cache_path("sd-v1-4") / "unet" / "config.json").write_text("{}")  # tampered after pinning
+  capsys.readouterr()
+  assert main([*argv, str(tmp_path / "three")]) == 2
+  assert "sd-v1-4" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+from hps_jax import weights
 from hps_jax.cli.common import (
   Skips,
   UsageError,
@@ -25,8 +26,8 @@ METRICS = ("fid", "is", "kid", "clip", "aesthetic", "hps")
 def add_inception_args(p, *, batch_size: int = 50) -> None:
   p.add_argument(
     "--inception-weights",
-    help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity); "
-    "default $HPS_JAX_INCEPTION_WEIGHTS or the torch hub cache",
+    help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity) or inception-fid (by name, from the "
+    "weights cache); default $HPS_JAX_INCEPTION_WEIGHTS, the torch hub cache or the weights cache",
   )
   p.add_argument(
     "--resize",
@@ -42,7 +43,10 @@ def load_inception_arg(args):
   args.inception_sha256, which saved statistics record and are checked against."""
   positive(args, "batch_size")
   try:
-    path = args.inception_weights or compute.default_inception_weights()
+    if args.inception_weights in weights.REGISTRY:  # by name: from the weights cache (downloaded if missing)
+      path = weights.resolve(args.inception_weights)
+    else:
+      path = args.inception_weights or compute.default_inception_weights()
   except ValueError as e:  # the registry's one-line "download X and put it at Y" (WeightsError)
     raise UsageError(str(e)) from e
   model = load_inception(path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from hps_jax import weights
 from hps_jax.cli.common import UsageError, add_parser, progress, read_prompts, say_wrote
 from hps_jax.diffusion.render import best_of_jobs, contact_sheet, labelled_grid, pick_best, render
 from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
@@ -17,7 +18,9 @@ from hps_jax.preference.scorer import Scorer
 
 def add_sampling_args(p, *, batch_flag: str = "--batch-size") -> None:
   """The Stable Diffusion sampling settings `sample` and `eval-generator` share."""
-  p.add_argument("--model", required=True, help="diffusers-layout SD dir (unet/ vae/ text_encoder/ tokenizer/)")
+  p.add_argument(
+    "--model", required=True, help="diffusers-layout SD dir (unet/ vae/ text_encoder/ tokenizer/), or sd-v1-4 (by name)"
+  )
   p.add_argument("--steps", type=int, default=50, help="denoising steps")
   p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
   p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim"], help="sampler")
@@ -34,7 +37,8 @@ def add_sampling_args(p, *, batch_flag: str = "--batch-size") -> None:
 def load_sd(args):
   """The StableDiffusion of --model (with --lora at --lora-scale when given) -> (sd, LoRA info or None)."""
   try:
-    sd = StableDiffusion.from_pretrained(args.model, dtype=as_dtype(args.dtype))
+    model = weights.resolve(args.model) if args.model in weights.REGISTRY else args.model  # e.g. sd-v1-4
+    sd = StableDiffusion.from_pretrained(model, dtype=as_dtype(args.dtype))
     info = sd.load_lora(args.lora, args.lora_scale) if args.lora else None
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from e
