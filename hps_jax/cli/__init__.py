@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "aesthetic": ("hps_jax.cli.score", "LAION aesthetic score of images (JSONL out)"),
   "train-preference": ("hps_jax.cli.preference", "train the preference classifier (HPS) from a config"),
   "eval-preference": ("hps_jax.cli.preference", "preference accuracy of a scorer on a dataset (the paper's Table 2)"),
+  "dataset": (
+    "hps_jax.cli.dataset",
+    "statistics of a preference dataset and its Table 1 metrics (IS / FID of preferred vs non-preferred)",
+  ),
   "fid": ("hps_jax.cli.metrics", "Frechet Inception Distance between two image sets (or a set and saved stats)"),
   "metrics": ("hps_jax.cli.metrics", "generator metrics of an image set: fid, is, kid, clip, aesthetic, hps"),
   "sample": ("hps_jax.cli.sample", "Stable Diffusion v1.x text-to-image (CFG with a negative prompt)"),
@@ -32,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "eval-generator": ("hps_jax.cli.adapt", "Table 4: FID, aesthetic, CLIP score, HPS of base vs LoRA-adapted SD"),
   "weights": ("hps_jax.cli.weights", "list, locate and verify the published weights hps_jax knows (cache, sha256)"),
   "convert": ("hps_jax.cli.convert", "any supported PyTorch / safetensors checkpoint to safetensors (no torch needed)"),
+  "collect": ("hps_jax.cli.collect", "build a preference dataset from Discord chat exports (DiscordChatExporter JSON)"),
   "demo": ("hps_jax.cli.demo", "the whole paper pipeline offline on tiny random models (what `make demo` runs)"),
 }
 

@@ -22,6 +22,7 @@ from hps_jax import configs
 from hps_jax.data.images import image_files
 from hps_jax.data.pairs import read_image_rows
 from hps_jax.data.skips import Skips
+from hps_jax.data.sources import open_source
 
 EXIT_OK = 0
 EXIT_SKIPPED = 1
@@ -41,9 +42,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
   def _get_help_string(self, action):
     text = action.help or ""
-    if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+    if "%(default)" in text or not action.option_strings or not shows_default(action):
       return text
     return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def shows_default(action) -> bool:
+  """Whether --help shows this option's default: not for None, False (flags), '' (unset) or a suppressed one
+  (identity checks: 0 is a default worth showing, though 0 == False)."""
+  d = action.default
+  return not (d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, str) and d == ""))
 
 
 def add_parser(sub, name: str, **kw) -> argparse.ArgumentParser:
@@ -237,6 +245,44 @@ def add_checkpoint_args(p, *, required: bool = True, help: str | None = None, al
   p.add_argument("--format", default="auto", choices=CHECKPOINT_FORMATS, help="checkpoint layout (auto: detected)")
   p.add_argument("--activation", choices=["quick_gelu", "gelu"], help="override the inferred MLP activation")
   p.add_argument("--tokenizer", help="CLIP BPE file (bpe_simple_vocab_16e6.txt.gz) or HF tokenizer dir")
+
+
+def add_dataset_args(p, *, positional: bool = False, seed_help: str = "seeds the synthetic set") -> None:
+  """The preference dataset a command reads (`hps_jax.data.sources.open_source`): DATASET (or --dataset), --split,
+  --manual-dir, --data-dir, --builder-config, --max-prompts, --seed and the synthetic set's size; `open_dataset`
+  opens it."""
+  what = "synthetic, hpd_v1, hpd_v2, pickapic or preference_jsonl"
+  if positional:
+    p.add_argument("dataset", metavar="DATASET", help=what)
+  else:
+    p.add_argument("--dataset", required=True, help=what)
+  p.add_argument("--split", default="test", help="dataset split")
+  p.add_argument("--manual-dir", default="", help="the dataset's local download (not for synthetic)")
+  p.add_argument("--data-dir", default="", help="where the prepared TFDS files go (default MANUAL_DIR/tfds_prepared)")
+  p.add_argument("--builder-config", default="", help="TFDS builder config (e.g. pickapic's with_ties)")
+  p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
+  p.add_argument("--seed", type=int, default=0, help=seed_help)
+  p.add_argument("--synthetic-size", type=int, default=200, help="prompts of the synthetic set")
+  p.add_argument("--synthetic-image-size", type=int, default=48, help="image size of the synthetic set")
+
+
+def open_dataset(args, split: str | None = None):
+  """The records of one split (default --split) of the dataset named by `add_dataset_args`' options (callers apply
+  --max-prompts with `hps_jax.data.sources.limit`); an unknown dataset or a missing download is a UsageError."""
+  try:
+    source = open_source(
+      args.dataset,
+      args.split if split is None else split,
+      manual_dir=args.manual_dir,
+      data_dir=args.data_dir,
+      builder_config=args.builder_config,
+      seed=args.seed,
+      synthetic_size=args.synthetic_size,
+      synthetic_image_size=args.synthetic_image_size,
+    )
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  return source
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from hps_jax import parallel
 from hps_jax.cli.common import (
   CHECKPOINT_FORMATS,
   UsageError,
+  add_dataset_args,
   add_parser,
   add_training_args,
+  open_dataset,
   run_training,
   say_wrote,
   write_json,
@@ -21,7 +23,7 @@ from hps_jax.convert.aesthetic import load_aesthetic
 from hps_jax.convert.clip import load_clip
 from hps_jax.data.pipeline import RecordTransform
 from hps_jax.data.preprocess import PreprocessConfig
-from hps_jax.data.sources import limit, open_source
+from hps_jax.data.sources import limit
 from hps_jax.preference import train
 from hps_jax.preference.evaluate import (
   aesthetic_score_fn,
@@ -78,18 +80,10 @@ def add_eval_preference(sub):
   p.add_argument("--clip-checkpoint", help="CLIP ViT-L/14 for --aesthetic-mlp")
   p.add_argument("--format", default="auto", choices=CHECKPOINT_FORMATS, help="checkpoint layout (auto: detected)")
   p.add_argument("--tokenizer", help="CLIP BPE file or HF tokenizer dir (default: the checkpoint's)")
-  p.add_argument("--dataset", required=True, help="synthetic, hpd_v1, hpd_v2, pickapic or preference_jsonl")
-  p.add_argument("--split", default="test", help="dataset split")
-  p.add_argument("--manual-dir", default="", help="the dataset's local download (not for synthetic)")
-  p.add_argument("--data-dir", default="", help="where the prepared TFDS files go (default MANUAL_DIR/tfds_prepared)")
-  p.add_argument("--builder-config", default="", help="TFDS builder config (e.g. pickapic's with_ties)")
   p.add_argument("--preprocess", choices=["pad", "clip"], help="default: pad for HPS, clip for aesthetic")
   p.add_argument("--max-images", type=int, default=4, help="image slots per prompt (more are truncated, chosen kept)")
-  p.add_argument("--max-prompts", type=int, default=0, help="evaluate only the first N prompts (0 = all)")
   p.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
-  p.add_argument("--seed", type=int, default=0, help="seeds --random and the synthetic set")
-  p.add_argument("--synthetic-size", type=int, default=200, help="prompts of the synthetic set")
-  p.add_argument("--synthetic-image-size", type=int, default=48, help="image size of the synthetic set")
+  add_dataset_args(p, seed_help="seeds --random and the synthetic set")
   p.add_argument("--output", help="JSON report (a .md table is written next to it)")
   p.set_defaults(run=run_eval_preference)
 
@@ -99,22 +93,7 @@ def run_eval_preference(args) -> int:
     raise UsageError("--aesthetic-mlp needs --clip-checkpoint (the CLIP ViT-L/14 whose embedding it reads)")
   if args.batch_size < 1 or args.max_images < 2:
     raise UsageError("--batch-size must be >= 1 and --max-images >= 2")
-  try:
-    source = limit(
-      open_source(
-        args.dataset,
-        args.split,
-        manual_dir=args.manual_dir,
-        data_dir=args.data_dir,
-        builder_config=args.builder_config,
-        seed=args.seed,
-        synthetic_size=args.synthetic_size,
-        synthetic_image_size=args.synthetic_image_size,
-      ),
-      args.max_prompts,
-    )
-  except ValueError as e:
-    raise UsageError(str(e)) from e
+  source = limit(open_dataset(args), args.max_prompts)
   score_fn, image_size, name = _eval_scorer(args)
   mode = args.preprocess or ("clip" if args.aesthetic else "pad")
   tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint or args.clip_checkpoint)

@@ -1,8 +1,11 @@
 """Opening a preference dataset by name as a random-access source of records: `synthetic` (generated on the fly)
-or one of the TFDS builders of `hps_jax.data.datasets` prepared from a local download; `limit` takes a prefix."""
+or one of the TFDS builders of `hps_jax.data.datasets` prepared from a local download; `limit` takes a prefix,
+`concat` joins splits."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from pathlib import Path
 
 from hps_jax.data.synthetic import SyntheticPreference
@@ -53,3 +56,23 @@ class _Prefix:
     if not 0 <= i < self.n:
       raise IndexError(i)
     return self.source[i]
+
+
+def concat(sources):
+  """The records of several sources one after the other (one source: itself)."""
+  return sources[0] if len(sources) == 1 else _Concat(sources)
+
+
+class _Concat:
+  def __init__(self, sources):
+    self.sources = list(sources)
+    self.ends = list(itertools.accumulate(len(s) for s in self.sources))
+
+  def __len__(self):
+    return self.ends[-1] if self.ends else 0
+
+  def __getitem__(self, i):
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    k = bisect.bisect_right(self.ends, i)
+    return self.sources[k][i - (self.ends[k - 1] if k else 0)]

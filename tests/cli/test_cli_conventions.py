@@ -13,6 +13,7 @@ import pytest
 
 import hps_jax
 from hps_jax.cli import COMMANDS, build_parser, main
+from hps_jax.cli.common import shows_default
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,17 +53,29 @@ def _subparsers(parser):
   return action.choices
 
 
+def _all_parsers(parser, prefix=""):
+  """(name, parser) of every subcommand, nested ones (`collect discord`, `dataset stats`) included."""
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      for name, sub in action.choices.items():
+        yield f"{prefix}{name}", sub
+        yield from _all_parsers(sub, f"{prefix}{name} ")
+
+
 def test_every_help_shows_every_default():
-  """Every option with a default (other than None / False) shows it in `COMMAND --help`, for every command."""
-  missing = []
-  for name, sub in _subparsers(build_parser(full=True)).items():
+  """Every option with a default (other than None, False, '' — but 0 included) shows it in `COMMAND --help`, for
+  every command and sub-command."""
+  missing, checked = [], 0
+  for name, sub in _all_parsers(build_parser(full=True)):
     text = " ".join(sub.format_help().split())
     for action in sub._actions:
-      if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+      if not action.option_strings or not shows_default(action):
         continue
+      checked += 1
       if f"(default: {action.default})" not in text:
         missing.append(f"{name} {action.option_strings[0]}")
   assert not missing, missing
+  assert checked > 60  # the test sees the options (67 when written)
 
 
 def test_one_name_for_one_thing():
