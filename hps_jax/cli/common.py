@@ -247,11 +247,13 @@ def add_checkpoint_args(p, *, required: bool = True, help: str | None = None, al
   p.add_argument("--tokenizer", help="CLIP BPE file (bpe_simple_vocab_16e6.txt.gz) or HF tokenizer dir")
 
 
-def add_dataset_args(p, *, positional: bool = False, seed_help: str = "seeds the synthetic set") -> None:
+def add_dataset_args(
+  p, *, positional: bool = False, seed_help: str = "seeds the synthetic set", extra_help: str = ""
+) -> None:
   """The preference dataset a command reads (`hps_jax.data.sources.open_source`): DATASET (or --dataset), --split,
   --manual-dir, --data-dir, --builder-config, --max-prompts, --seed and the synthetic set's size; `open_dataset`
   opens it."""
-  what = "synthetic, hpd_v1, hpd_v2, pickapic or preference_jsonl"
+  what = "synthetic, hpd_v1, hpd_v2, pickapic or preference_jsonl" + extra_help
   if positional:
     p.add_argument("dataset", metavar="DATASET", help=what)
   else:

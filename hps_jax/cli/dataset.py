@@ -19,6 +19,8 @@ from hps_jax.cli.common import (
 )
 from hps_jax.cli.metrics import add_inception_args, load_inception_arg
 from hps_jax.data import stats as dstats
+from hps_jax.data.pairs import jsonl_objects
+from hps_jax.data.skips import Skips
 from hps_jax.data.sources import concat, limit
 from hps_jax.metrics import table1
 
@@ -44,7 +46,9 @@ def add_dataset(sub):
     "users and choices per user (when the records name their user), prompt length in words and characters. "
     "Prints a markdown table; --output writes JSON (and the table next to it), --plots PNG histograms.",
   )
-  add_dataset_args(s, positional=True)
+  add_dataset_args(
+    s, positional=True, extra_help=", or a preference .jsonl file (`collect discord` output; its users are counted)"
+  )
   s.set_defaults(run=run_dataset_stats)
   s.add_argument("--output", metavar="FILE.json", help="JSON report (a .md table is written next to it)")
   s.add_argument(
@@ -89,6 +93,22 @@ def _source(args):
   return limit(concat([open_dataset(args, s) for s in splits]), args.max_prompts)
 
 
+def _jsonl_records(path: str) -> list[dict]:
+  """The rows of a preference JSONL read as they are (`collect discord` output keeps its `user` field, which the
+  prepared TFDS datasets do not store); rows without a prompt or an image list are an error naming the line."""
+  rows, bad = [], Skips()
+  try:
+    for where, row in jsonl_objects(path, bad.add):
+      if not isinstance(row, dict) or not isinstance(row.get("images"), list) or "prompt" not in row:
+        raise UsageError(f"{where}: expected an object with 'prompt' and an 'images' list")
+      rows.append(row)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  if bad.items:
+    raise UsageError(f"{bad.items[0][0]}: {bad.items[0][1]}")
+  return rows
+
+
 def _check_output(args) -> None:
   if args.output and Path(args.output).suffix.lower() != ".json":
     raise UsageError(f"--output {args.output}: expected a .json file")
@@ -107,7 +127,7 @@ def run_dataset_stats(args) -> int:
   _check_output(args)
   if args.plots:
     _pyplot()  # before reading the dataset: a missing matplotlib fails at once
-  source = _source(args)
+  source = _jsonl_records(args.dataset) if args.dataset.endswith(".jsonl") else _source(args)
   stats = dstats.DatasetStats()
   with progress(len(source), "records", unit="rec") as bar:
     for i in range(len(source)):

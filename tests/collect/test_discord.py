@@ -181,20 +181,18 @@ def test_missing_ijson_is_a_one_line_usage_error(tmp_path, monkeypatch, capsys):
 
 _MEMORY_SCRIPT = textwrap.dedent(
   """
-  import json, resource, sys
+  import json, sys
   from pathlib import Path
   from hps_jax.collect import DiscordCollector, load_grammar
   import ijson, PIL.Image, numpy  # imported before the baseline
-  def rss_kib():  # the current resident set (Linux); the peak so far elsewhere
-    try:
-      return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:"))
-    except OSError:
-      return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  before = rss_kib()
+  def status_kib(key):  # this process's own counters: VmRSS now, VmHWM its peak (ru_maxrss would include the
+    # parent's resident set inherited at fork, which execve carries over on Linux)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+  before = status_kib("VmRSS")
   c = DiscordCollector(load_grammar("dreambot"), sys.argv[2])
   n = c.read_export(sys.argv[1])
   c.finish()
-  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  after = status_kib("VmHWM")
   print(json.dumps({"messages": n, "growth_kib": after - before, "excluded": c.excluded}))
   """
 )
@@ -231,3 +229,18 @@ def test_large_export_in_bounded_memory(tmp_path):
   assert result["messages"] == 27_002
   assert result["excluded"] == {"no_selection": 1, "no_reply": 270}
   assert growth_mib < 200
+
+
+def test_dataset_stats_of_the_collected_jsonl_counts_users(tmp_path, capsys):
+  """`hps-jax dataset stats OUT/preference.jsonl` reads the collector's rows as they are, users included."""
+  exports, _, _ = dreambot_exports(tmp_path / "exports")
+  out = tmp_path / "out"
+  main(["collect", "discord", *map(str, exports), "--out", str(out)])
+  records = _records(out)
+  capsys.readouterr()
+  assert main(["dataset", "stats", str(out / "preference.jsonl"), "--output", str(tmp_path / "stats.json")]) == 0
+  report = json.loads((tmp_path / "stats.json").read_text())
+  users = {r["user"] for r in records}
+  assert report["users"]["users"] == len(users) and report["users"]["choices_per_user"]["max"] == max(
+    sum(r["user"] == u for r in records) for u in users
+  )
