@@ -3,7 +3,8 @@ choices per user, prompt lengths in words and characters.
 
 Pure Python / numpy over records of the shared schema (`hps_jax.data.pipeline`: "prompt", "images", "chosen",
 "ranks"; optionally "user"): each record is one prompt and one human choice. Users are counted only when records
-carry a "user" field (the prepared TFDS datasets do not: their users are then "not recorded").
+name their user (the TFDS builders keep HPD v1's user_hash, Pick-a-Pic's user_id and a JSONL's `user`; HPD v2 and
+the synthetic set have none: their users are "not recorded").
 """
 
 from __future__ import annotations

@@ -244,3 +244,9 @@ def test_dataset_stats_of_the_collected_jsonl_counts_users(tmp_path, capsys):
   assert report["users"]["users"] == len(users) and report["users"]["choices_per_user"]["max"] == max(
     sum(r["user"] == u for r in records) for u in users
   )
+  # the same through the prepared preference_jsonl dataset: the TFDS records keep `user` too
+  pytest.importorskip("tensorflow_datasets")
+  argv = ["dataset", "stats", "preference_jsonl", "--manual-dir", str(out), "--split", "preference"]
+  argv += ["--data-dir", str(tmp_path / "tfds"), "--output", str(tmp_path / "stats_tfds.json")]
+  assert main(argv) == 0
+  assert json.loads((tmp_path / "stats_tfds.json").read_text())["users"] == report["users"]

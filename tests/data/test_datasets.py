@@ -48,7 +48,8 @@ def _assert_records(source, expected: list[dict]) -> None:
   assert len(source) == len(expected)
   for i, want in enumerate(expected):
     got = source[i]
-    assert set(got) == {"id", "prompt", "images", "ranks", "chosen"}
+    assert set(got) == {"id", "prompt", "images", "ranks", "chosen", "user"}
+    assert got["user"] == want.get("user", "") and isinstance(got["user"], str)  # who chose, "" when not given
     assert got["id"] == want["id"] and isinstance(got["id"], str)
     assert got["prompt"] == want["prompt"] and isinstance(got["prompt"], str)
     assert isinstance(got["images"], list) and all(type(b) is bytes for b in got["images"])
@@ -113,7 +114,7 @@ def test_hpd_v1(tmp_path, caplog):
 
   with caplog.at_level(logging.WARNING, logger=D.__name__):
     builder = D.prepare("hpd_v1", m, tmp_path / "tfds")
-  assert builder.is_prepared() and str(builder.data_path).endswith("hpd_v1/1.0.0")
+  assert builder.is_prepared() and str(builder.data_path).endswith("hpd_v1/1.1.0")
   assert any("'train'" in r.getMessage() and "missing_image=1" in r.getMessage() for r in caplog.records)
   assert not any("'test'" in r.getMessage() for r in caplog.records)  # nothing left out there
   assert any(str(builder.data_path / "bad_records_train.json") in r.getMessage() for r in caplog.records)
@@ -123,8 +124,8 @@ def test_hpd_v1(tmp_path, caplog):
   _assert_records(
     src,
     [
-      {"id": "r0", "prompt": "a red bicycle", "images": a, "ranks": [1, 0], "chosen": 1},
-      {"id": "17", "prompt": "a café at night", "images": b, "ranks": [0, 1, 1], "chosen": 0},
+      {"id": "r0", "prompt": "a red bicycle", "images": a, "ranks": [1, 0], "chosen": 1, "user": "u"},
+      {"id": "17", "prompt": "a café at night", "images": b, "ranks": [0, 1, 1], "chosen": 0, "user": "u"},
     ],
   )
   _assert_records(
@@ -290,7 +291,7 @@ def pickapic_dir(tmp_path):
 def test_pickapic_default_excludes_ties(tmp_path, pickapic_dir):
   m, img = pickapic_dir
   builder = D.prepare("pickapic", m, tmp_path / "tfds")
-  assert builder.builder_config.name == "default" and str(builder.data_path).endswith("pickapic/default/1.0.0")
+  assert builder.builder_config.name == "default" and str(builder.data_path).endswith("pickapic/default/1.1.0")
   assert set(builder.info.splits) == {"train", "test", "validation_unique"}
   _assert_records(
     D.data_source("pickapic", "train", m, tmp_path / "tfds"),
@@ -323,7 +324,7 @@ def test_pickapic_default_excludes_ties(tmp_path, pickapic_dir):
 def test_pickapic_with_ties(tmp_path, pickapic_dir):
   m, img = pickapic_dir
   builder = D.prepare("pickapic", m, tmp_path / "tfds", builder_config="with_ties")
-  assert str(builder.data_path).endswith("pickapic/with_ties/1.0.0")
+  assert str(builder.data_path).endswith("pickapic/with_ties/1.1.0")
   _assert_records(
     D.data_source("pickapic", "train", m, tmp_path / "tfds", "with_ties"),
     [

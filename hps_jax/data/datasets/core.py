@@ -7,7 +7,7 @@ without TensorFlow.
 
 Every record follows the shared schema of `hps_jax.data.pipeline`:
 ``{"id": str, "prompt": str, "images": [encoded bytes], "ranks": int32 array (lower = better, ties allowed),
-"chosen": int}``. Images are stored exactly as found (PNG / JPEG / WebP bytes); the builders decode them only to
+"chosen": int, "user": str}`` (`user`: who chose, "" when the source does not say). Images are stored exactly as found (PNG / JPEG / WebP bytes); the builders decode them only to
 check that they decode (a full decode with `hps_jax.data.images.load_image`, the loader training uses), so a
 corrupt image is caught when the dataset is prepared, not in the middle of training.
 
@@ -89,11 +89,15 @@ def _features() -> tfds.features.FeaturesDict:
       "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
       "ranks": tfds.features.Tensor(shape=(None,), dtype=np.int32),
       "chosen": tfds.features.Scalar(dtype=np.int32),
+      "user": tfds.features.Text(),  # who chose ("" when the source does not say): the dataset's user statistics
     }
   )
 
 
-_RELEASE_NOTES = {"1.0.0": "Initial release."}
+_RELEASE_NOTES = {
+  "1.0.0": "Initial release.",
+  "1.1.0": "Records keep who chose (`user`: HPD v1 user_hash, Pick-a-Pic user_id, a JSONL's user field).",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,6 +162,7 @@ class _Candidate:
   chosen: int
   ranks: list | None = None
   where: str = ""
+  user: str = ""
 
 
 def _is_int(value) -> bool:
@@ -209,6 +214,7 @@ def _to_example(c: _Candidate) -> dict:
     "images": images,
     "ranks": np.asarray(ranks, np.int32),
     "chosen": np.int32(c.chosen),
+    "user": c.user,
   }
 
 
@@ -310,7 +316,7 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   Subclasses implement `split_sources(manual_dir)` ({split: what `_records` reads}, raising ValueError when files
   are missing) and `_records(split, source)` (yields (int key in source order, _Candidate | BadRecord))."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = _RELEASE_NOTES
   HOMEPAGE = ""
   CITATION = ""
@@ -443,6 +449,7 @@ def to_record(example: dict) -> dict:
     "images": [bytes(b) for b in example["images"]],
     "ranks": np.asarray(example["ranks"], np.int32),
     "chosen": int(example["chosen"]),
+    "user": _text(example.get("user", "")),
   }
 
 

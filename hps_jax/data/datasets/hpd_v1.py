@@ -47,7 +47,7 @@ class HpdV1(_PreferenceBuilder):
   """
 
   name = "hpd_v1"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   HOMEPAGE = "https://github.com/tgxs002/align_sd"
   CITATION = """@inproceedings{wu2023hps,
   title={Human Preference Score: Better Aligning Text-to-Image Models with Human Preference},
@@ -84,6 +84,7 @@ class HpdV1(_PreferenceBuilder):
             images=[(root / p, root / "preference_images" / p) for p in paths],
             chosen=_chosen_from_preference(_require(rec, "human_preference"), len(paths)),
             where=f"{source.name}[{i}]",
+            user=str(rec.get("user_hash") or ""),
           ),
         )
       except BadRecord as e:

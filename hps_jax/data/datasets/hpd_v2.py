@@ -52,7 +52,7 @@ class HpdV2(_PreferenceBuilder):
   """
 
   name = "hpd_v2"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   HOMEPAGE = "https://github.com/tgxs002/HPSv2"
   CITATION = """@article{wu2023hpsv2,
   title={Human Preference Score v2: A Solid Benchmark for Evaluating Human Preferences of Text-to-Image Synthesis},

@@ -61,7 +61,7 @@ class Pickapic(_PreferenceBuilder):
   """
 
   name = "pickapic"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   BUILDER_CONFIGS = [
     PickapicConfig(name="default", include_ties=False, description="ties (0.5 / 0.5) are skipped"),
     PickapicConfig(name="with_ties", include_ties=True, description="ties are kept with ranks [0, 0] and chosen 0"),
@@ -76,7 +76,7 @@ class Pickapic(_PreferenceBuilder):
   yuvalkirstain/pickapic_v2 --repo-type dataset --local-dir MANUAL_DIR`): manual_dir/data/ (or manual_dir itself)
   must hold files named <split>-*.parquet or <split>.parquet."""
   REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
-  OPTIONAL_COLUMNS = ("has_label", "are_different", "ranking_id")
+  OPTIONAL_COLUMNS = ("has_label", "are_different", "ranking_id", "user_id")
 
   def split_sources(self, manual_dir) -> dict[str, list[Path]]:
     import pyarrow.parquet as pq
@@ -153,4 +153,12 @@ class Pickapic(_PreferenceBuilder):
       chosen, ranks = 1, [1, 0]
     else:
       return BadRecord("bad_label", f"labels ({l0}, {l1}) are none of (1, 0), (0, 1), (0.5, 0.5)", rid)
-    return _Candidate(id=rid, prompt=caption, images=[rec["jpg_0"], rec["jpg_1"]], chosen=chosen, ranks=ranks)
+    user = rec.get("user_id")
+    return _Candidate(
+      id=rid,
+      prompt=caption,
+      images=[rec["jpg_0"], rec["jpg_1"]],
+      chosen=chosen,
+      ranks=ranks,
+      user="" if user is None else str(user),
+    )

@@ -50,7 +50,7 @@ class PreferenceJsonl(_PreferenceBuilder):
   """
 
   name = "preference_jsonl"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   MANUAL_DOWNLOAD_INSTRUCTIONS = """Put one <split>.jsonl file per split in manual_dir, each line
   {"prompt": ..., "images": [paths relative to the file or absolute], "chosen": index, "ranks": [...] (optional),
   "id": ... (optional)}."""
@@ -97,6 +97,7 @@ class PreferenceJsonl(_PreferenceBuilder):
               chosen=int(chosen),
               ranks=ranks,
               where=f"{source.name}:{line_no}",
+              user=str(rec.get("user") or ""),
             ),
           )
         except BadRecord as e:
