@@ -27,6 +27,9 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from hps_jax import files
+from hps_jax.errors import InputError
+
 KINDS = ("hf_file", "hf_repo", "url", "manual")
 _HF_CLIP_FILES = (
   "config.json",
@@ -41,7 +44,7 @@ _HF_CLIP_FILES = (
 _TOKENIZER_FILES = _HF_CLIP_FILES[2:]
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
   """A registry entry that is unknown, missing from the cache (and not downloadable now), or fails its sha256."""
 
 
@@ -269,10 +272,7 @@ def _read_sidecar(path: Path) -> dict | None:
 
 
 def _write_sidecar(path: Path, sha: str, pinned: bool) -> None:
-  side = _sidecar(path)
-  tmp = side.with_name(side.name + ".tmp")
-  tmp.write_text(json.dumps({"sha256": sha, "pinned": pinned, **_stamp(path)}) + "\n")
-  os.replace(tmp, side)
+  files.write_text(_sidecar(path), json.dumps({"sha256": sha, "pinned": pinned, **_stamp(path)}) + "\n")
 
 
 def expected_sha256(name: str | Entry, cache: Path | None = None) -> str | None:

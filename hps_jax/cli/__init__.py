@@ -9,14 +9,21 @@ default. The error contract is in `hps_jax.cli.common`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
 
 from hps_jax import __version__
-from hps_jax.cli.common import EXIT_USAGE, HelpFormatter, UsageError
-from hps_jax.convert.io import CheckpointError
+from hps_jax.cli.common import EXIT_FAILED, EXIT_USAGE, HelpFormatter, UsageError
+from hps_jax.errors import InputError, Interrupted
 
 # name -> (module, one-line help); the order is the order of `hps-jax --help`
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -89,6 +96,9 @@ def _join_distributed_run():
 
 
 def main(argv=None) -> int:
+  """The error contract of every command: 0 all done; 1 some inputs skipped (each named); 2 bad usage or a bad
+  input file / checkpoint / config (one line naming it); 3 internal error (one line + the log file holding the
+  traceback); 130 / 143 after a clean stop on SIGINT / SIGTERM."""
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser(_chosen(argv))
   if not argv:
@@ -100,21 +110,84 @@ def main(argv=None) -> int:
   if extra and not getattr(args, "accepts_config_overrides", False):
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   args.overrides = extra
+  name = f"hps-jax {args.command}"
   try:
-    _join_distributed_run()
-    return args.run(args)
-  except (UsageError, CheckpointError, FileNotFoundError) as e:
-    print(f"hps-jax {args.command}: error: {e}", file=sys.stderr)
+    with _sigterm_raises():
+      _join_distributed_run()
+      return args.run(args)
+  except Interrupted as e:
+    print(f"{name}: {e}", file=sys.stderr)
+    return e.exit_code
+  except KeyboardInterrupt:
+    print(f"{name}: stopped by SIGINT", file=sys.stderr)
+    return 128 + signal.SIGINT
+  except InputError as e:
+    print(f"{name}: error: {_first_line(e, 400)}", file=sys.stderr)
     return EXIT_USAGE
-  except Exception as e:  # noqa: BLE001  (only device out-of-memory is turned into a message; the rest re-raises)
-    if not _out_of_memory(e):
-      raise
-    print(
-      f"hps-jax {args.command}: error: the accelerator ran out of memory ({_first_line(e)}): lower --batch-size "
-      "(or --height / --width, or use --dtype bfloat16)",
-      file=sys.stderr,
+  except OSError as e:  # a file the user named: missing, a directory, unreadable, not writable, disk full
+    path_errors = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+    if e.filename is None and not isinstance(e, path_errors):
+      return _internal_error(name, argv, e)
+    text = f"{e.filename}: {e.strerror or e}" if e.filename is not None else _first_line(e, 400)
+    print(f"{name}: error: {text}", file=sys.stderr)
+    return EXIT_USAGE
+  except RecursionError as e:
+    print(f"{name}: error: an input nests too deeply to be read ({_first_line(e)})", file=sys.stderr)
+    return EXIT_USAGE
+  except MemoryError:
+    print(f"{name}: error: out of host memory: lower --batch-size or the input sizes", file=sys.stderr)
+    return EXIT_USAGE
+  except Exception as e:  # noqa: BLE001
+    if _out_of_memory(e):
+      print(
+        f"{name}: error: the accelerator ran out of memory ({_first_line(e)}): lower --batch-size "
+        "(or --height / --width, or use --dtype bfloat16)",
+        file=sys.stderr,
+      )
+      return EXIT_USAGE
+    return _internal_error(name, argv, e)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+  """SIGTERM (what schedulers and preemptible VMs send) stops the command like Ctrl-C does: an `Interrupted`
+  raised in the main thread, so outputs being written are abandoned (writes are atomic) and the exit code is 143.
+  The training loop installs its own handlers for its duration (checkpoint at the next step, then stop)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    raise Interrupted(signum)
+
+  previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def log_dir() -> Path:
+  """Where exit-3 tracebacks go: $HPS_JAX_LOG_DIR, else hps-jax-logs/ in the system's temporary directory."""
+  return Path(os.environ.get("HPS_JAX_LOG_DIR") or Path(tempfile.gettempdir()) / "hps-jax-logs")
+
+
+def _internal_error(name: str, argv: list[str], e: BaseException) -> int:
+  """Exit 3: one line on stderr, the traceback in a log file (named in that line)."""
+  text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+  try:
+    d = log_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(
+      prefix=f"{name.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log", dir=d
     )
-    return EXIT_USAGE
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(f"hps-jax {__version__}; argv: {argv!r}\n{text}")
+    where = f"the traceback is in {path}"
+  except OSError as log_error:
+    where = f"the traceback could not be logged ({log_error}); rerun with HPS_JAX_LOG_DIR set to a writable folder"
+  print(f"{name}: internal error: {type(e).__name__}: {_first_line(e)}; {where}", file=sys.stderr)
+  return EXIT_FAILED
 
 
 def _out_of_memory(e: BaseException) -> bool:

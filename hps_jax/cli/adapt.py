@@ -14,17 +14,23 @@ from hps_jax.adapt import label as lab
 from hps_jax.adapt import train_lora
 from hps_jax.adapt.evaluate import GENERATOR_METRICS, markdown_table
 from hps_jax.cli.common import (
+  COUNT,
+  LIMIT,
   Skips,
   UsageError,
   add_checkpoint_args,
   add_parser,
   add_training_args,
+  check_outdir,
+  check_output,
+  check_report_output,
   progress,
   read_prompts,
+  real,
   report_skips,
   run_training,
   say_wrote,
-  write_json,
+  write_report,
 )
 from hps_jax.cli.metrics import add_inception_args, load_inception_arg
 from hps_jax.cli.sample import add_sampling_args, load_sd, sample_config
@@ -50,7 +56,7 @@ def add_label(sub):
   add_checkpoint_args(p, aliases=("--scorer",))
   p.add_argument("--preprocess", default="pad", choices=["pad", "clip"], help="image preprocessing (pad: the paper)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
-  p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+  p.add_argument("--batch-size", type=COUNT, default=32, help="images per forward pass")
   p.add_argument(
     "--images",
     required=True,
@@ -66,13 +72,13 @@ def add_label(sub):
     choices=sorted(lab.PRESETS),
     help="paper: the rule only; release: also drop near-constant images and prompts with < 4 images",
   )
-  p.add_argument("--alpha", type=float, help="selection factor (default: the preset's, 2.0)")
+  p.add_argument("--alpha", type=real(0), help="selection factor (default: the preset's, 2.0)")
   p.add_argument(
     "--blur-threshold",
-    type=int,
+    type=LIMIT,
     help="drop images whose max horizontal neighbour difference is below this (0 = off; release: 10)",
   )
-  p.add_argument("--min-images", type=int, help="drop prompts left with fewer images (0 = off; release: 4)")
+  p.add_argument("--min-images", type=LIMIT, help="drop prompts left with fewer images (0 = off; release: 4)")
   p.add_argument("--scores", metavar="SCORES.jsonl", help="also write every scored image: {image, prompt, hps, kind}")
   p.set_defaults(run=run_label)
 
@@ -91,8 +97,16 @@ def _label_config(args) -> lab.LabelConfig:
 
 def run_label(args) -> int:
   config = _label_config(args)
-  if args.batch_size < 1:
-    raise UsageError("--batch-size must be >= 1")
+  check_output(
+    args.out, overwrite=True, inputs=[args.images, args.regularization, args.scores], flag="--out", formats=(".jsonl",)
+  )
+  check_output(
+    args.scores,
+    overwrite=True,
+    inputs=[args.images, args.regularization, args.out],
+    flag="--scores",
+    formats=(".jsonl",),
+  )
   skips = Skips()
   try:
     records = read_records(args.images, skips.add)
@@ -214,10 +228,11 @@ def run_eval_generator(args) -> int:
     if not needs[m][1]:
       raise UsageError(f"the {m} metric needs {needs[m][0]} (or leave it out of --metrics)")
   prompts = read_prompts(None, args.prompts)
-  if not prompts or min(args.num_images, args.sample_batch_size, args.steps) < 1:
-    raise UsageError("need at least one prompt, and --num-images, --sample-batch-size, --steps >= 1")
+  if not prompts:
+    raise UsageError(f"{args.prompts}: no prompts")
+  check_report_output(args.output, inputs=[args.prompts, args.reference])
   output = Path(args.output)
-  outdir = Path(args.outdir) if args.outdir else output.with_name(output.stem + "_images")
+  outdir = check_outdir(args.outdir or str(output.with_name(output.stem + "_images")))
   sd, _ = load_sd(args)
   cfg = sample_config(args, sd)
   jobs = [(p, args.seed + j * args.num_images + k) for j, p in enumerate(prompts) for k in range(args.num_images)]
@@ -282,9 +297,7 @@ def run_eval_generator(args) -> int:
       "images": str(outdir),
     },
   }
-  write_json(output, summary)
   table = markdown_table(results)
-  output.with_suffix(".md").write_text(table)
+  write_report(output, summary, table, f"the results (images in {outdir})")
   print(table, end="")
-  say_wrote(f"{output} and {output.with_suffix('.md')}", f"the results (images in {outdir})")
   return report_skips(all_skips, len(jobs) * len(variants))

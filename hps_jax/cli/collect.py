@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hps_jax.cli.common import UsageError, add_parser, report_skips, say_wrote
+from hps_jax.cli.common import LIMIT, UsageError, add_parser, report_skips, say_wrote
 from hps_jax.collect import BUILTIN_GRAMMARS, DiscordCollector, ExportError, load_grammar, require_ijson
 
 
@@ -40,7 +40,7 @@ def add_collect(sub):
     "(keys in hps_jax.collect.discord)",
   )
   d.add_argument(
-    "--max-per-user", type=int, default=0, metavar="N", help="at most this many records per user (0: no cap)"
+    "--max-per-user", type=LIMIT, default=0, metavar="N", help="at most this many records per user (0: no cap)"
   )
   d.add_argument("--overwrite", action="store_true", help="replace an existing DIR/preference.jsonl")
   p.set_defaults(run=run_collect)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,11 +19,12 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from hps_jax import configs
+from hps_jax import configs, files
 from hps_jax.data.images import image_files
 from hps_jax.data.pairs import read_image_rows
 from hps_jax.data.skips import Skips
 from hps_jax.data.sources import open_source
+from hps_jax.errors import InputError
 
 EXIT_OK = 0
 EXIT_SKIPPED = 1
@@ -32,7 +34,7 @@ EXIT_FAILED = 3
 CHECKPOINT_FORMATS = ["auto", "hf", "openai", "open_clip"]
 
 
-class UsageError(Exception):
+class UsageError(InputError):
   """An error in what the user asked for; printed as one line, exit 2."""
 
 
@@ -89,34 +91,79 @@ def open_output(path: str | None):
 
 def write_json(path, obj) -> None:
   """JSON written atomically (a temporary file renamed over the target)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-  os.replace(tmp, path)
+  files.write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def first_non_finite(obj, where: str = "") -> str | None:
+  """The path ('fid', 'per_prompt[3].hps') of the first NaN / infinite number in a JSON-like result, or None."""
+  if isinstance(obj, float):
+    return None if math.isfinite(obj) else (where or "the value")
+  if isinstance(obj, dict):
+    items = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+  elif isinstance(obj, (list, tuple)):
+    items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+  else:
+    return None
+  for path, v in items:
+    bad = first_non_finite(v, path)
+    if bad is not None:
+      return bad
+  return None
+
+
+def require_finite(result, what: str = "the result") -> None:
+  """No impossible number is ever reported at exit 0: a NaN / infinite value (NaN weights in a checkpoint, a
+  degenerate statistics file) is an error naming where it appeared; nothing is written."""
+  bad = first_non_finite(result)
+  if bad is not None:
+    raise InputError(
+      f"{what} holds a non-finite value at {bad}: an input (checkpoint weights, statistics, images) produced NaN or "
+      "infinity; nothing was written"
+    )
+
+
+def check_report_output(path: str | None, inputs=()) -> None:
+  """--output of a JSON report (a markdown table is written next to it, FILE.md)."""
+  if path:
+    check_output(path, overwrite=True, inputs=inputs, formats=(".json",))
+    if Path(path).with_suffix(".md").resolve() in {Path(i).resolve() for i in inputs if i}:
+      raise UsageError(f"--output {path}: its table {Path(path).with_suffix('.md')} would replace an input")
+
+
+def write_report(path: str | None, report: dict, table: str, what: str = "the report") -> None:
+  """A JSON report and its markdown table (FILE.json + FILE.md), both atomic, after checking every number is
+  finite."""
+  require_finite(report, what)
+  if path:
+    out = Path(path)
+    write_json(out, report)
+    files.write_text(out.with_suffix(".md"), table)
+    say_wrote(f"{out} and {out.with_suffix('.md')}", what)
 
 
 OUTPUT_FORMATS = (".jsonl", ".csv", ".parquet")
 
 
-def check_output(path: str | None, *, overwrite: bool, inputs=()) -> None:
-  """Validates an --output path before any work: a known format (by extension), not one of the inputs, and not an
-  existing file unless --overwrite. None / '-' is stdout (JSONL)."""
+def check_output(
+  path: str | None, *, overwrite: bool, inputs=(), flag: str = "--output", formats=OUTPUT_FORMATS
+) -> None:
+  """Validates an output file's path before any work: a known format (by extension), not a folder, not one of the
+  inputs, in a folder that can be created and written, and not an existing file unless --overwrite. None / '-' is
+  stdout (JSONL)."""
   if path is None or path == "-":
     return
   out = Path(path)
-  if out.suffix.lower() not in OUTPUT_FORMATS:
-    raise UsageError(
-      f"--output {path}: unknown format {out.suffix or '(no extension)'}; use {', '.join(OUTPUT_FORMATS)}"
-    )
+  if out.suffix.lower() not in formats:
+    raise UsageError(f"{flag} {path}: unknown format {out.suffix or '(no extension)'}; use {', '.join(formats)}")
   if out.is_dir():
-    raise UsageError(f"--output {path} is a directory, expected a file")
+    raise UsageError(f"{flag} {path} is a directory, expected a file")
   resolved = out.resolve()
   for i in inputs:
     if i is not None and Path(i).resolve() == resolved:
-      raise UsageError(f"--output {path} is also an input: choose another file")
+      raise UsageError(f"{flag} {path} is also an input: choose another file")
   if out.exists() and not overwrite:
-    raise UsageError(f"--output {path} exists: pass --overwrite to replace it")
+    raise UsageError(f"{flag} {path} exists: pass --overwrite to replace it")
+  check_outdir(str(out.parent), f"the folder of {flag}")
   if out.suffix.lower() == ".parquet":
     try:
       import pyarrow  # noqa: F401  (optional: the [data] extra)
@@ -144,36 +191,46 @@ def write_table(rows: list[dict], path: str | None) -> None:
     sys.stdout.flush()
     return
   out = Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(out.name + ".tmp")
   fmt = out.suffix.lower()
   columns = list(dict.fromkeys(k for row in rows for k in row))
   if fmt == ".parquet":
     import pyarrow as pa  # optional (the [data] extra), checked by check_output
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    with files.atomic_path(out, suffix=".parquet") as tmp:
+      pq.write_table(pa.Table.from_pylist(rows), tmp)
   elif fmt == ".csv":
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with files.atomic_write(out, newline="") as f:
       writer = csv.DictWriter(f, fieldnames=columns)
       writer.writeheader()
       writer.writerows(rows)
   else:
-    with open(tmp, "w", encoding="utf-8") as f:
+    with files.atomic_write(out) as f:
       for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, out)
+
+
+def non_finite(row: dict) -> str | None:
+  """The first key of `row` holding a NaN or infinite number (such a value is never written as a result)."""
+  for k, v in row.items():
+    if isinstance(v, float) and not math.isfinite(v):
+      return k
+  return None
 
 
 def write_rows(rows, total: int, output: str | None, desc: str, skips: Skips, rank_by: str | None = None) -> int:
-  """Collects result rows with a progress bar (rows with an 'error' go to the skip report), adds per-prompt ranks
-  when asked, writes them (`write_table`) and reports; -> exit code."""
+  """Collects result rows with a progress bar (rows with an 'error', or a non-finite value, go to the skip report),
+  adds per-prompt ranks when asked, writes them (`write_table`) and reports; -> exit code."""
   done = []
   with progress(total, desc) as bar:
     for row in rows:
       bar.update(1)
       if "error" in row:
         skips.add(row["image"], row["error"])
+        continue
+      bad = non_finite(row)
+      if bad is not None:
+        skips.add(row.get("image"), f"{bad} is {row[bad]} (non-finite: check the checkpoint's weights)")
         continue
       done.append(row)
   if rank_by is not None:
@@ -220,11 +277,64 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
   return [line.strip() for line in lines if line.strip()]
 
 
-def positive(args, *names: str) -> None:
-  """Every named integer option must be >= 1."""
-  bad = [n for n in names if getattr(args, n) < 1]
-  if bad:
-    raise UsageError(", ".join("--" + n.replace("_", "-") for n in bad) + " must be >= 1")
+def integer(lo: int | None = 1, hi: int | None = None, *, multiple_of: int = 1):
+  """An argparse type: an integer in [lo, hi] (None: unbounded), a multiple of `multiple_of` when > 1; anything else
+  is a usage error naming the option (argparse adds it) and the expected range."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text, 10)
+    except (TypeError, ValueError):
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi) or value % multiple_of:
+      rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]" if lo is not None else f"<= {hi}"
+      extra = f", a multiple of {multiple_of}" if multiple_of > 1 else ""
+      raise argparse.ArgumentTypeError(f"expected an integer {rng}{extra}, got {text}")
+    return value
+
+  parse.__name__ = "integer"
+  return parse
+
+
+def real(lo: float | None = None, hi: float | None = None):
+  """An argparse type: a finite number in [lo, hi] (nan and inf are refused: they would silently produce black
+  images or NaN scores)."""
+
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except (TypeError, ValueError):
+      raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+      raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+      rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]" if lo is not None else f"<= {hi}"
+      raise argparse.ArgumentTypeError(f"expected a number {rng}, got {text}")
+    return value
+
+  parse.__name__ = "number"
+  return parse
+
+
+# the kinds of integer option every command shares
+COUNT = integer(1)  # batch sizes, steps, splits, images per prompt
+LIMIT = integer(0)  # caps where 0 means "no cap"
+SEED = integer(0, 2**32 - 1)
+IMAGE_SIDE = integer(8, 8192, multiple_of=8)  # the VAE downsamples by 8
+
+
+def check_outdir(path: str, flag: str = "--outdir") -> Path:
+  """An output folder: created if missing; an existing file there is a usage error (not a traceback)."""
+  out = Path(path)
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"{flag} {path} is a file, expected a folder")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"{flag} {path}: cannot create it ({e.strerror or e})") from e
+  if not os.access(out, os.W_OK):
+    raise UsageError(f"{flag} {path} is not writable")
+  return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -262,10 +372,10 @@ def add_dataset_args(
   p.add_argument("--manual-dir", default="", help="the dataset's local download (not for synthetic)")
   p.add_argument("--data-dir", default="", help="where the prepared TFDS files go (default MANUAL_DIR/tfds_prepared)")
   p.add_argument("--builder-config", default="", help="TFDS builder config (e.g. pickapic's with_ties)")
-  p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
-  p.add_argument("--seed", type=int, default=0, help=seed_help)
-  p.add_argument("--synthetic-size", type=int, default=200, help="prompts of the synthetic set")
-  p.add_argument("--synthetic-image-size", type=int, default=48, help="image size of the synthetic set")
+  p.add_argument("--max-prompts", type=LIMIT, default=0, help="use only the first N prompts (0 = all)")
+  p.add_argument("--seed", type=SEED, default=0, help=seed_help)
+  p.add_argument("--synthetic-size", type=COUNT, default=200, help="prompts of the synthetic set")
+  p.add_argument("--synthetic-image-size", type=COUNT, default=48, help="image size of the synthetic set")
 
 
 def open_dataset(args, split: str | None = None):

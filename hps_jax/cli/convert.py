@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from hps_jax import files
 from hps_jax.cli.common import UsageError, add_parser
 from hps_jax.convert.io import load_state_dict, save_safetensors
 
@@ -42,10 +43,9 @@ def run_convert(args) -> int:
   if dst.is_dir():
     raise UsageError(f"{dst}: is a directory")
   tensors = load_state_dict(src, keep_dtype=True)
-  tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
   try:
-    save_safetensors(tensors, tmp)
-    os.replace(tmp, dst)
+    with files.atomic_path(dst, suffix=".safetensors") as tmp:
+      save_safetensors(tensors, tmp)
   except Exception as e:  # an unwritable folder, a full disk, a dtype safetensors cannot hold: one line, exit 2
     raise UsageError(f"{dst}: cannot write ({type(e).__name__}: {e})") from e
   finally:

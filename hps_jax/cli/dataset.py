@@ -8,14 +8,16 @@ from collections import Counter
 from pathlib import Path
 
 from hps_jax.cli.common import (
+  COUNT,
   UsageError,
   add_dataset_args,
   add_parser,
+  check_report_output,
   open_dataset,
-  positive,
   progress,
+  require_finite,
   say_wrote,
-  write_json,
+  write_report,
 )
 from hps_jax.cli.metrics import add_inception_args, load_inception_arg
 from hps_jax.data import stats as dstats
@@ -70,9 +72,9 @@ def add_dataset(sub):
   m.add_argument(
     "--reference", required=True, help="FID reference: image directory, JSONL of {image} rows, or a stats .npz"
   )
-  m.add_argument("--num-is", type=int, default=20000, help="images per subset for the Inception Score (at most)")
-  m.add_argument("--num-fid", type=int, default=10000, help="images per subset for FID (at most)")
-  m.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
+  m.add_argument("--num-is", type=COUNT, default=20000, help="images per subset for the Inception Score (at most)")
+  m.add_argument("--num-fid", type=COUNT, default=10000, help="images per subset for FID (at most)")
+  m.add_argument("--is-splits", type=COUNT, default=10, help="Inception Score splits")
   add_inception_args(m)
   m.add_argument(
     "--save-samples",
@@ -110,17 +112,13 @@ def _jsonl_records(path: str) -> list[dict]:
 
 
 def _check_output(args) -> None:
-  if args.output and Path(args.output).suffix.lower() != ".json":
-    raise UsageError(f"--output {args.output}: expected a .json file")
+  check_report_output(args.output, inputs=[getattr(args, "data_dir", None), getattr(args, "dataset", None)])
 
 
 def _write(args, report: dict, table: str) -> None:
+  require_finite(report)
   print(table, end="")
-  if args.output:
-    out = Path(args.output)
-    write_json(out, report)
-    out.with_suffix(".md").write_text(table, encoding="utf-8")
-    say_wrote(f"{out} and {out.with_suffix('.md')}", "the report")
+  write_report(args.output, report, table)
 
 
 def run_dataset_stats(args) -> int:
@@ -143,7 +141,6 @@ def run_dataset_stats(args) -> int:
 
 def run_dataset_metrics(args) -> int:
   _check_output(args)
-  positive(args, "num_is", "num_fid", "is_splits")
   if args.seed < 0:
     raise UsageError("--seed must be >= 0")
   if args.save_samples and Path(args.save_samples).exists() and any(Path(args.save_samples).iterdir()):

@@ -22,7 +22,7 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 from hps_jax.cli import main as cli_main  # the demo drives the commands exactly as a user would
-from hps_jax.cli.common import add_parser, load_config
+from hps_jax.cli.common import add_parser, check_outdir, load_config
 from hps_jax.convert.aesthetic import save_aesthetic
 from hps_jax.convert.clip import save_hf
 from hps_jax.convert.inception import save_inception_torch
@@ -80,8 +80,7 @@ def add_demo(sub):
 
 
 def run_demo(args) -> int:
-  out = Path(args.outdir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = check_outdir(args.outdir)
   t0 = time.time()
 
   say(BANNER)

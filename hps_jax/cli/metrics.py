@@ -4,17 +4,18 @@ aesthetic / HPS of one image set); the Inception options shared with `eval-gener
 from __future__ import annotations
 
 import json
-import sys
 
 from hps_jax import weights
 from hps_jax.cli.common import (
+  COUNT,
   Skips,
   UsageError,
   add_parser,
-  open_output,
-  positive,
+  check_output,
   report_skips,
+  require_finite,
   say_wrote,
+  write_json,
 )
 from hps_jax.convert.inception import load_inception
 from hps_jax.metrics import compute
@@ -35,13 +36,12 @@ def add_inception_args(p, *, batch_size: int = 50) -> None:
     choices=["tf1", "torch"],
     help="tf1: the original TF FID / torch-fidelity resize; torch: pytorch-fid's F.interpolate",
   )
-  p.add_argument("--batch-size", type=int, default=batch_size, help="images per Inception batch")
+  p.add_argument("--batch-size", type=COUNT, default=batch_size, help="images per Inception batch")
 
 
 def load_inception_arg(args):
   """The FID Inception named by --inception-weights (or found in the default places); sets
   args.inception_sha256, which saved statistics record and are checked against."""
-  positive(args, "batch_size")
   try:
     if args.inception_weights in weights.REGISTRY:  # by name: from the weights cache (downloaded if missing)
       path = weights.resolve(args.inception_weights)
@@ -72,6 +72,9 @@ def add_fid(sub):
 def run_fid(args) -> int:
   if args.path_b is None and not args.save_stats:
     raise UsageError("give PATH_B (a second image set or a stats .npz), or --save-stats OUT.npz")
+  check_output(
+    args.save_stats, overwrite=True, inputs=[args.path_a, args.path_b], flag="--save-stats", formats=(".npz",)
+  )
   model = load_inception_arg(args)
   skips = Skips()
   try:
@@ -116,9 +119,9 @@ def add_metrics(sub):
   p.add_argument("--metrics", default="fid,is", help=f"comma-separated subset of {','.join(METRICS)}")
   p.add_argument("--reference", help="fid/kid reference: image directory / JSONL (or, for fid only, a stats .npz)")
   add_inception_args(p)
-  p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
-  p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets")
-  p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset")
+  p.add_argument("--is-splits", type=COUNT, default=10, help="Inception Score splits")
+  p.add_argument("--kid-subsets", type=COUNT, default=100, help="KID subsets")
+  p.add_argument("--kid-subset-size", type=COUNT, default=1000, help="images per KID subset")
   p.add_argument("--clip-checkpoint", help="CLIP for the clip and aesthetic metrics (ViT-L/14 for aesthetic)")
   p.add_argument("--aesthetic-mlp", help="LAION aesthetic head (.pth)")
   p.add_argument("--checkpoint", metavar="CKPT", help="HPS checkpoint for the hps metric")
@@ -141,7 +144,7 @@ def run_metrics(args) -> int:
     raise UsageError("aesthetic needs --aesthetic-mlp")
   if "hps" in wanted and not args.checkpoint:
     raise UsageError("hps needs --checkpoint")
-  positive(args, "is_splits", "kid_subsets", "kid_subset_size")
+  check_output(args.output, overwrite=True, inputs=[args.images, args.reference], formats=(".json",))
   skips = Skips()
   try:
     items = compute.list_images(args.images, skips)
@@ -172,12 +175,10 @@ def run_metrics(args) -> int:
     raise UsageError(str(e)) from e
   result = {"images": args.images, **result}
   result["skipped"] = len(skips.items)
-  out = open_output(args.output)
-  try:
-    out.write(json.dumps(result, indent=2) + "\n")
-  finally:
-    if out is not sys.stdout:
-      out.close()
-  if out is not sys.stdout:
+  require_finite(result, "the metrics")
+  if args.output:
+    write_json(args.output, result)
     say_wrote(args.output, "the metrics")
+  else:
+    print(json.dumps(result, indent=2))
   return report_skips(skips, result.get("num_images", len(items) - len(skips.items)))

@@ -10,14 +10,17 @@ import numpy as np
 from hps_jax import parallel
 from hps_jax.cli.common import (
   CHECKPOINT_FORMATS,
+  COUNT,
   UsageError,
   add_dataset_args,
   add_parser,
   add_training_args,
+  check_report_output,
+  integer,
   open_dataset,
+  require_finite,
   run_training,
-  say_wrote,
-  write_json,
+  write_report,
 )
 from hps_jax.convert.aesthetic import load_aesthetic
 from hps_jax.convert.clip import load_clip
@@ -81,8 +84,10 @@ def add_eval_preference(sub):
   p.add_argument("--format", default="auto", choices=CHECKPOINT_FORMATS, help="checkpoint layout (auto: detected)")
   p.add_argument("--tokenizer", help="CLIP BPE file or HF tokenizer dir (default: the checkpoint's)")
   p.add_argument("--preprocess", choices=["pad", "clip"], help="default: pad for HPS, clip for aesthetic")
-  p.add_argument("--max-images", type=int, default=4, help="image slots per prompt (more are truncated, chosen kept)")
-  p.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
+  p.add_argument(
+    "--max-images", type=integer(2), default=4, help="image slots per prompt (more are truncated, chosen kept)"
+  )
+  p.add_argument("--batch-size", type=COUNT, default=16, help="prompts per batch")
   add_dataset_args(p, seed_help="seeds --random and the synthetic set")
   p.add_argument("--output", help="JSON report (a .md table is written next to it)")
   p.set_defaults(run=run_eval_preference)
@@ -91,8 +96,7 @@ def add_eval_preference(sub):
 def run_eval_preference(args) -> int:
   if args.aesthetic and not args.clip_checkpoint:
     raise UsageError("--aesthetic-mlp needs --clip-checkpoint (the CLIP ViT-L/14 whose embedding it reads)")
-  if args.batch_size < 1 or args.max_images < 2:
-    raise UsageError("--batch-size must be >= 1 and --max-images >= 2")
+  check_report_output(args.output, inputs=[args.dataset])
   source = limit(open_dataset(args), args.max_prompts)
   score_fn, image_size, name = _eval_scorer(args)
   mode = args.preprocess or ("clip" if args.aesthetic else "pad")
@@ -102,12 +106,9 @@ def run_eval_preference(args) -> int:
   report = preference_report(scores, ranks)
   report.update({"scorer": name, "dataset": args.dataset, "split": args.split, "preprocess": mode})
   table = markdown_table(report, f"{name} on {args.dataset}/{args.split}")
+  require_finite(report)
   print(table)
-  if args.output:
-    out = Path(args.output)
-    write_json(out, report)
-    out.with_suffix(".md").write_text(table)
-    say_wrote(f"{out} and {out.with_suffix('.md')}", "the report")
+  write_report(args.output, report, table)
   return 0
 
 

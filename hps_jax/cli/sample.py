@@ -9,7 +9,18 @@ from pathlib import Path
 from PIL import Image
 
 from hps_jax import weights
-from hps_jax.cli.common import UsageError, add_parser, progress, read_prompts, say_wrote
+from hps_jax.cli.common import (
+  COUNT,
+  IMAGE_SIDE,
+  SEED,
+  UsageError,
+  add_parser,
+  check_outdir,
+  progress,
+  read_prompts,
+  real,
+  say_wrote,
+)
 from hps_jax.diffusion.render import best_of_jobs, contact_sheet, labelled_grid, pick_best, render
 from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
 from hps_jax.models.dtypes import as_dtype
@@ -21,17 +32,19 @@ def add_sampling_args(p, *, batch_flag: str = "--batch-size") -> None:
   p.add_argument(
     "--model", required=True, help="diffusers-layout SD dir (unet/ vae/ text_encoder/ tokenizer/), or sd-v1-4 (by name)"
   )
-  p.add_argument("--steps", type=int, default=50, help="denoising steps")
-  p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+  p.add_argument("--steps", type=COUNT, default=50, help="denoising steps")
+  p.add_argument("--guidance", type=real(), default=7.5, help="classifier-free guidance scale")
   p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim"], help="sampler")
-  p.add_argument("--seed", type=int, default=0, help="image k of prompt j gets seed + j * num_images + k")
-  p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-  p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size, 512 for SD 1.x)")
-  p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
-  p.add_argument(batch_flag, type=int, default=4, help="images per sampling batch (one compiled shape)")
+  p.add_argument("--seed", type=SEED, default=0, help="image k of prompt j gets seed + j * num_images + k")
+  p.add_argument("--num-images", type=COUNT, default=1, help="images per prompt")
+  p.add_argument(
+    "--height", type=IMAGE_SIDE, help="image height in pixels (default: the model's native size, 512 for SD 1.x)"
+  )
+  p.add_argument("--width", type=IMAGE_SIDE, help="image width in pixels (default: the model's native size)")
+  p.add_argument(batch_flag, type=COUNT, default=4, help="images per sampling batch (one compiled shape)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   p.add_argument("--lora", help="LoRA file or dir: PEFT/diffusers safetensors, kohya/A1111, or the HPS v1 release .bin")
-  p.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength (0 = base model)")
+  p.add_argument("--lora-scale", type=real(), default=1.0, help="adapter strength (0 = base model)")
 
 
 def load_sd(args):
@@ -84,7 +97,7 @@ def add_sample(sub):
   p.add_argument("--base-negative-prompt", default="", help="negative prompt of the base side in --ab")
   p.add_argument(
     "--best-of",
-    type=int,
+    type=COUNT,
     default=1,
     metavar="N",
     help="render N candidates per image and keep the one with the highest HPS (needs --checkpoint)",
@@ -96,6 +109,7 @@ def add_sample(sub):
 
 
 def run_sample(args) -> int:
+  check_outdir(args.outdir)
   prompts = read_prompts(args.prompt, args.prompts)
   if not prompts or min(args.num_images, args.batch_size, args.steps, args.best_of) < 1:
     raise UsageError("need at least one prompt, and --num-images, --batch-size, --steps, --best-of >= 1")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from hps_jax.cli.common import (
+  COUNT,
   Skips,
   UsageError,
   add_checkpoint_args,
   add_parser,
   check_output,
   expand_images,
-  positive,
   read_pairs,
   write_rows,
 )
@@ -43,7 +43,7 @@ def add_score(sub):
   )
   add_checkpoint_args(p)
   add_preprocess_arg(p, "pad")
-  p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+  p.add_argument("--batch-size", type=COUNT, default=32, help="images per forward pass")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
   add_output_args(p)
   g = p.add_mutually_exclusive_group(required=True)
@@ -58,7 +58,6 @@ def run_score(args) -> int:
     raise UsageError("--prompt needs at least one IMAGE")
   if args.pairs is not None and args.images:
     raise UsageError("give images either on the command line (with --prompt) or in --pairs, not both")
-  positive(args, "batch_size")
   check_output(args.output, overwrite=args.overwrite, inputs=[args.pairs, *args.images])
   skips = Skips()
   if args.pairs is not None:
@@ -103,14 +102,13 @@ def add_aesthetic(sub):
     "--clip-format", default="auto", choices=["auto", "hf", "openai", "open_clip"], help="the CLIP checkpoint's layout"
   )
   add_preprocess_arg(p, "clip")
-  p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+  p.add_argument("--batch-size", type=COUNT, default=32, help="images per forward pass")
   add_output_args(p)
   p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
   p.set_defaults(run=run_aesthetic)
 
 
 def run_aesthetic(args) -> int:
-  positive(args, "batch_size")
   check_output(args.output, overwrite=args.overwrite, inputs=args.images)
   images = expand_images(args.images)
   try:

@@ -70,7 +70,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -81,7 +80,9 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image
 
+from hps_jax import files
 from hps_jax.data.skips import Skips
+from hps_jax.errors import InputError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 
@@ -134,7 +135,7 @@ BUILTIN_GRAMMARS: dict[str, dict] = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
   """An export (or grammar) that cannot be read at all; the message is one line naming the file."""
 
 
@@ -547,10 +548,8 @@ class DiscordCollector:
     rel = f"images/{sha[:2]}/{sha}{ext}"
     target = self.out / rel
     if not target.exists():
-      target.parent.mkdir(parents=True, exist_ok=True)
-      tmp = target.with_name(target.name + ".tmp")
-      tmp.write_bytes(data)
-      os.replace(tmp, target)
+      with files.atomic_write(target, "wb") as f:
+        f.write(data)
       self._written.add(rel)
     return _Candidate(sha, dhash(im, self.g["hash_size"]), rel)
 
@@ -609,11 +608,9 @@ class DiscordCollector:
     for rel in self._written - used:
       self._remove(rel)
     self.out.mkdir(parents=True, exist_ok=True)
-    tmp = self.out / "preference.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with files.atomic_write(self.out / "preference.jsonl") as f:
       for r in self.records:
         f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, self.out / "preference.jsonl")
     report = {
       "messages": self.messages,
       "records": len(self.records),
@@ -621,9 +618,7 @@ class DiscordCollector:
       "excluded": dict(sorted(self.excluded.items())),
       "skipped": [{"what": w, "why": y} for w, y in self.skips.items],
     }
-    tmp = self.out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, self.out / "report.json")
+    files.write_text(self.out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -16,13 +16,14 @@ import itertools
 from pathlib import Path
 
 import ml_collections
+from hps_jax.errors import InputError
 
 PACKAGED_DIR = Path(__file__).resolve().parent
 _NOT_CONFIGS = {"__init__", "common"}
 _counter = itertools.count()
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
   """A config that cannot be loaded as asked; the message is one line."""
 
 

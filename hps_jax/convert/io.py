@@ -35,12 +35,14 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from hps_jax.errors import InputError
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "params")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A checkpoint file that cannot be read or does not hold what was expected; the message names the file."""
 
 

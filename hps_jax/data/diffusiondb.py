@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from hps_jax.data.pairs import read_image_rows
+from hps_jax.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg")
 _PART = re.compile(r"^part-(\d+)\.zip$")
@@ -40,7 +41,7 @@ _JSON_FIELDS = {"se": "seed", "st": "step", "c": "cfg", "sa": "sampler"}
 Skip = Callable[[str, str], None]
 
 
-class DiffusionDBError(ValueError):
+class DiffusionDBError(InputError):
   """A malformed DiffusionDB file (zip, parquet, part JSON); the message names it."""
 
 

@@ -53,6 +53,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hps_jax.errors import InputError
+
 __all__ = ["ImageError", "load_image", "describe", "DEFAULT_MAX_PIXELS"]
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray, Any]
@@ -67,7 +69,7 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 _INT16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
   """An image could not be loaded or understood.
 
   Attributes:
