@@ -25,6 +25,11 @@ def atomic_path(path, *, suffix: str = "") -> Iterator[Path]:
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    if e.filename is None:  # a write that failed (disk full, file too large): name the output it was for
+      raise OSError(e.errno, f"cannot write it ({e.strerror or e})", str(path)) from e
+    raise
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise

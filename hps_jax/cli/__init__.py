@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hps_jax import __version__
 from hps_jax.cli.common import EXIT_FAILED, EXIT_USAGE, HelpFormatter, UsageError
-from hps_jax.errors import InputError, Interrupted
+from hps_jax.errors import InputError, Interrupted, pending_stop
 
 # name -> (module, one-line help); the order is the order of `hps-jax --help`
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -148,6 +148,20 @@ def main(argv=None) -> int:
     return _internal_error(name, argv, e)
 
 
+def entry() -> None:
+  """The `hps-jax` console script and `python -m hps_jax.cli`: `main` with the process exit. After a stop on a
+  signal the process ends at once (`os._exit`, once stdout / stderr are flushed): the outputs were abandoned
+  atomically while the stop unwound, and background threads still inside a device computation must not be
+  joined by interpreter shutdown (that can crash the process instead of exiting 130 / 143)."""
+  rc = main()
+  if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+    for stream in (sys.stdout, sys.stderr):
+      with contextlib.suppress(Exception):
+        stream.flush()
+    os._exit(rc)
+  sys.exit(rc)
+
+
 @contextlib.contextmanager
 def _sigterm_raises():
   """SIGTERM (what schedulers and preemptible VMs send) stops the command like Ctrl-C does: an `Interrupted`
@@ -158,9 +172,11 @@ def _sigterm_raises():
     return
 
   def handler(signum, frame):
+    pending_stop.append(signum)
     raise Interrupted(signum)
 
   previous = signal.signal(signal.SIGTERM, handler)
+  pending_stop.clear()
   try:
     yield
   finally:

@@ -72,7 +72,7 @@ def add_label(sub):
     choices=sorted(lab.PRESETS),
     help="paper: the rule only; release: also drop near-constant images and prompts with < 4 images",
   )
-  p.add_argument("--alpha", type=real(0), help="selection factor (default: the preset's, 2.0)")
+  p.add_argument("--alpha", type=real(), help="selection factor (default: the preset's, 2.0)")
   p.add_argument(
     "--blur-threshold",
     type=LIMIT,

@@ -24,7 +24,7 @@ from hps_jax.data.images import image_files
 from hps_jax.data.pairs import read_image_rows
 from hps_jax.data.skips import Skips
 from hps_jax.data.sources import open_source
-from hps_jax.errors import InputError
+from hps_jax.errors import InputError, check_stop
 
 EXIT_OK = 0
 EXIT_SKIPPED = 1
@@ -73,8 +73,16 @@ def report_skips(skips: Skips, done: int, noun: str = "images", stream=None) -> 
   return EXIT_SKIPPED if skips.items else EXIT_OK
 
 
+class _Progress(tqdm):
+  """A progress bar that is also a stop point: a SIGTERM / SIGINT received meanwhile stops the loop here."""
+
+  def update(self, n=1):
+    check_stop()
+    return super().update(n)
+
+
 def progress(total: int | None, desc: str, unit: str = "img"):
-  return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+  return _Progress(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
 def say_wrote(path, what: str) -> None:
@@ -415,14 +423,33 @@ def add_training_args(p, *, config_example: str, dry_run_help: str) -> None:
   )
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/, export/ go here")
   p.add_argument("--dry-run", action="store_true", help=dry_run_help)
+  p.add_argument(
+    "--allow-config-change",
+    action="store_true",
+    help="resume WORKDIR's run with a config that differs from its config.json (refused otherwise; the change is "
+    "appended to WORKDIR/config_history.jsonl). num_steps, num_epochs, the log / eval / checkpoint cadence, the "
+    "mesh and the evaluation settings may change on resume without it",
+  )
   p.set_defaults(accepts_config_overrides=True)
 
 
 def run_training(args, run: Callable, describe: Callable) -> int:
-  """The one wiring of the training commands: config (+ overrides) -> --dry-run description, or run(config,
-  workdir) with resume from WORKDIR's last checkpoint (the loop's process 0 writes WORKDIR/config.json); the summary (status,
-  step, parameter counts, eval, export) is printed as one JSON line. Exit 0 done, 3 stopped on a non-finite loss."""
+  """The one wiring of the training commands: config (+ overrides), its values checked before anything is built
+  (bad ones: one line naming the key, exit 2) -> --dry-run description, or run(config, workdir) with resume from
+  WORKDIR's last checkpoint (the loop's process 0 writes WORKDIR/config.json); the summary (status, step, parameter
+  counts, eval, export) is printed as one JSON line. Exit 0 done, 3 stopped on a non-finite loss; a SIGTERM /
+  SIGINT stops at a checkpoint (`hps_jax.errors.Interrupted`, which `main` turns into exit 143 / 130).
+
+  WORKDIR is locked for the whole run, task building included (a second run there fails at once naming the first's
+  pid), and a resumed run whose config differs from WORKDIR/config.json is refused before any model is built unless
+  --allow-config-change (`hps_jax.train_loop.check_config_change`: which keys may change freely)."""
+  from hps_jax import train_loop  # JAX: only when a training command runs
+
   config = load_config(args.config, args.overrides)
+  try:
+    train_loop.validate_config(config)
+  except InputError as e:
+    raise UsageError(str(e)) from e
   workdir = Path(args.workdir)
   if args.dry_run:
     try:
@@ -431,9 +458,12 @@ def run_training(args, run: Callable, describe: Callable) -> int:
       raise UsageError(str(e)) from e
     print(config)
     return EXIT_OK
+  allow = bool(getattr(args, "allow_config_change", False))
   workdir.mkdir(parents=True, exist_ok=True)
   try:
-    result = run(config, workdir)
+    with train_loop.workdir_lock(workdir), train_loop.allowing_config_change(allow):
+      train_loop.check_config_change(config, workdir)  # before the task is built: a refusal costs nothing
+      result = run(config, workdir)
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from e
   summary = {
