@@ -20,23 +20,39 @@ then the regularization images in file order. Images selected from zip archives 
 `<manifest folder>/images/<zip path under ROOT without .zip>/<member name>` (original bytes, not re-encoded) and
 referenced by that path relative to the manifest's folder; images that already are files (JSONL input,
 regularization) are referenced by absolute path. Either way `manifest_dir / image` opens the file.
+
+Archive member names are untrusted: a member name is used as the output name only when it is a plain relative
+path (`hps_jax.data.paths.safe_member_path`) and no other extracted image already took that name (compared
+case-insensitively, so `A.png` / `a.png` do not meet on macOS either); any other member (`../x.png`, `/x.png`,
+`a\\b.png`, a name taken) is written as `images/<part>/<sha256 prefix>-<safe basename>`, named by its content.
+Every extracted file is therefore inside `<manifest folder>/images/` and distinct members never share a file, so
+a "Weird image." row can never point at a preferred image. Files are written atomically (a temporary file renamed
+into place, which replaces rather than follows a link left there).
+
+Paths read from files (JSONL images, regularization file names, manifest rows) are confined to the folder of the
+file that names them unless `allow_outside=True` (`--allow-outside-paths`): see `hps_jax.data.paths`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import errno
+import hashlib
 import json
 import os
+import tempfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
-from hps_jax.data.diffusiondb import ArchiveReader, DiffusionDBError, MemberError
+from hps_jax.data.diffusiondb import DEFAULT_LIMITS, ArchiveLimits, ArchiveReader, DiffusionDBError, MemberError
 from hps_jax.data.images import ImageError, load_image
 from hps_jax.data.pairs import jsonl_objects
+from hps_jax.data.paths import OutsidePathError, collision_key, confine, safe_basename, safe_member_path, text_problem
+from hps_jax.errors import InputError
 
 KINDS = ("preferred", "non_preferred", "regularization")
 
@@ -151,34 +167,48 @@ def manifest_rows(
   return rows
 
 
-def read_manifest(path) -> list[dict]:
-  """Manifest rows with `image` resolved against the manifest's folder."""
+def _raise(where: str, why: str):
+  raise InputError(f"{where}: {why}")
+
+
+def read_manifest(path, *, allow_outside: bool = False) -> list[dict]:
+  """Manifest rows with `image` resolved against the manifest's folder. A training manifest must be whole: a
+  malformed row, a caption that is not valid Unicode, an unknown kind or an image path escaping the manifest's
+  folder (relative paths; absolute ones are taken as written, see hps_jax.data.paths) raises InputError naming
+  the line; `allow_outside=True` (`--allow-outside-paths`) lets relative paths leave the folder."""
   p = Path(path)
   rows = []
-  for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-    if line.strip():
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
-      if not isinstance(row, dict) or not {"image", "caption", "kind"} <= set(row):
-        raise ValueError(f'{p}:{n}: expected {{"image", "caption", "kind"}}')
-      rows.append({**row, "image": str(p.parent / row["image"])})
+  for where, row in jsonl_objects(p, _raise):
+    if not isinstance(row, dict) or not {"image", "caption", "kind"} <= set(row):
+      raise InputError(f'{where}: expected {{"image", "caption", "kind"}}')
+    if not isinstance(row["caption"], str) or text_problem(row["caption"]) is not None:
+      why = text_problem(row["caption"]) if isinstance(row["caption"], str) else "not a string"
+      raise InputError(f'{where}: "caption" is {why}')
+    if row["kind"] not in KINDS:
+      raise InputError(f'{where}: "kind" must be one of {", ".join(KINDS)}, got {row["kind"]!r:.80}')
+    try:
+      image = confine(row["image"], p.parent, allow_outside=allow_outside)
+    except OutsidePathError as e:
+      raise InputError(f"{where}: {e}") from e
+    rows.append({**row, "image": image})
   return rows
 
 
 # ------------------------------------------------------------------------------------------------------------
 # regularization images
 # ------------------------------------------------------------------------------------------------------------
-def read_regularization(path, skip: Callable[[str, str], None]) -> list[tuple[str, str, str]]:
+def read_regularization(
+  path, skip: Callable[[str, str], None], *, allow_outside: bool = False
+) -> list[tuple[str, str, str]]:
   """(absolute image path, caption, where) for a folder with `metadata.jsonl` (Hugging Face imagefolder) or a
-  JSONL file of {"file_name", "caption"} rows; file names resolve against the JSONL's folder."""
+  JSONL file of {"file_name", "caption"} rows; file names resolve against the JSONL's folder and must stay inside
+  it unless `allow_outside` (absolute ones are taken as written). Bad rows go to `skip`."""
   p = Path(path)
   meta = p / "metadata.jsonl" if p.is_dir() else p
   if p.is_dir() and not meta.is_file():
-    raise ValueError(f'{p}: no metadata.jsonl (expected {{"file_name", "caption"}} rows, the imagefolder layout)')
+    raise InputError(f'{p}: no metadata.jsonl (expected {{"file_name", "caption"}} rows, the imagefolder layout)')
   if not meta.exists():
-    raise FileNotFoundError(f"{meta}: no such file or directory")
+    raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(meta))
   out = []
   for where, row in jsonl_objects(meta, skip):
     if (
@@ -186,7 +216,15 @@ def read_regularization(path, skip: Callable[[str, str], None]) -> list[tuple[st
     ):
       skip(where, 'expected an object with string fields "file_name" and "caption"')
       continue
-    out.append((os.path.abspath(meta.parent / row["file_name"]), row["caption"], where))
+    if text_problem(row["caption"]) is not None:
+      skip(where, f'"caption" is {text_problem(row["caption"])}')
+      continue
+    try:
+      image = confine(row["file_name"], meta.parent, allow_outside=allow_outside, what="file_name")
+    except OutsidePathError as e:
+      skip(where, str(e))
+      continue
+    out.append((os.path.abspath(image), row["caption"], where))
   return out
 
 
@@ -227,11 +265,6 @@ def _decoded(chunks, reader, pool, work, skips):
     yield [(i, r, f.result() if f is not None else None) for i, r, f in pending]
 
 
-def _safe_member(name: str) -> PurePosixPath:
-  p = PurePosixPath(name)
-  return p if not p.is_absolute() and ".." not in p.parts else PurePosixPath(p.name)
-
-
 def check_regularization(items, skips, workers: int, progress) -> list[dict]:
   """Decodes every regularization image once (so the trainer never meets a broken one); bad ones are skipped."""
 
@@ -267,7 +300,15 @@ def write_scores(path, scored, records, selections) -> None:
 
 
 def score_records(
-  records, candidates, scorer, config: LabelConfig, skips, progress, batch_size: int
+  records,
+  candidates,
+  scorer,
+  config: LabelConfig,
+  skips,
+  progress,
+  batch_size: int,
+  *,
+  limits: ArchiveLimits = DEFAULT_LIMITS,
 ) -> tuple[list, int]:
   """HPS of the candidate (index, record) pairs -> ([(index, prompt, hps)], number of blurry images dropped).
   Archive members are read on this thread and decoded in a pool while the previous chunk is scored; unreadable or
@@ -276,7 +317,7 @@ def score_records(
   blurry = 0
   work = lambda src: _prepare(src, scorer.preprocess, config.blur_threshold)  # noqa: E731
   with (
-    ArchiveReader() as reader,
+    ArchiveReader(limits) as reader,
     cf.ThreadPoolExecutor(scorer.workers) as pool,
     progress(len(candidates), "labelling") as bar,
   ):
@@ -303,25 +344,76 @@ def score_records(
   return scored, blurry
 
 
-def extract_selected(records, selections: Sequence[Selection], out_dir: Path, skips) -> tuple[list, dict]:
-  """Writes the selected archive members under out_dir/images/ (original bytes); -> (the selections whose images
-  could be written, index -> manifest path: relative to out_dir for extracted members, absolute for files)."""
+class _Names:
+  """Output names of extracted members: the member's own name when safe and free, else content-addressed."""
+
+  def __init__(self, out_dir: Path):
+    self.out_dir = out_dir
+    self.files: dict[str, str] = {}  # collision key -> sha256 of the bytes written there
+    self.dirs: set[str] = set()
+
+  def _free(self, rel: PurePosixPath, digest: str) -> bool:
+    key = collision_key(rel)
+    if key in self.files:
+      return self.files[key] == digest  # the same bytes: sharing the file is harmless
+    if key in self.dirs or any(collision_key(d) in self.files for d in rel.parents):
+      return False
+    target = self.out_dir / rel
+    if target.is_dir() or any((self.out_dir / d).exists() and not (self.out_dir / d).is_dir() for d in rel.parents):
+      return False  # left there by something else (an earlier run); never replaced
+    return True
+
+  def assign(self, part: str, member: str, digest: str) -> PurePosixPath | None:
+    base = PurePosixPath("images") / (safe_member_path(part) or safe_basename(part))
+    name, safe = safe_member_path(member), safe_basename(member)
+    candidates = [base / name] if name is not None else []
+    candidates += [base / f"{digest[:16]}-{safe}"] + [base / f"{digest[:16]}-{k}-{safe}" for k in range(1, 10)]
+    for rel in candidates:
+      if self._free(rel, digest):
+        self.files[collision_key(rel)] = digest
+        self.dirs.update(collision_key(d) for d in rel.parents)
+        return rel
+    return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:50]}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def extract_selected(
+  records, selections: Sequence[Selection], out_dir: Path, skips, *, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> tuple[list, dict]:
+  """Writes the selected archive members under out_dir/images/ (original bytes, safe and distinct names: module
+  docstring); -> (the selections whose images could be written, index -> manifest path: relative to out_dir for
+  extracted members, absolute for files)."""
+  out_dir = Path(out_dir)
   paths: dict[int, str] = {}
+  names = _Names(out_dir)
   selected = sorted({k for s in selections for k in (s.best, s.worst) if k is not None})
-  with ArchiveReader() as reader:
+  with ArchiveReader(limits) as reader:
     for i in selected:
       r = records[i]
       if r.archive is None:
         paths[i] = os.path.abspath(r.name)
         continue
-      rel = PurePosixPath("images") / r.part / _safe_member(r.name)
       try:
         data = reader.read(r)
       except (MemberError, DiffusionDBError) as e:  # it was readable a moment ago; report rather than crash
         skips.add(r.where, str(e))
         continue
-      (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-      (out_dir / rel).write_bytes(data)
+      rel = names.assign(r.part or "archive", r.name, hashlib.sha256(data).hexdigest())
+      if rel is None:
+        skips.add(r.where, f"no free output name under {out_dir / 'images'} (files of an earlier run are in the way)")
+        continue
+      _write_atomic(out_dir / rel, data)
       paths[i] = rel.as_posix()
   kept = [
     dataclasses.replace(s, best=s.best if s.best in paths else None, worst=s.worst if s.worst in paths else None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
 from pathlib import Path
 
 import jax
@@ -34,6 +35,7 @@ from hps_jax.data.synthetic import SyntheticPreference, write_lora_manifest
 from hps_jax.data.tokenizer import CLIPTokenizer
 from hps_jax.diffusion import schedulers as sch
 from hps_jax.diffusion.tiny import TINY_UNET, write_tiny_sd
+from hps_jax.errors import InputError
 from hps_jax.lora import save_peft
 from hps_jax.models.dtypes import as_dtype
 from hps_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -96,15 +98,17 @@ def build_model(config, model_dir):
 # ------------------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------------------
-def read_manifest(path) -> list[dict]:
-  """`hps-jax label`'s manifest rows, image paths resolved against its folder; a malformed row raises naming it."""
+def read_manifest(path, *, allow_outside: bool = False) -> list[dict]:
+  """`hps-jax label`'s manifest rows, image paths resolved against its folder; a malformed row, or a relative
+  image path that leaves the manifest's folder (unless `allow_outside`, `--allow-outside-paths`; absolute paths
+  are taken as written), raises InputError naming the line."""
 
   p = Path(path)
   if not p.is_file():
-    raise ValueError(f"{p}: no such manifest (write one with `hps-jax label`)")
-  rows = read(p)
+    raise InputError(f"{p}: no such manifest (write one with `hps-jax label`)")
+  rows = read(p, allow_outside=allow_outside)
   if not rows:
-    raise ValueError(f"{p}: the manifest has no rows")
+    raise InputError(f"{p}: the manifest has no rows")
   return rows
 
 
@@ -187,9 +191,9 @@ def build_cache(
   reuses the file when it covers the same rows."""
   key = json.dumps([[r["image"], r["caption"]] for r in rows] + [transform.resolution])
   if path.exists():
-    with np.load(path) as z:
-      if str(z["key"]) == key:
-        return CachedSource(z["moments"], z["context"])
+    cached = _load_cache(path, key, len(rows))
+    if cached is not None:
+      return cached
   graphdef, state = nnx.split((model.vae, model.text_encoder))
 
   @jax.jit
@@ -212,6 +216,38 @@ def build_cache(
     np.savez(tmp, moments=cache.moments, context=cache.context, key=np.asarray(key))
     tmp.replace(path)
   return cache
+
+
+def _load_cache(path: Path, key: str, n: int) -> CachedSource | None:
+  """The cache in `path` when it holds these rows (None when it holds others: it is rebuilt). Arrays only, never
+  pickled objects; a file that is not such a cache raises InputError naming it."""
+  errors = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError)
+  try:
+    z = np.load(path, allow_pickle=False)
+  except errors as e:
+    raise InputError(f"{path}: not a readable latent cache ({e}); delete it to rebuild it") from e
+  if not isinstance(z, np.lib.npyio.NpzFile):
+    raise InputError(f"{path}: not a latent cache (a .npy array, expected an .npz); delete it to rebuild it")
+  try:
+    with z:
+      if not {"key", "moments", "context"} <= set(z.files):
+        raise ValueError(f"arrays {sorted(z.files)[:5]}, expected key, moments and context")
+      if z.zip.getinfo("key.npy").file_size > 4 * len(key) + 4096:
+        return None  # a longer key than these rows' (and never loaded whole)
+      stored = z["key"]
+      if stored.dtype.kind != "U" or stored.ndim != 0 or str(stored) != key:
+        return None
+      moments, context = z["moments"], z["context"]
+  except errors as e:
+    raise InputError(f"{path}: not a readable latent cache ({e}); delete it to rebuild it") from e
+  if (
+    moments.dtype != np.float32 or context.dtype != np.float32 or moments.shape[:1] != (n,) or context.shape[:1] != (n,)
+  ):
+    raise InputError(
+      f"{path}: not a readable latent cache (float32 moments and context of {n} rows expected, got "
+      f"{moments.dtype} {moments.shape} and {context.dtype} {context.shape}); delete it to rebuild it"
+    )
+  return CachedSource(moments, context)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -269,7 +305,8 @@ def diffusion_loss(model: SDTrainModel, batch: dict, sched: sch.SchedulerConfig,
 def build_task(config, workdir) -> Task:
   workdir = Path(workdir)
   model_dir = base_model_dir(config, workdir)
-  rows = read_manifest(manifest_path(config, workdir))
+  allow_outside = bool(config.data.get("allow_outside_paths", False))  # --allow-outside-paths
+  rows = read_manifest(manifest_path(config, workdir), allow_outside=allow_outside)
   model, tokenizer, sched = build_model(config, model_dir)
   d = config.data
   transform = ExampleTransform(tokenizer, int(d.resolution), bool(d.random_crop), bool(d.random_flip))

@@ -20,6 +20,7 @@ from hps_jax.cli.common import (
   UsageError,
   add_checkpoint_args,
   add_parser,
+  add_paths_arg,
   add_training_args,
   check_outdir,
   check_output,
@@ -80,6 +81,7 @@ def add_label(sub):
   )
   p.add_argument("--min-images", type=LIMIT, help="drop prompts left with fewer images (0 = off; release: 4)")
   p.add_argument("--scores", metavar="SCORES.jsonl", help="also write every scored image: {image, prompt, hps, kind}")
+  add_paths_arg(p)
   p.set_defaults(run=run_label)
 
 
@@ -109,8 +111,8 @@ def run_label(args) -> int:
   )
   skips = Skips()
   try:
-    records = read_records(args.images, skips.add)
-    regularization = lab.read_regularization(args.regularization, skips.add)
+    records = read_records(args.images, skips.add, allow_outside=args.allow_outside_paths)
+    regularization = lab.read_regularization(args.regularization, skips.add, allow_outside=args.allow_outside_paths)
   except ValueError as e:
     raise UsageError(str(e)) from e
   if not records:

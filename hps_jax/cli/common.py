@@ -252,12 +252,25 @@ def write_rows(rows, total: int, output: str | None, desc: str, skips: Skips, ra
 # ------------------------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------------------------
-def read_pairs(path: str, skips: Skips) -> Iterator[tuple[str, str]]:
-  """A JSONL of {"image": PATH, "prompt": TEXT} rows; relative image paths are relative to the file."""
+def read_pairs(path: str, skips: Skips, *, allow_outside: bool = False) -> Iterator[tuple[str, str]]:
+  """A JSONL of {"image": PATH, "prompt": TEXT} rows; relative image paths are relative to the file and stay in
+  its folder unless `allow_outside` (--allow-outside-paths)."""
   try:
-    yield from read_image_rows(path, skips.add, require_prompt=True)
+    yield from read_image_rows(path, skips.add, require_prompt=True, allow_outside=allow_outside)
+  except InputError:
+    raise
   except ValueError as e:
     raise UsageError(f"cannot read pairs file {path}: {e.__cause__ or e}") from e
+
+
+def add_paths_arg(p) -> None:
+  """--allow-outside-paths: what lets relative paths read from files leave their file's folder."""
+  p.add_argument(
+    "--allow-outside-paths",
+    action="store_true",
+    help="let relative image paths in JSONL / metadata files climb out of the file's folder with '..' (refused by "
+    "default: a dataset folder is self-contained; absolute paths are always taken as written)",
+  )
 
 
 def expand_images(paths) -> list[str]:

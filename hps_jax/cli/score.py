@@ -8,6 +8,7 @@ from hps_jax.cli.common import (
   UsageError,
   add_checkpoint_args,
   add_parser,
+  add_paths_arg,
   check_output,
   expand_images,
   read_pairs,
@@ -46,6 +47,7 @@ def add_score(sub):
   p.add_argument("--batch-size", type=COUNT, default=32, help="images per forward pass")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
   add_output_args(p)
+  add_paths_arg(p)
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--prompt", help="one prompt for all IMAGES")
   g.add_argument("--pairs", help='JSONL with {"image": PATH, "prompt": TEXT} per line')
@@ -61,7 +63,7 @@ def run_score(args) -> int:
   check_output(args.output, overwrite=args.overwrite, inputs=[args.pairs, *args.images])
   skips = Skips()
   if args.pairs is not None:
-    items = list(read_pairs(args.pairs, skips))
+    items = list(read_pairs(args.pairs, skips, allow_outside=args.allow_outside_paths))
   else:
     items = [(img, args.prompt) for img in expand_images(args.images)]
   rows = scorer_from_args(args).iter_scores(items)

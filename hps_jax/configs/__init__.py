@@ -16,6 +16,7 @@ import itertools
 from pathlib import Path
 
 import ml_collections
+
 from hps_jax.errors import InputError
 
 PACKAGED_DIR = Path(__file__).resolve().parent
@@ -55,7 +56,7 @@ def _load_module(path: Path):
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-  except (SyntaxError, ImportError, NameError) as e:
+  except Exception as e:  # a config file is the user's code: whatever it raises is a bad config, named
     raise ConfigError(f"config file {path}: cannot be loaded ({type(e).__name__}: {e})") from e
   if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"config file {path}: defines no get_config(preset) function")
@@ -71,8 +72,8 @@ def _base_config(path: Path, preset: str | None) -> ml_collections.ConfigDict:
     raise ConfigError(f"config {path.stem}: unknown preset {preset!r}{hint}; choose from {', '.join(presets)}")
   try:
     config = module.get_config(preset) if preset is not None else module.get_config()
-  except ValueError as e:
-    raise ConfigError(f"config {path.stem}: {e}") from e
+  except Exception as e:  # noqa: BLE001  (the config file's own code failed)
+    raise ConfigError(f"config {path.stem}: get_config failed ({type(e).__name__}: {e})") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config file {path}: get_config returned {type(config).__name__}, expected a ConfigDict")
   return config

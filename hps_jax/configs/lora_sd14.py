@@ -43,6 +43,7 @@ def base():
   c.data.cache = False  # precompute VAE posteriors + text embeddings once (center crop, no flip)
   c.data.prefetch_threads = 4
   c.data.synthetic_size = 0  # > 0 and no manifest: a synthetic labelled set of this many prompts
+  c.data.allow_outside_paths = False  # True: manifest rows' relative image paths may leave its folder ('..')
   c.data.eval_examples = 0  # > 0: held-out loss on the manifest's first N rows (fixed noise) at eval
 
   c.loss = ml_collections.ConfigDict()

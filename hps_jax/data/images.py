@@ -36,16 +36,21 @@ Decisions (each is tested in ``tests/data/test_images.py``):
   ``exif_transpose=False`` to keep the stored pixel order. Unreadable EXIF metadata is ignored (the pixels are
   fine), not treated as an error.
 * **Multi-frame** files (animated GIF / WebP, multi-page TIFF): the first frame is used.
-* **Decompression bombs**: encoded images with more than ``max_pixels`` pixels (default
-  ``PIL.Image.MAX_IMAGE_PIXELS``, about 89.5 Mpx) are rejected from their header, before any pixel is decoded;
-  PIL's own ``DecompressionBombError`` is reported the same way. ``max_pixels=None`` disables the check here
-  (PIL still refuses images above twice its limit). Arrays and PIL images are already in memory and not checked.
+* **Decompression bombs**: encoded images with more than ``max_pixels`` pixels (default ``DEFAULT_MAX_PIXELS``,
+  PIL's default limit of about 89.5 Mpx, whatever ``PIL.Image.MAX_IMAGE_PIXELS`` has been set to) are rejected
+  from their header, before any pixel is decoded; PIL's own ``DecompressionBombError`` is reported the same way.
+  ``max_pixels=None`` disables the check here (PIL still refuses images above twice its own limit). Arrays and
+  PIL images are already in memory and not checked. Alpha compositing works in 16-bit integers, so an image at
+  the limit costs about 3 bytes per pixel for its RGB copy plus 2 per channel while compositing.
+* **Paths** that cannot name a file (a NUL character, a lone surrogate from a JSON string) are an ImageError, like
+  a missing file.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Union
@@ -59,8 +64,9 @@ __all__ = ["ImageError", "load_image", "describe", "DEFAULT_MAX_PIXELS"]
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray, Any]
 
-# The library default at import time; later changes to PIL's global are not followed (pass max_pixels instead).
-DEFAULT_MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS
+# PIL's default (1024 ** 3 // 4 // 3, about 89.5 Mpx: a 268 MB RGB image); PIL's global is not consulted, so code
+# elsewhere that sets `Image.MAX_IMAGE_PIXELS = None` does not switch this guard off (pass max_pixels instead).
+DEFAULT_MAX_PIXELS: int | None = 1024 * 1024 * 1024 // 4 // 3
 
 _DEFAULT = object()  # sentinel: "use DEFAULT_MAX_PIXELS"
 
@@ -130,9 +136,13 @@ def _composite(rgba: np.ndarray, background: tuple[int, int, int] | None) -> np.
   rgb = rgba[..., :3]
   if background is None:
     return np.ascontiguousarray(rgb)
-  a = rgba[..., 3:4].astype(np.uint32)
-  bg = np.asarray(background, dtype=np.uint32)
-  out = (rgb.astype(np.uint32) * a + bg * (255 - a) + 127) // 255  # round half up, exact integer arithmetic
+  # exact integer arithmetic in 16 bits: rgb * a + bg * (255 - a) + 127 <= 255 * 255 + 127 = 65152 < 2 ** 16
+  a = rgba[..., 3:4].astype(np.uint16)
+  bg = np.asarray(background, dtype=np.uint16)
+  out = rgb.astype(np.uint16) * a
+  out += bg * (255 - a)
+  out += 127
+  out //= 255  # round half up
   return out.astype(np.uint8)
 
 
@@ -319,17 +329,24 @@ def load_image(
     try:
       if os.path.isdir(path):
         raise ImageError(name, "is a directory, not an image file")
-      size = os.path.getsize(path)
+      st = os.stat(path)
+      if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever, a device never ends
+        raise ImageError(name, "not a regular file (a device, FIFO or socket)")
+      size = st.st_size
     except FileNotFoundError as e:
       raise ImageError(name, "file not found") from e
     except OSError as e:
       raise ImageError(name, f"cannot access file: {e.strerror or e}") from e
+    except ImageError:
+      raise
+    except ValueError as e:  # embedded NUL, a lone surrogate the file system encoding cannot take
+      raise ImageError(repr(path), f"not a usable file path ({e})") from e
     if size == 0:
       raise ImageError(name, "empty file (0 bytes)")
     try:
       fp = open(path, "rb")
-    except OSError as e:
-      raise ImageError(name, f"cannot open file: {e.strerror or e}") from e
+    except (OSError, ValueError) as e:
+      raise ImageError(name, f"cannot open file: {getattr(e, 'strerror', None) or e}") from e
     with fp:  # decode and convert while the file is open (PIL may read trailing chunks lazily)
       return _decode_to_rgb(name, _open_encoded(name, fp, max_pixels), bg, exif_transpose)
   elif hasattr(src, "read"):
@@ -362,5 +379,5 @@ def image_files(directory) -> list[Path]:
   d = Path(directory)
   files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
   if not files:
-    raise ValueError(f"{d}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    raise InputError(f"{d}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
   return files

@@ -1,6 +1,7 @@
 """Opening a preference dataset by name as a random-access source of records: `synthetic` (generated on the fly)
 or one of the TFDS builders of `hps_jax.data.datasets` prepared from a local download; `limit` takes a prefix,
-`concat` joins splits."""
+`concat` joins splits. Bad names and missing downloads raise `InputError` (a ValueError) naming them; what the
+builders read from a download is checked by `hps_jax.data.datasets`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import itertools
 from pathlib import Path
 
 from hps_jax.data.synthetic import SyntheticPreference
+from hps_jax.errors import InputError
 
 DATASETS = ("hpd_v1", "hpd_v2", "pickapic", "preference_jsonl")  # TFDS builders in hps_jax.data.datasets
 
@@ -28,13 +30,13 @@ def open_source(
   if dataset == "synthetic":
     return SyntheticPreference(synthetic_size, seed=seed, split=split, image_size=synthetic_image_size)
   if dataset not in DATASETS:
-    raise ValueError(f"unknown dataset {dataset!r}: synthetic or one of {sorted(DATASETS)}")
+    raise InputError(f"unknown dataset {dataset!r}: synthetic or one of {sorted(DATASETS)}")
   try:
     from hps_jax.data.datasets import data_source
   except ImportError as e:
-    raise ValueError(f"dataset {dataset!r} is read through TFDS: pip install 'hps_jax[data]' ({e})") from e
+    raise InputError(f"dataset {dataset!r} is read through TFDS: pip install 'hps_jax[data]' ({e})") from e
   if not manual_dir:
-    raise ValueError(f"dataset {dataset!r} needs its local download directory (manual_dir)")
+    raise InputError(f"dataset {dataset!r} needs its local download directory (manual_dir)")
   return data_source(dataset, split, manual_dir, data_dir or str(Path(manual_dir) / "tfds_prepared"), builder_config)
 
 

@@ -1213,14 +1213,14 @@ def _zip_bomb_member(a, d):
   return label(a, d, _db(d, _bomb_zip()))
 
 
-@case(AR, 2, r"part-000001\.zip")
-def _zip_corrupt(a, d):
+@case(AR, 1, r"skipped .*part-000001\.zip:m0\.png: cannot read zip member")
+def _zip_corrupt_members(a, d):
   members, meta = good_members()
   data = part_zip(members, meta)
   return label(a, d, _db(d, data[:100] + os.urandom(200) + data[300:]))
 
 
-@case(AR, 2, r"part-000001\.zip")
+@case(AR, 2, r"part-000001\.zip: not a readable zip archive")
 def _zip_not_a_zip(a, d):
   return label(a, d, _db(d, b"PK\x03\x04 but then nothing"))
 
@@ -1273,7 +1273,7 @@ def _zip_empty(a, d):
   return label(a, d, _db(d, part_zip({}, {})))
 
 
-@case(AR, 0)
+@case(AR, 1, r"ghost\.png: listed in part-000001\.json but not in the archive")
 def _zip_json_lists_absent_members(a, d):
   members, meta = good_members()
   meta["ghost.png"] = {"p": "a cat"}
@@ -1324,6 +1324,26 @@ def _regularization_missing(a, d):
   args = label(a, d, _db(d, part_zip(members, meta)))
   args[args.index("--regularization") + 1] = str(d / "in" / "noreg")
   return args
+
+
+@case(AR, 2, r"part-000001\.zip: not a readable zip archive")
+def _zip_central_directory_cut(a, d):
+  members, meta = good_members()
+  data = part_zip(members, meta)
+  return label(a, d, _db(d, data[:-30]))
+
+
+@case(AR, 1, r"skipped .*enc\.png")
+def _zip_encrypted_member(a, d):
+  members, meta = good_members()
+  data = bytearray(part_zip({**members, "enc.png": png()}, {**meta, "enc.png": {"p": "a cat"}}))
+  with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+    info = zf.getinfo("enc.png")
+  data[info.header_offset + 6] |= 0x01  # the local header's "encrypted" flag
+  for off in range(len(data) - 4):  # and the central directory's entry for the same member
+    if data[off : off + 4] == b"PK\x01\x02" and data[off + 46 : off + 46 + 7] == b"enc.png":
+      data[off + 8] |= 0x01
+  return label(a, d, _db(d, bytes(data)))
 
 
 @case(AR, 0)
