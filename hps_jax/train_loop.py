@@ -42,7 +42,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from hps_jax import parallel
+from hps_jax import files, parallel
 from hps_jax.checkpoint import Checkpointer
 from hps_jax.errors import InputError, Interrupted
 
@@ -166,23 +166,8 @@ def truncate_metrics(path: Path, last_step: int, *, finished: bool = False) -> N
       dropped += 1
       continue
     kept.append(line)
-  if not dropped:
-    return
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(line + "\n" for line in kept)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  if dropped:
+    files.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _agree(value: int) -> int:
@@ -573,7 +558,7 @@ def _record_config(config, workdir: Path, latest: int | None, allow: bool | None
     }
     with open(workdir / "config_history.jsonl", "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
-  _write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
+  files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
 
 def _train(task: Task, config, workdir: Path, allow_config_change: bool | None) -> TrainResult:

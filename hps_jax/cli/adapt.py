@@ -8,8 +8,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image
-
 from hps_jax.adapt import label as lab
 from hps_jax.adapt import train_lora
 from hps_jax.adapt.evaluate import GENERATOR_METRICS, markdown_table
@@ -37,7 +35,7 @@ from hps_jax.cli.metrics import add_inception_args, load_inception_arg
 from hps_jax.cli.sample import add_sampling_args, load_sd, sample_config
 from hps_jax.cli.score import scorer_from_args
 from hps_jax.data.diffusiondb import read_records
-from hps_jax.diffusion.render import render
+from hps_jax.diffusion.render import render, save_image
 from hps_jax.metrics import compute
 
 
@@ -253,7 +251,7 @@ def run_eval_generator(args) -> int:
       d.mkdir(parents=True, exist_ok=True)
       with open(d / "images.jsonl", "w", encoding="utf-8") as f:
         for i, ((prompt, seed), img) in enumerate(zip(jobs, images)):
-          Image.fromarray(img).save(d / f"{i:05d}_{seed}.png")
+          save_image(img, d / f"{i:05d}_{seed}.png")
           row = {"image": f"{i:05d}_{seed}.png", "prompt": prompt, "seed": seed, "negative_prompt": negative}
           f.write(json.dumps(row) + "\n")
       sets[name] = d / "images.jsonl"

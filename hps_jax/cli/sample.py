@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image
-
 from hps_jax import weights
 from hps_jax.cli.common import (
   COUNT,
@@ -21,7 +19,7 @@ from hps_jax.cli.common import (
   real,
   say_wrote,
 )
-from hps_jax.diffusion.render import best_of_jobs, contact_sheet, labelled_grid, pick_best, render
+from hps_jax.diffusion.render import best_of_jobs, contact_sheet, labelled_grid, pick_best, render, save_image
 from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
 from hps_jax.models.dtypes import as_dtype
 from hps_jax.preference.scorer import Scorer
@@ -154,7 +152,7 @@ def run_sample(args) -> int:
       with open(vdir / "samples.jsonl", "w", encoding="utf-8") as log:
         for i, ((prompt, seed, j), best) in enumerate(zip(slots, pick_best(hps, len(slots), n))):
           file = f"{j:04d}_{seed}.png"
-          Image.fromarray(images[best]).save(vdir / file)
+          save_image(images[best], vdir / file)
           row = {
             "file": file,
             "prompt": prompt,
@@ -171,11 +169,11 @@ def run_sample(args) -> int:
       rendered[name] = kept
       if args.grid:
         cols = args.num_images if len(prompts) > 1 else min(len(kept), 8)
-        Image.fromarray(contact_sheet(kept, cols)).save(vdir / "grid.png")
+        save_image(contact_sheet(kept, cols), vdir / "grid.png")
   if args.ab:
     captions = [f"{prompt}  (seed {seed})" for prompt, seed, _ in slots]
     grid, _ = labelled_grid([rendered["base"], rendered["adapted"]], ["base", "adapted"], captions)
-    Image.fromarray(grid).save(out / "ab_grid.png")
+    save_image(grid, out / "ab_grid.png")
     say_wrote(out / "ab_grid.png", "the A/B grid (left: base, right: adapted; one row per image, its prompt below)")
   say_wrote(out, f"{len(slots) * len(variants)} images and samples.jsonl")
   return 0

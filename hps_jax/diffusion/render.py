@@ -4,10 +4,13 @@ sheets (grids) of the results: the library behind `hps-jax sample` and `hps-jax 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from hps_jax import files
 
 
 def render(
@@ -23,6 +26,13 @@ def render(
     if advance is not None:
       advance(len(chunk))
   return images
+
+
+def save_image(image: np.ndarray, path) -> None:
+  """A uint8 image written atomically (format by the path's extension): an interrupted run leaves no partial file."""
+  path = Path(path)
+  with files.atomic_path(path, suffix=path.suffix) as tmp:
+    Image.fromarray(np.asarray(image)).save(tmp)
 
 
 def best_of_jobs(slots: Sequence[tuple[str, int]], n: int) -> list[tuple[str, int]]:

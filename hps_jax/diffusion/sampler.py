@@ -22,6 +22,7 @@ from hps_jax import lora, parallel
 from hps_jax.convert.diffusers import load_text_encoder, load_unet, load_vae
 from hps_jax.data.tokenizer import CLIPTokenizer
 from hps_jax.diffusion import schedulers as sch
+from hps_jax.errors import InputError
 from hps_jax.lora import apply_lora_file
 
 SCHEDULERS = ("pndm", "ddim")
@@ -145,6 +146,11 @@ class StableDiffusion:
       float(config.eta),
     )
     images = np.asarray(images)
+    if not np.isfinite(images).all():  # NaN weights, a broken LoRA: never written as black images
+      raise InputError(
+        f"the model produced non-finite pixels (NaN / inf) for {len(prompts)} prompt(s), e.g. {prompts[0]!r}: check "
+        "the model and LoRA weights (and the --guidance / --lora-scale values)"
+      )
     return images if output == "float" else np.round(images * 255).astype(np.uint8)
 
 

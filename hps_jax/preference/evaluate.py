@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from hps_jax import parallel
 from hps_jax.data import pipeline
+from hps_jax.errors import InputError
 from hps_jax.models.clip import CLIP, normalize
 from hps_jax.preference.loss import prompt_image_cosines
 
@@ -27,6 +28,12 @@ def preference_report(scores: Sequence[np.ndarray], ranks: Sequence[np.ndarray])
   """scores[i], ranks[i]: arrays of one prompt's images (lower rank = better; rank ties allowed)."""
   if len(scores) != len(ranks):
     raise ValueError(f"{len(scores)} score groups but {len(ranks)} rank groups")
+  bad = sum(int(not np.isfinite(np.asarray(s, np.float64)).all()) for s in scores)
+  if bad:  # an argmax over NaN scores would still "pick" an image: never report such an accuracy
+    raise InputError(
+      f"the scorer produced non-finite scores (NaN / inf) for {bad} of {len(scores)} prompts: check the checkpoint's "
+      "weights; no accuracy is reported"
+    )
   per_n = defaultdict(lambda: {"num_prompts": 0, "correct": 0, "inv_n": 0.0, "pairs": 0, "pairs_right": 0.0})
   for s, r in zip(scores, ranks):
     s, r = np.asarray(s, np.float64), np.asarray(r)

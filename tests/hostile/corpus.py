@@ -112,7 +112,7 @@ def score_ckpt(a: Assets, ckpt: Path) -> list[str]:
 def safetensors_bytes(tensors: dict) -> bytes:
   from safetensors.numpy import save
 
-  return save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+  return save({k: np.array(v, order="C") for k, v in tensors.items()})  # (ascontiguousarray makes 0-d arrays 1-d)
 
 
 def raw_safetensors(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
@@ -1006,6 +1006,23 @@ def _weights_inf(a, d):
   return score_ckpt(a, hf_dir(a, d, weights=safetensors_bytes(w)))
 
 
+def _nan_ckpt(a, d) -> Path:
+  w = {k: np.full_like(v, np.nan) if k.endswith("proj.weight") else v for k, v in tiny_weights(a).items()}
+  return hf_dir(a, d, weights=safetensors_bytes(w))
+
+
+@case(CK, 2, r"non-finite scores")
+def _eval_preference_nan_weights(a, d):
+  return ["eval-preference", "--checkpoint", str(_nan_ckpt(a, d)), "--dataset", "synthetic", "--synthetic-size", "8",
+          "--batch-size", "4"]  # fmt: skip
+
+
+@case(CK, 2, r"non-finite value")
+def _metrics_hps_nan_weights(a, d):
+  return ["metrics", "--images", str(a.pairs), "--metrics", "hps", "--checkpoint", str(_nan_ckpt(a, d)), "--output",
+          "m.json"]  # fmt: skip
+
+
 @case(CK, 2, r"head\.safetensors|aesthetic")
 def _aesthetic_head_random_bytes(a, d):
   p = put(d, "head.safetensors", os.urandom(1000))
@@ -1071,6 +1088,20 @@ def _sd_vae_config_not_json(a, d):
 def _sd_text_encoder_config_hostile(a, d):
   out = _sd_copy(a, d, edit=("text_encoder", lambda c: {**c, "hidden_size": 10**9}))
   return ["sample", "--model", str(out), "--prompt", "x", "--outdir", "s"]
+
+
+@case(CK, 2, r"non-finite pixels")
+def _sd_nan_unet_weights(a, d):
+  from safetensors.numpy import load_file
+
+  out = _sd_copy(a, d)
+  f = next((out / "unet").glob("*.safetensors"))
+  w = load_file(f)
+  k = next(k for k in w if k.endswith("conv_out.weight"))
+  w[k] = np.full_like(w[k], np.nan)
+  f.write_bytes(safetensors_bytes(w))
+  return ["sample", "--model", str(out), "--prompt", "x", "--outdir", "s", "--steps", "2", "--height", "32",
+          "--width", "32", "--batch-size", "1"]  # fmt: skip
 
 
 @case(CK, 2, r"inception|inc\.safetensors")

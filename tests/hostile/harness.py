@@ -19,7 +19,7 @@ import pytest
 
 from tests.hostile.corpus import Assets, Case
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(os.environ.get("HOSTILE_REPO") or Path(__file__).resolve().parents[2])  # the tree whose CLI runs
 MEMORY_CAP_KIB = 1024 * 1024  # 1 GiB peak resident memory for the bomb / hostile-size cases
 TIMEOUT = 300
 _NON_FINITE = re.compile(r"\bNaN\b|-?\bInfinity\b|\bnan\b|-?\binf\b")
@@ -73,6 +73,35 @@ def _tree(d: Path, skip=("out", "logs", "tmp")) -> set[str]:
       dirnames[:] = [n for n in dirnames if n not in skip]
     found.update(str(rel / n) for n in filenames + dirnames)
   return found
+
+
+KILL_RSS_KIB = 3 * 1024 * 1024  # a case past this is killed (and fails): a bomb must not take the machine down
+
+
+def _rss_kib(pid: int) -> int:
+  try:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
+def _wait_watching_memory(proc, timeout: float) -> int:
+  t0 = time.time()
+  while True:
+    try:
+      return proc.wait(timeout=0.2)
+    except subprocess.TimeoutExpired:
+      if time.time() - t0 > timeout:
+        raise
+    rss = _rss_kib(proc.pid)
+    if rss > KILL_RSS_KIB:
+      proc.kill()
+      proc.wait()
+      pytest.fail(f"peak resident memory over {rss // 1024} MiB: killed (cap {MEMORY_CAP_KIB // 1024} MiB)")
 
 
 def _default_signals() -> None:
@@ -143,7 +172,7 @@ def run_case(case: Case, assets: Assets, d: Path) -> None:
       if case.signal is not None:
         _wait_ready(proc, err_path, case.ready, TIMEOUT)
         proc.send_signal(case.signal)
-      rc = proc.wait(timeout=TIMEOUT)
+      rc = _wait_watching_memory(proc, TIMEOUT)
     except BaseException:
       proc.kill()
       proc.wait()

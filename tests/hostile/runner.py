@@ -56,7 +56,10 @@ def run() -> None:
       write_peak()
 
   cli.main = measured_main
-  cli.entry()
+  if hasattr(cli, "entry"):
+    cli.entry()
+  else:  # an older tree (tests/hostile/survey.py measures the corpus on earlier commits)
+    raise SystemExit(measured_main())
 
 
 if __name__ == "__main__":
