@@ -28,6 +28,7 @@ from hps_jax.data.datasets.core import (
   _register,
   _require,
 )
+from hps_jax.data.paths import OutsidePathError, confine
 
 __all__ = ["PreferenceJsonl"]
 
@@ -83,7 +84,10 @@ class PreferenceJsonl(_PreferenceBuilder):
           if not isinstance(rec, dict):
             raise BadRecord("bad_json", "not a JSON object")
           rid = _record_id(rec, default_id)
-          paths = _path_list(rec, "images")
+          try:  # relative paths stay inside the file's folder (absolute ones are taken as written)
+            paths = [confine(q, root) for q in _path_list(rec, "images")]
+          except OutsidePathError as e:
+            raise BadRecord("bad_label", str(e)) from None
           chosen = _require(rec, "chosen")
           if not _is_int(chosen):
             raise BadRecord("bad_label", f"'chosen' must be an integer, got {chosen!r:.80}")
@@ -93,7 +97,7 @@ class PreferenceJsonl(_PreferenceBuilder):
             _Candidate(
               id=rid,
               prompt=_prompt(rec, "prompt"),
-              images=[(root / p,) for p in paths],
+              images=[(Path(p),) for p in paths],
               chosen=int(chosen),
               ranks=ranks,
               where=f"{source.name}:{line_no}",
