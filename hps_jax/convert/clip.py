@@ -26,8 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensors
-from hps_jax.models.clip import CLIP, CLIPConfig
+from hps_jax import files
+from hps_jax.convert.io import (
+  CheckpointError,
+  check_float_weights,
+  load_state_dict,
+  one_line,
+  read_json,
+  save_safetensors,
+  tensor_info,
+)
+from hps_jax.models.clip import CLIP, CLIPConfig, int_field_problem
 
 FORMATS = ("auto", "hf", "openai", "open_clip")
 # Buffers some writers include that carry no learned weights.
@@ -111,25 +120,160 @@ def _in_proj_blocks(cfg: CLIPConfig):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Architecture inference
+# Architecture inference (from arrays or from `TensorInfo`s: only shapes are read)
 # ------------------------------------------------------------------------------------------------------------
-def _count_layers(sd, pattern):
+def _count_layers(sd, pattern, source="state dict"):
   rx = re.compile(pattern)
   idx = {int(m.group(1)) for k in sd if (m := rx.match(k))}
   if not idx:
     return 0
   if idx != set(range(max(idx) + 1)):
-    raise CheckpointError(f"non-contiguous layer indices for {pattern}: {sorted(idx)}")
+    shown = sorted(idx)
+    raise CheckpointError(
+      f"{source}: non-contiguous layer indices for {pattern}: {shown[:10]}{'...' if len(shown) > 10 else ''}"
+    )
   return max(idx) + 1
 
 
-def _heads(width: int) -> int:
+def _heads(width: int, source="state dict") -> int:
   """State dicts do not store the head count; OpenAI and open_clip use 64-wide heads."""
-  if width % 64:
+  if width % 64 or width <= 0:
     raise CheckpointError(
-      f"cannot infer the attention heads of a {width}-wide tower (not a multiple of 64): pass an explicit config"
+      f"{source}: cannot infer the attention heads of a {width}-wide tower (not a multiple of 64): pass an explicit "
+      "config"
     )
   return width // 64
+
+
+def _shape(sd, key: str, ndim: int, source) -> tuple[int, ...]:
+  """The shape of `sd[key]`, which must exist and have `ndim` dims."""
+  if key not in sd:
+    raise CheckpointError(f"{source}: missing key {key!r}")
+  shape = tuple(int(n) for n in sd[key].shape)
+  if len(shape) != ndim:
+    raise CheckpointError(f"{source}: {key} has shape {shape}, expected {ndim} dims")
+  return shape
+
+
+class _Evidence(dict):
+  """{config field: (value, what in the weights shows it)} inferred from a state dict's shapes."""
+
+  def put(self, field, value, why):
+    self[field] = (value, why)
+
+  def values_only(self) -> dict:
+    return {k: v for k, (v, _) in self.items()}
+
+
+def _grid(npos: int, key: str, shape, source) -> int:
+  grid = math.isqrt(max(npos - 1, 0))
+  if npos < 2 or grid * grid != npos - 1:
+    raise CheckpointError(f"{source}: {key} has shape {shape}; expected 1 + a square number of positions")
+  return grid
+
+
+def _tower_fields(sd, ev: _Evidence, source, *, tower: str, layer_rx: str, layer_name: str, mlp_key: str):
+  """Fills `ev` with one tower's width, depth and MLP width."""
+  layers = _count_layers(sd, layer_rx, source)
+  if layers == 0:
+    raise CheckpointError(f"{source}: no {tower} layers ({layer_name}.0...)")
+  ev.put(f"{tower}_layers", layers, f"{layers} {tower} layers ({layer_name}.0-{layers - 1})")
+  key = mlp_key.format(0)
+  shape = _shape(sd, key, 2, source)
+  ev.put(f"{tower}_mlp_dim", shape[0], f"{key} has shape {shape}")
+
+
+def _infer_hf_fields(sd, source="state dict", text_only: bool = False) -> _Evidence:
+  """The architecture of an HF-key state dict, field by field with the key that shows it."""
+  ev = _Evidence()
+  key = "text_model.final_layer_norm.weight"
+  (tw,) = _shape(sd, key, 1, source)
+  ev.put("text_width", tw, f"{key} has shape {(tw,)}")
+  key = "text_model.embeddings.token_embedding.weight"
+  shape = _shape(sd, key, 2, source)
+  ev.put("vocab_size", shape[0], f"{key} has shape {shape}")
+  key = "text_model.embeddings.position_embedding.weight"
+  shape = _shape(sd, key, 2, source)
+  ev.put("context_length", shape[0], f"{key} has shape {shape}")
+  _tower_fields(
+    sd,
+    ev,
+    source,
+    tower="text",
+    layer_rx=r"text_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight",
+    layer_name="text_model.encoder.layers",
+    mlp_key="text_model.encoder.layers.{}.mlp.fc1.weight",
+  )
+  if text_only:
+    return ev
+  key = "vision_model.embeddings.patch_embedding.weight"
+  shape = _shape(sd, key, 4, source)
+  vw, _, p, _ = shape
+  ev.put("vision_width", vw, f"{key} has shape {shape}")
+  ev.put("patch_size", p, f"{key} has shape {shape}")
+  key = "vision_model.embeddings.position_embedding.weight"
+  pos = _shape(sd, key, 2, source)
+  ev.put("image_size", p * _grid(pos[0], key, pos, source), f"{key} has shape {pos} with {p}-pixel patches")
+  key = "text_projection.weight"
+  shape = _shape(sd, key, 2, source)
+  ev.put("embed_dim", shape[0], f"{key} has shape {shape}")
+  _tower_fields(
+    sd,
+    ev,
+    source,
+    tower="vision",
+    layer_rx=r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight",
+    layer_name="vision_model.encoder.layers",
+    mlp_key="vision_model.encoder.layers.{}.mlp.fc1.weight",
+  )
+  return ev
+
+
+def _infer_openai_fields(sd, source="state dict") -> _Evidence:
+  ev = _Evidence()
+  if "visual.conv1.weight" not in sd:
+    if any(k.startswith("visual.layer1") or k.startswith("visual.attnpool") for k in sd):
+      raise CheckpointError(f"{source}: ResNet CLIP image towers are not supported (only ViT CLIP models)")
+    raise CheckpointError(f"{source}: not an OpenAI/open_clip CLIP state dict: 'visual.conv1.weight' missing")
+  key = "visual.conv1.weight"
+  shape = _shape(sd, key, 4, source)
+  vw, _, p, _ = shape
+  ev.put("vision_width", vw, f"{key} has shape {shape}")
+  ev.put("patch_size", p, f"{key} has shape {shape}")
+  key = "visual.positional_embedding"
+  pos = _shape(sd, key, 2, source)
+  ev.put("image_size", p * _grid(pos[0], key, pos, source), f"{key} has shape {pos} with {p}-pixel patches")
+  key = "ln_final.weight"
+  (tw,) = _shape(sd, key, 1, source)
+  ev.put("text_width", tw, f"{key} has shape {(tw,)}")
+  key = "text_projection"
+  shape = _shape(sd, key, 2, source)
+  ev.put("embed_dim", shape[1], f"{key} has shape {shape}")
+  key = "token_embedding.weight"
+  shape = _shape(sd, key, 2, source)
+  ev.put("vocab_size", shape[0], f"{key} has shape {shape}")
+  key = "positional_embedding"
+  shape = _shape(sd, key, 2, source)
+  ev.put("context_length", shape[0], f"{key} has shape {shape}")
+  for tower, prefix in (("vision", "visual.transformer.resblocks"), ("text", "transformer.resblocks")):
+    _tower_fields(
+      sd,
+      ev,
+      source,
+      tower=tower,
+      layer_rx=re.escape(prefix) + r"\.(\d+)\.attn\.in_proj_weight",
+      layer_name=prefix,
+      mlp_key=prefix + ".{}.mlp.c_fc.weight",
+    )
+  return ev
+
+
+def _checked(cfg_kw: dict, source) -> CLIPConfig:
+  """A CLIPConfig from inferred / given fields, validated (types, bounds): CheckpointError naming `source`."""
+  try:
+    return CLIPConfig(**cfg_kw).validate()
+  except (TypeError, ValueError, ArithmeticError) as e:
+    raise CheckpointError(f"{source}: unsupported CLIP architecture ({one_line(e, 200)})") from e
 
 
 def default_activation(vision_width: int) -> str:
@@ -138,85 +282,110 @@ def default_activation(vision_width: int) -> str:
   return "quick_gelu" if vision_width <= 1024 else "gelu"
 
 
-def infer_openai_config(sd, activation: str | None = None, fmt: str = "auto") -> CLIPConfig:
-  if "visual.conv1.weight" not in sd:
-    if any(k.startswith("visual.layer1") or k.startswith("visual.attnpool") for k in sd):
-      raise CheckpointError("ResNet CLIP image towers are not supported (only ViT CLIP models)")
-    raise CheckpointError("not an OpenAI/open_clip CLIP state dict: 'visual.conv1.weight' missing")
-  vw, _, p, _ = sd["visual.conv1.weight"].shape
-  grid = int(round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1)))
-  tw = sd["ln_final.weight"].shape[0]
+def infer_openai_config(sd, activation: str | None = None, fmt: str = "auto", source="state dict") -> CLIPConfig:
+  """The architecture of an OpenAI / open_clip state dict (arrays or `TensorInfo`s), from its shapes."""
+  fields = _infer_openai_fields(sd, source).values_only()
   if activation is None:
-    activation = {"openai": "quick_gelu", "open_clip": "gelu"}.get(fmt) or default_activation(vw)
-  return CLIPConfig(
-    embed_dim=sd["text_projection"].shape[1],
-    image_size=p * grid,
-    patch_size=p,
-    vision_width=vw,
-    vision_layers=_count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
-    vision_heads=_heads(vw),
-    vision_mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-    vocab_size=sd["token_embedding.weight"].shape[0],
-    context_length=sd["positional_embedding"].shape[0],
-    text_width=tw,
-    text_layers=_count_layers(sd, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
-    text_heads=_heads(tw),
-    text_mlp_dim=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-    activation=activation,
-  )
+    activation = {"openai": "quick_gelu", "open_clip": "gelu"}.get(fmt) or default_activation(fields["vision_width"])
+  heads = dict(vision_heads=_heads(fields["vision_width"], source), text_heads=_heads(fields["text_width"], source))
+  return _checked({**fields, **heads, "activation": activation}, source)
 
 
 _HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 # transformers' CLIPTextConfig default, and the legacy value that makes CLIPTextTransformer pool at argmax(ids).
 _HF_DEFAULT_EOS, _HF_LEGACY_EOS = 49407, 2
+# our field -> (config.json section, key, transformers' default)
+_HF_INT_FIELDS = {
+  "embed_dim": ("", "projection_dim", 512),
+  "image_size": ("vision_config", "image_size", 224),
+  "patch_size": ("vision_config", "patch_size", 32),
+  "vision_width": ("vision_config", "hidden_size", 768),
+  "vision_layers": ("vision_config", "num_hidden_layers", 12),
+  "vision_heads": ("vision_config", "num_attention_heads", 12),
+  "vision_mlp_dim": ("vision_config", "intermediate_size", 3072),
+  "vocab_size": ("text_config", "vocab_size", 49408),
+  "context_length": ("text_config", "max_position_embeddings", 77),
+  "text_width": ("text_config", "hidden_size", 512),
+  "text_layers": ("text_config", "num_hidden_layers", 12),
+  "text_heads": ("text_config", "num_attention_heads", 8),
+  "text_mlp_dim": ("text_config", "intermediate_size", 2048),
+}
 
 
-def _eos_from_hf(tc: dict) -> int | None:
+def _json_name(field: str, text_only: bool = False) -> str:
+  section, key, _ = _HF_INT_FIELDS[field]
+  return key if not section or text_only else f"{section}.{key}"
+
+
+def _eos_from_hf(tc: dict, source="config.json", vocab: int | None = None) -> int | None:
   """Our `eos_token_id` from a text_config: None (argmax pooling) for transformers' legacy `eos_token_id == 2`,
   else the id whose first position transformers pools at."""
   eos = tc.get("eos_token_id", _HF_DEFAULT_EOS)
   if isinstance(eos, (list, tuple)) and len(eos) == 1:
     eos = eos[0]
-  if eos is None or eos == _HF_LEGACY_EOS:
+  if eos is None or (not isinstance(eos, bool) and isinstance(eos, int) and eos == _HF_LEGACY_EOS):
     return None
   if isinstance(eos, bool) or not isinstance(eos, int):
-    raise CheckpointError(f"text_config eos_token_id {eos!r} is not a single token id")
-  vocab = tc.get("vocab_size", 49408)
+    raise CheckpointError(f"{source}: text_config eos_token_id {eos!r:.40} is not a single token id")
+  vocab = tc.get("vocab_size", 49408) if vocab is None else vocab
   if not 0 <= eos < vocab:
-    raise CheckpointError(f"text_config eos_token_id {eos} is outside the {vocab}-token vocabulary")
+    raise CheckpointError(f"{source}: text_config eos_token_id {eos} is outside the {vocab}-token vocabulary")
   return eos
 
 
-def config_from_hf(hf: dict) -> CLIPConfig:
-  """Maps a transformers CLIPConfig dict (config.json) to ours, with transformers' defaults for missing keys."""
-  tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
-  acts = {tc.get("hidden_act", "quick_gelu"), vc.get("hidden_act", "quick_gelu")}
-  if len(acts) != 1 or not acts <= set(_HF_ACT):
+def _section(hf: dict, name: str, source) -> dict:
+  sec = hf.get(name)
+  if sec is None:
+    return {}
+  if not isinstance(sec, dict):
+    raise CheckpointError(f"{source}: {name} is {type(sec).__name__} {sec!r:.40}; expected a JSON object")
+  return sec
+
+
+def _hf_number(sec: dict, key: str, default, where: str, source):
+  v = sec.get(key, default)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    raise CheckpointError(f"{source}: {where}{key} = {v!r:.40} is not a finite number")
+  return float(v)
+
+
+def config_from_hf(hf: dict, source="config.json", *, _text_only: bool = False) -> CLIPConfig:
+  """Maps a transformers CLIPConfig dict (config.json) to ours, with transformers' defaults for missing keys. Every
+  value is checked (types, `FIELD_LIMITS`) before anything is built: a `CheckpointError` names `source` and the key."""
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+  secs = {
+    "": hf,
+    "text_config": _section(hf, "text_config", source),
+    "vision_config": _section(hf, "vision_config", source),
+  }
+  tc, vc = secs["text_config"], secs["vision_config"]
+  kw = {}
+  for field, (section, key, default) in _HF_INT_FIELDS.items():
+    value = secs[section].get(key, default)
+    problem = int_field_problem(field, value)
+    if problem:
+      raise CheckpointError(f"{source}: {_json_name(field, _text_only)} {problem}")
+    kw[field] = value
+  acts = [tc.get("hidden_act", "quick_gelu"), vc.get("hidden_act", "quick_gelu")]
+  if any(not isinstance(a, str) or a not in _HF_ACT for a in acts) or acts[0] != acts[1]:
+    shown = [a if isinstance(a, str) else repr(a)[:40] for a in acts]
     raise CheckpointError(
-      f"unsupported CLIP activations {sorted(acts)} (need one of {sorted(_HF_ACT)} for both towers)"
+      f"{source}: unsupported CLIP activations {shown} (need one of {sorted(_HF_ACT)} for both towers)"
     )
-  eps = {tc.get("layer_norm_eps", 1e-5), vc.get("layer_norm_eps", 1e-5)}
-  if len(eps) != 1:
-    raise CheckpointError(f"different layer_norm_eps per tower {sorted(eps)} are not supported")
-  return CLIPConfig(
-    embed_dim=hf.get("projection_dim", 512),
-    image_size=vc.get("image_size", 224),
-    patch_size=vc.get("patch_size", 32),
-    vision_width=vc.get("hidden_size", 768),
-    vision_layers=vc.get("num_hidden_layers", 12),
-    vision_heads=vc.get("num_attention_heads", 12),
-    vision_mlp_dim=vc.get("intermediate_size", 3072),
-    vocab_size=tc.get("vocab_size", 49408),
-    context_length=tc.get("max_position_embeddings", 77),
-    eos_token_id=_eos_from_hf(tc),
-    text_width=tc.get("hidden_size", 512),
-    text_layers=tc.get("num_hidden_layers", 12),
-    text_heads=tc.get("num_attention_heads", 8),
-    text_mlp_dim=tc.get("intermediate_size", 2048),
-    activation=_HF_ACT[acts.pop()],
-    layer_norm_eps=float(eps.pop()),
-    logit_scale_init=float(hf.get("logit_scale_init_value", 2.6592)),
+  eps = [
+    _hf_number(sec, "layer_norm_eps", 1e-5, "" if _text_only else f"{name}.", source)
+    for name, sec in (("text_config", tc), ("vision_config", vc))
+  ]
+  if eps[0] != eps[1]:
+    raise CheckpointError(f"{source}: different layer_norm_eps per tower {sorted(eps)} are not supported")
+  kw.update(
+    eos_token_id=_eos_from_hf(tc, source, kw["vocab_size"]),
+    activation=_HF_ACT[acts[0]],
+    layer_norm_eps=eps[0],
+    logit_scale_init=_hf_number(hf, "logit_scale_init_value", 2.6592, "", source),
   )
+  return _checked(kw, source)
 
 
 def config_to_hf(cfg: CLIPConfig) -> dict:
@@ -257,27 +426,23 @@ def config_to_hf(cfg: CLIPConfig) -> dict:
   }
 
 
-def infer_hf_config(sd, activation: str | None = None) -> CLIPConfig:
-  """Architecture of a bare HF-key state dict (no config.json)."""
-  vw, _, p, _ = sd["vision_model.embeddings.patch_embedding.weight"].shape
-  grid = int(round(math.sqrt(sd["vision_model.embeddings.position_embedding.weight"].shape[0] - 1)))
-  tw = sd["text_model.final_layer_norm.weight"].shape[0]
-  return CLIPConfig(
-    embed_dim=sd["text_projection.weight"].shape[0],
-    image_size=p * grid,
-    patch_size=p,
-    vision_width=vw,
-    vision_layers=_count_layers(sd, r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
-    vision_heads=_heads(vw),
-    vision_mlp_dim=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-    vocab_size=sd["text_model.embeddings.token_embedding.weight"].shape[0],
-    context_length=sd["text_model.embeddings.position_embedding.weight"].shape[0],
-    text_width=tw,
-    text_layers=_count_layers(sd, r"text_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
-    text_heads=_heads(tw),
-    text_mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-    activation=activation or default_activation(vw),
-  )
+def infer_hf_config(sd, activation: str | None = None, source="state dict") -> CLIPConfig:
+  """Architecture of a bare HF-key state dict (no config.json; arrays or `TensorInfo`s)."""
+  fields = _infer_hf_fields(sd, source).values_only()
+  heads = dict(vision_heads=_heads(fields["vision_width"], source), text_heads=_heads(fields["text_width"], source))
+  return _checked({**fields, **heads, "activation": activation or default_activation(fields["vision_width"])}, source)
+
+
+def check_config_matches(cfg: CLIPConfig, ev: _Evidence, config_source, weights, *, names=None) -> None:
+  """Refuses (one line naming both files, the config key and the tensor that disagrees) a config whose
+  architecture differs from what the weights' shapes show. `names`: field -> how the config file calls it."""
+  for field, (value, why) in ev.items():
+    ours = getattr(cfg, field)
+    if ours != value:
+      name = names(field) if names else field
+      raise CheckpointError(
+        f"{config_source}: {name} = {ours} does not match the weights {weights}: {why} (i.e. {field} {value})"
+      )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -395,44 +560,73 @@ def hf_weights_file(d: Path) -> Path:
   raise CheckpointError(f"{d}: a Hugging Face model dir needs model.safetensors or pytorch_model.bin")
 
 
-def detect_format(sd: dict) -> str:
+def detect_format(sd: dict, source="state dict") -> str:
   if "vision_model.embeddings.patch_embedding.weight" in sd or "text_model.embeddings.token_embedding.weight" in sd:
     return "hf"
   if "visual.conv1.weight" in sd or "token_embedding.weight" in sd:
     return "openai"
   raise CheckpointError(
-    "unrecognised CLIP state dict: expected Hugging Face keys (vision_model.*, text_model.*) "
+    f"{source}: unrecognised CLIP state dict: expected Hugging Face keys (vision_model.*, text_model.*) "
     "or OpenAI/open_clip keys (visual.*, transformer.*)"
   )
+
+
+def read_hf_config(d: Path, model_types=("clip",)) -> tuple[Path, dict]:
+  """(path, contents) of a transformers model dir's config.json: a JSON object whose model_type (if any) is one of
+  `model_types`; CheckpointError naming the file otherwise."""
+  path = Path(d) / "config.json"
+  if not path.exists():
+    raise CheckpointError(f"{d}: directory without config.json; expected a Hugging Face {model_types[0]} dir")
+  conf = read_json(path, f"a transformers {model_types[0]} config (a JSON object)")
+  if conf.get("model_type") not in (None, *model_types):
+    raise CheckpointError(f"{path}: model_type {conf.get('model_type')!r:.60} is not {model_types[0]!r}")
+  return path, conf
 
 
 def load_clip_params(
   path, format: str = "auto", activation: str | None = None, config: CLIPConfig | None = None
 ) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
-  """Reads any supported CLIP checkpoint into (config, flat params). `config` overrides inferred architecture."""
+  """Reads any supported CLIP checkpoint into (config, flat params). `config` overrides inferred architecture.
+
+  The architecture (a Hugging Face dir's config.json, `config`, or the one inferred from the weights) is checked
+  against the shapes in the weights file's header before any tensor data is read or anything is built: a config
+  that disagrees is a `CheckpointError` naming the config key and the tensor whose shape shows otherwise."""
   if format not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+  if config is not None:
+    config.validate()
   path = Path(path)
-  hf_config = None
+  hf_config = config_path = None
   if path.is_dir():
-    if not (path / "config.json").exists():
-      raise CheckpointError(f"{path}: directory without config.json; expected a Hugging Face CLIPModel dir")
-    hf_config = json.loads((path / "config.json").read_text())
-    if hf_config.get("model_type") not in (None, "clip"):
-      raise CheckpointError(f"{path}/config.json: model_type {hf_config.get('model_type')!r} is not 'clip'")
+    config_path, hf_config = read_hf_config(path)
     weights = hf_weights_file(path)
   else:
     weights = path
-  sd = load_state_dict(weights)
-  layout = detect_format(sd)
+  info = tensor_info(weights)
+  layout = detect_format(info, str(weights))
+  check_float_weights(info, weights, skip=_IGNORED.search)
   if format == "hf" and layout != "hf" or format in ("openai", "open_clip") and layout != "openai":
     raise CheckpointError(f"{weights}: format={format!r} requested but the keys are in the {layout!r} layout")
   if layout == "hf":
-    cfg = config or (config_from_hf(hf_config) if hf_config else infer_hf_config(sd, activation))
+    ev = _infer_hf_fields(info, str(weights))
+    if config is not None:
+      cfg = config
+    elif hf_config is not None:
+      cfg = config_from_hf(hf_config, str(config_path))
+    else:
+      cfg = infer_hf_config(info, activation, str(weights))
     if activation and config is None:
       cfg = cfg.replace(activation=activation)
+  else:
+    ev = _infer_openai_fields(info, str(weights))
+    cfg = config or infer_openai_config(info, activation, format, str(weights))
+  if config is not None:
+    check_config_matches(cfg, ev, "config", weights)
+  elif config_path is not None:
+    check_config_matches(cfg, ev, config_path, weights, names=_json_name)
+  sd = load_state_dict(weights)
+  if layout == "hf":
     return cfg, params_from_hf(sd, cfg, str(weights))
-  cfg = config or infer_openai_config(sd, activation, format)
   return cfg, params_from_openai(sd, cfg, str(weights))
 
 
@@ -446,7 +640,8 @@ def load_clip(
   config: CLIPConfig | None = None,
 ) -> CLIP:
   cfg, flat = load_clip_params(path, format, activation, config)
-  return build_model(cfg, flat, dtype=dtype, param_dtype=param_dtype, source=str(path))
+  weights = hf_weights_file(Path(path)) if Path(path).is_dir() else path
+  return build_model(cfg, flat, dtype=dtype, param_dtype=param_dtype, source=str(weights))
 
 
 def save_hf(model: CLIP, out_dir) -> Path:
@@ -456,7 +651,7 @@ def save_hf(model: CLIP, out_dir) -> Path:
   cfg = model.config
   sd = params_to_hf({k: v.astype(np.float32) for k, v in model_params(model).items()}, cfg)
   save_safetensors(sd, out / "model.safetensors", metadata={"format": "pt"})
-  (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+  files.write_text(out / "config.json", json.dumps(config_to_hf(cfg), indent=2))
   return out
 
 
@@ -469,16 +664,31 @@ def text_key_map(cfg: CLIPConfig):
   return [e for e in hf_key_map(cfg) if e[0].startswith("text/") and e[0] != "text/proj"]
 
 
-def text_config_from_hf(tc: dict) -> CLIPConfig:
-  """A CLIPTextConfig dict (`text_encoder/config.json`) -> our config (vision fields unused)."""
+def text_config_from_hf(tc: dict, source="config.json") -> CLIPConfig:
+  """A CLIPTextConfig dict (`text_encoder/config.json`) -> our config (vision fields unused), checked as
+  `config_from_hf` checks (errors name the keys as the file spells them)."""
+  if not isinstance(tc, dict):
+    raise CheckpointError(f"{source}: expected a JSON object, got {type(tc).__name__}")
   act, eps = tc.get("hidden_act", "quick_gelu"), tc.get("layer_norm_eps", 1e-5)
   return config_from_hf(
     {
       "text_config": tc,
       "vision_config": {"hidden_act": act, "layer_norm_eps": eps},
       "projection_dim": tc.get("projection_dim", 512),
-    }
+    },
+    source,
+    _text_only=True,
   )
+
+
+def check_text_weights(cfg: CLIPConfig, sd, config_source, weights) -> None:
+  """Refuses a CLIPTextModel config whose text tower differs from the weights' shapes (`sd`: arrays or
+  `TensorInfo`s, keys with or without the `text_model.` prefix), naming the config key and the tensor."""
+  if not any(k.startswith("text_model.") for k in sd):
+    sd = {f"text_model.{k}": v for k, v in sd.items()}
+  ev = _infer_hf_fields(sd, str(weights), text_only=True)
+  check_float_weights(sd, weights, skip=_IGNORED.search)
+  check_config_matches(cfg, ev, config_source, weights, names=lambda f: _json_name(f, True))
 
 
 def text_params_from_hf(sd, cfg: CLIPConfig, source="state dict") -> dict[str, np.ndarray]:

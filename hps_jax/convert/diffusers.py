@@ -17,6 +17,11 @@ linear kernel and a linear weight for a 1x1 conv kernel (old checkpoints store a
 Loading is strict: a parameter without a key, a key without a parameter, or a shape that does not fit raises
 `CheckpointError` naming the weights file. The pre-0.14 names of the VAE's attention (`query`, `key`, `value`,
 `proj_attn`) are read as `to_q`, `to_k`, `to_v`, `to_out.0`, as diffusers itself does.
+
+The loaders check untrusted folders before committing memory: config.json must be a JSON object whose values pass
+the config's `validate()` (types, sane bounds), and the model it describes (built abstractly, `nnx.eval_shape`) is
+matched key by key against the shapes in the weights file's header (`tensor_info`, no tensor data read) before the
+weights are read.
 """
 
 from __future__ import annotations
@@ -29,15 +34,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hps_jax import files
 from hps_jax.convert.clip import (
   build_model,
+  check_text_weights,
   config_to_hf,
   hf_weights_file,
+  read_hf_config,
   text_config_from_hf,
   text_params_from_hf,
   text_params_to_hf,
 )
-from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensors
+from hps_jax.convert.io import (
+  CheckpointError,
+  check_float_weights,
+  load_state_dict,
+  one_line,
+  read_json,
+  save_safetensors,
+  tensor_info,
+)
 from hps_jax.models.clip import CLIPTextEncoder
 from hps_jax.models.unet import UNet2DConditionModel, UNetConfig
 from hps_jax.models.vae import AutoencoderKL, VAEConfig
@@ -87,10 +103,7 @@ def component_files(model_dir, subfolder: str | None = None, variant: str | None
 def load_component(model_dir, subfolder: str | None = None, variant: str | None = None) -> tuple[dict, dict]:
   """Reads `model_dir/subfolder/config.json` and its weights -> (config dict, {key: np.ndarray} state dict)."""
   config_path, weights = component_files(model_dir, subfolder, variant)
-  try:
-    config = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+  config = read_json(config_path, "a diffusers component config (a JSON object)")
   return config, load_state_dict(weights)
 
 
@@ -103,7 +116,7 @@ def save_component(out_dir, config: Mapping, state_dict: Mapping[str, np.ndarray
     out / "diffusion_pytorch_model.safetensors",
     metadata={"format": "pt"},
   )
-  (out / "config.json").write_text(json.dumps(dict(config), indent=2))
+  files.write_text(out / "config.json", json.dumps(dict(config), indent=2))
   return out
 
 
@@ -157,19 +170,29 @@ def _legacy_alias(key: str) -> str | None:
   return None
 
 
-def params_from_diffusers(
-  model,
-  state_dict: Mapping[str, np.ndarray],
-  source: str = "state dict",
-  *,
-  ignore: Callable[[str], bool] | None = None,
-):
-  """Returns `model` (concrete or from `nnx.eval_shape`) with every nnx.Param replaced by its value from the
-  diffusers `state_dict`, cast to the parameter's dtype. Keys for which `ignore(key)` is true may be left over.
-  Raises CheckpointError (naming `source`) on missing keys, unexpected keys and shape mismatches."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  remaining = dict(state_dict)
-  missing, mismatched = [], []
+def to_nnx_shape(path: str, shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape `to_nnx_value` gives a tensor of `shape` for the parameter at `path` of shape `target` (shapes
+  only: for checking a weights file's header before reading it)."""
+  shape = tuple(shape)
+  if not path.endswith("/kernel"):
+    return shape
+  if len(target) == 4:
+    if len(shape) == 2:
+      shape = (*shape, 1, 1)
+    return (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else shape
+  if len(target) == 2:
+    if len(shape) == 4 and shape[2:] == (1, 1):
+      shape = shape[:2]
+    return (shape[1], shape[0]) if len(shape) == 2 else shape
+  return shape
+
+
+def _plan(params, shapes: Mapping[str, tuple], source: str, model_name: str, ignore) -> list[tuple[str, str, object]]:
+  """[(parameter path, state-dict key, variable)] for every parameter of the split `params`, matched against the
+  state dict's `shapes` ({key: shape}); CheckpointError (naming `source`) on missing keys, unexpected keys and shape
+  mismatches (the first of each listed)."""
+  remaining = dict(shapes)
+  plan, missing, mismatched = [], [], []
   for path, var in nnx.to_flat_state(params):
     p = "/".join(map(str, path))
     key = torch_key(p)
@@ -180,11 +203,11 @@ def params_from_diffusers(
         continue
       key = alias
     shape = tuple(var.shape)
-    arr = to_nnx_value(p, remaining.pop(key), shape)
-    if arr.shape != shape:
-      mismatched.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))} -> {arr.shape}, model {shape} ({p})")
+    got = to_nnx_shape(p, remaining.pop(key), shape)
+    if got != shape:
+      mismatched.append(f"{key}: checkpoint {tuple(shapes[key])} -> {got}, model {shape} ({p})")
       continue
-    var.set_value(jnp.asarray(arr, dtype=var.dtype))
+    plan.append((p, key, var))
   unexpected = sorted(k for k in remaining if not (ignore and ignore(k)))
   problems = []
   if missing:
@@ -194,7 +217,36 @@ def params_from_diffusers(
   if mismatched:
     problems.append(f"{len(mismatched)} shape mismatches {mismatched[:4]}")
   if problems:
-    raise CheckpointError(f"{source}: state dict does not fit {type(model).__name__}: " + "; ".join(problems))
+    raise CheckpointError(f"{source}: state dict does not fit {model_name}: " + "; ".join(problems))
+  return plan
+
+
+def check_fits(model, shapes: Mapping[str, object], source: str = "state dict", *, ignore=None) -> None:
+  """Raises what `params_from_diffusers` would raise for a state dict of these shapes ({key: shape, array or
+  `TensorInfo`}), without any tensor data: the check of a weights file's header against a config's model (built
+  with `nnx.eval_shape`) before the weights are read."""
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  as_shapes = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
+  plan = _plan(params, as_shapes, source, type(model).__name__, ignore)
+  if all(hasattr(v, "dtype") for v in shapes.values()):
+    check_float_weights({key: shapes[key] for _, key, _ in plan}, source)
+
+
+def params_from_diffusers(
+  model,
+  state_dict: Mapping[str, np.ndarray],
+  source: str = "state dict",
+  *,
+  ignore: Callable[[str], bool] | None = None,
+):
+  """Returns `model` (concrete or from `nnx.eval_shape`) with every nnx.Param replaced by its value from the
+  diffusers `state_dict`, cast to the parameter's dtype. Keys for which `ignore(key)` is true may be left over.
+  Raises CheckpointError (naming `source`) on missing keys, unexpected keys and shape mismatches, before any value
+  is set."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+  for p, key, var in _plan(params, shapes, source, type(model).__name__, ignore):
+    var.set_value(jnp.asarray(to_nnx_value(p, state_dict[key], tuple(var.shape)), dtype=var.dtype))
   return nnx.merge(graphdef, params, rest)
 
 
@@ -226,16 +278,25 @@ def load_unet(
   `model_dir` itself with subfolder=None) -> `UNet2DConditionModel`, built abstractly and filled from the weights
   (strict: missing / unexpected keys raise). `config_overrides` set our own fields (attention_backend, remat)."""
   config_path, weights = component_files(model_dir, subfolder, variant)
-  config, state = load_component(model_dir, subfolder, variant)
+  config = read_json(config_path, "a diffusers UNet config (a JSON object)")
   if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-    raise CheckpointError(f"{config_path}: _class_name {config['_class_name']!r} is not 'UNet2DConditionModel'")
+    raise CheckpointError(f"{config_path}: _class_name {config['_class_name']!r:.60} is not 'UNet2DConditionModel'")
   try:
-    cfg = UNetConfig.from_diffusers(config, **config_overrides)
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{config_path}: unsupported UNet config ({e})") from e
-  return build_from_diffusers(
-    lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype), state, str(Path(weights))
-  )
+    cfg = UNetConfig.from_diffusers(config, **config_overrides).validate()
+  except (TypeError, ValueError, ArithmeticError) as e:
+    raise CheckpointError(f"{config_path}: unsupported UNet config ({one_line(e, 200)})") from e
+  return _load_checked(lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype), config_path, weights)
+
+
+def _load_checked(constructor, config_path: Path, weights: Path):
+  """Builds `constructor()` abstractly, checks it against the weights file's header, then reads and fills it."""
+  abstract = nnx.eval_shape(constructor)
+  info = tensor_info(weights)
+  try:
+    check_fits(abstract, info, str(weights))
+  except CheckpointError as e:
+    raise CheckpointError(f"{e} (architecture from {config_path})") from None
+  return params_from_diffusers(abstract, load_state_dict(weights), str(weights))
 
 
 def save_unet(model: UNet2DConditionModel, out_dir, *, state_dict: Mapping[str, np.ndarray] | None = None) -> Path:
@@ -263,15 +324,15 @@ def load_vae(
   if subfolder and not (Path(model_dir) / subfolder).is_dir() and (Path(model_dir) / "config.json").exists():
     subfolder = None
   config_path, weights = component_files(model_dir, subfolder, variant)
-  config, sd = load_component(model_dir, subfolder, variant)
+  config = read_json(config_path, "a diffusers AutoencoderKL config (a JSON object)")
   if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-    raise CheckpointError(f"{config_path}: _class_name {config['_class_name']!r} is not 'AutoencoderKL'")
+    raise CheckpointError(f"{config_path}: _class_name {config['_class_name']!r:.60} is not 'AutoencoderKL'")
   try:
-    cfg = VAEConfig.from_diffusers(config, attention_backend=attention_backend)
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{config_path}: unsupported VAE config ({e})") from e
+    cfg = VAEConfig.from_diffusers(config, attention_backend=attention_backend).validate()
+  except (TypeError, ValueError, ArithmeticError) as e:
+    raise CheckpointError(f"{config_path}: unsupported VAE config ({one_line(e, 200)})") from e
   dtype, param_dtype = dtype or jnp.float32, param_dtype or jnp.float32
-  return build_from_diffusers(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype), sd, str(weights))
+  return _load_checked(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype), config_path, weights)
 
 
 def save_vae(model: AutoencoderKL, out_dir) -> Path:
@@ -285,13 +346,12 @@ def save_vae(model: AutoencoderKL, out_dir) -> Path:
 def load_text_encoder(path, *, dtype=None, param_dtype=None) -> CLIPTextEncoder:
   """A transformers CLIPTextModel dir (config.json + model.safetensors / pytorch_model.bin) -> CLIPTextEncoder."""
   d = Path(path)
-  if not (d / "config.json").exists():
-    raise CheckpointError(f"{d}: a CLIPTextModel dir needs config.json")
-  tc = json.loads((d / "config.json").read_text())
-  if tc.get("model_type") not in (None, "clip_text_model"):
-    raise CheckpointError(f"{d}/config.json: model_type {tc.get('model_type')!r} is not 'clip_text_model'")
-  cfg = text_config_from_hf(tc)
+  if not d.is_dir():
+    raise CheckpointError(f"{d}: no such directory (expected a CLIPTextModel dir with config.json)")
+  config_path, tc = read_hf_config(d, ("clip_text_model",))
+  cfg = text_config_from_hf(tc, str(config_path))
   weights = hf_weights_file(d)
+  check_text_weights(cfg, tensor_info(weights), config_path, weights)
   flat = text_params_from_hf(load_state_dict(weights), cfg, str(weights))
   return build_model(cfg, flat, dtype=dtype, param_dtype=param_dtype, source=str(weights), cls=CLIPTextEncoder)
 
@@ -306,7 +366,7 @@ def save_text_encoder(model: CLIPTextEncoder, out_dir) -> Path:
     metadata={"format": "pt"},
   )
   tc = {"architectures": ["CLIPTextModel"], **config_to_hf(model.config)["text_config"]}
-  (out / "config.json").write_text(json.dumps(tc, indent=2))
+  files.write_text(out / "config.json", json.dumps(tc, indent=2))
   return out
 
 

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hps_jax.convert.io import CheckpointError, load_state_dict, save_safetensors
+from hps_jax import files
+from hps_jax.convert.io import CheckpointError, check_float_weights, load_state_dict, save_safetensors, tensor_info
 from hps_jax.models.inception import FIDInception
 
 # ours (last path components) <-> torch (key suffix)
@@ -56,6 +57,16 @@ def _to_torch(ours: str, arr: np.ndarray) -> np.ndarray:
   if ours == "fc/kernel":
     return np.ascontiguousarray(arr.T)
   return arr
+
+
+def _torch_shape(ours: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The torch layout's shape of our parameter `ours` of `shape`."""
+  if ours.endswith("conv/kernel"):
+    kh, kw, i, o = shape
+    return (o, i, kh, kw)
+  if ours == "fc/kernel":
+    return tuple(reversed(shape))
+  return tuple(shape)
 
 
 def _from_torch(ours: str, arr: np.ndarray) -> np.ndarray:
@@ -91,8 +102,9 @@ def _fmt(keys, n: int = 10) -> str:
   return ", ".join(keys[:n]) + more
 
 
-def inception_params_from_torch(sd, source: str = "state dict", cfg=None) -> dict[str, np.ndarray]:
-  """Torch state dict (pytorch-fid / torch-fidelity layout) -> {our flat path: float32 array}, strictly checked."""
+def check_inception_state_dict(sd, source: str = "state dict", cfg=None) -> None:
+  """Raises CheckpointError unless `sd` (arrays or `TensorInfo`s: only names and shapes are read) has exactly the FID
+  Inception-v3's keys with their torch-layout shapes."""
   shapes = expected_shapes(cfg)
   names = {_torch_name(k): k for k in shapes}
   keys = {k for k in sd if not k.endswith(_IGNORED_SUFFIX)}
@@ -105,16 +117,21 @@ def inception_params_from_torch(sd, source: str = "state dict", cfg=None) -> dic
     if unknown:
       parts.append(f"unexpected keys [{_fmt(unknown)}]")
     raise CheckpointError(f"{source}: not an FID Inception-v3 state dict: {'; '.join(parts)}")
-  flat, bad = {}, []
-  for theirs, ours in names.items():
-    arr = _from_torch(ours, np.asarray(sd[theirs], np.float32))
-    if arr.shape != shapes[ours]:
-      bad.append(f"{theirs} {tuple(np.shape(sd[theirs]))}")
-      continue
-    flat[ours] = arr
+  bad = [
+    f"{theirs} {tuple(sd[theirs].shape)}"
+    for theirs, ours in names.items()
+    if tuple(sd[theirs].shape) != _torch_shape(ours, shapes[ours])
+  ]
   if bad:
     raise CheckpointError(f"{source}: wrong shapes for the FID Inception-v3: {_fmt(bad)}")
-  return flat
+  check_float_weights({k: sd[k] for k in names}, source)
+
+
+def inception_params_from_torch(sd, source: str = "state dict", cfg=None) -> dict[str, np.ndarray]:
+  """Torch state dict (pytorch-fid / torch-fidelity layout) -> {our flat path: float32 array}, strictly checked."""
+  check_inception_state_dict(sd, source, cfg)
+  shapes = expected_shapes(cfg)
+  return {ours: _from_torch(ours, np.asarray(sd[_torch_name(ours)], np.float32)) for ours in shapes}
 
 
 def inception_params_to_torch(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,7 +156,8 @@ def build_inception(flat: dict[str, np.ndarray], *, cfg=None, dtype=None, param_
 
 def load_inception(path: str | os.PathLike, *, dtype=None, param_dtype=None, cfg=None):
   """Reads `pt_inception-2015-12-05-6726825d.pth` (or torch-fidelity's copy, or a .safetensors with the same keys)
-  into an `FIDInception`."""
+  into an `FIDInception`; names and shapes are checked from the file's header before the weights are read."""
+  check_inception_state_dict(tensor_info(path), str(path), cfg)
   flat = inception_params_from_torch(load_state_dict(path), str(path), cfg)
   return build_inception(flat, cfg=cfg, dtype=dtype, param_dtype=param_dtype)
 
@@ -159,6 +177,6 @@ def save_inception_torch(model, path: str | os.PathLike, num_batches_tracked: bo
     for k in sd:
       if k.endswith(".bn.running_mean"):
         tensors[k[: -len("running_mean")] + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  torch.save(tensors, str(path))
+  with files.atomic_path(path) as tmp:
+    torch.save(tensors, str(tmp))
   return path

@@ -16,25 +16,47 @@ is refused with a `CheckpointError` naming it and the file, before it could be c
 Refused with a clear error: TorchScript archives (`constants.pkl` / `code/`, e.g. OpenAI's CLIP release `.pt`),
 tar-format files of torch < 0.4, big-endian legacy files, tensors that reach outside their storage. A storage is only
 allocated after checking that the file holds all its bytes.
+
+Untrusted files (every failure is one `CheckpointError` line naming the file, never another exception):
+
+- a pickle is scanned (`pickletools.genops`, nothing executed) before it is unpickled: a memo index beyond the
+  number of opcodes read so far (which would make the unpickler allocate a memo table of that size) is refused;
+  `bytearray(n)` with a number is refused; shared sub-objects are resolved once (no exponential walk of a DAG);
+- a stride-0 / overlapping view may not expand its storage beyond 64 MiB; a storage must fit in the archive
+  (zip: stored, or deflated within deflate's maximum ratio) or in the rest of the file (legacy);
+- a sharded index (`*.safetensors.index.json`) must be a JSON object whose `weight_map` maps names to shard files
+  inside the index's folder (no absolute paths, no `..`, no shard that is itself an index); each named tensor must
+  be in its shard and no tensor in two shards;
+- a safetensors file is validated by `safetensors` itself (header size and offsets against the file size).
+
+`tensor_info` reads names, shapes and dtypes without the tensor data (safetensors headers; the pickle with its
+storages checked but not read), so converters can check a config against the weights before loading or building
+anything. Non-finite (NaN / Inf) floating-point weights load, with a `NonFiniteWeightsWarning` naming the file and the
+tensors (`non_finite_keys`): scores computed with them are refused downstream.
 """
 
 from __future__ import annotations
 
 import builtins
 import collections
+import io
 import json
+import math
 import os
 import pickle
+import pickletools
 import struct
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from hps_jax import files
 from hps_jax.errors import InputError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -44,6 +66,86 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "params")
 
 class CheckpointError(InputError):
   """A checkpoint file that cannot be read or does not hold what was expected; the message names the file."""
+
+
+class _Refused(CheckpointError):
+  """A pickle names a global outside the allow-list."""
+
+
+class NonFiniteWeightsWarning(UserWarning):
+  """A checkpoint holds NaN / Inf weights: it loads, but what is computed with it may be non-finite."""
+
+
+class TensorInfo(NamedTuple):
+  """A tensor's shape and dtype name (numpy's, e.g. 'float32', 'bfloat16'), read without its data."""
+
+  shape: tuple[int, ...]
+  dtype: str
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+
+_MAX_JSON_BYTES = 64 << 20  # config.json / index.json files are KBs to a few MBs
+_MAX_PICKLE_BYTES = 256 << 20  # the pickle of a state dict (without the storages) is KBs to MBs
+_MAX_EXPANSION_BYTES = 64 << 20  # what a stride-0 / overlapping view may materialize beyond its storage
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data more than this
+_SAFETENSORS_DTYPES = {
+  "F64": "float64",
+  "F32": "float32",
+  "F16": "float16",
+  "BF16": "bfloat16",
+  "I64": "int64",
+  "I32": "int32",
+  "I16": "int16",
+  "I8": "int8",
+  "U64": "uint64",
+  "U32": "uint32",
+  "U16": "uint16",
+  "U8": "uint8",
+  "BOOL": "bool",
+  "F8_E4M3": "float8_e4m3fn",
+  "F8_E5M2": "float8_e5m2",
+}
+
+
+def one_line(text, limit: int = 300) -> str:
+  """`text` (an exception's message, ...) as a single line of at most `limit` characters."""
+  s = " ".join(str(text).split())
+  return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _no_constant(name):
+  raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: str | os.PathLike, what: str = "a JSON object", max_bytes: int = _MAX_JSON_BYTES) -> dict:
+  """A JSON object (config.json, an index, adapter_config.json) from an untrusted file: size-limited, UTF-8, no
+  NaN / Infinity, and a JSON object at the top; anything else is a `CheckpointError` naming the file and `what` was
+  expected."""
+  path = Path(path)
+  try:
+    if path.is_dir():
+      raise CheckpointError(f"{path}: is a directory; expected {what}")
+    size = path.stat().st_size
+    if size > max_bytes:
+      raise CheckpointError(f"{path}: {size} bytes, too large for {what} (at most {max_bytes})")
+    raw = path.read_bytes()
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read ({one_line(e.strerror or e)}); expected {what}") from e
+  try:
+    obj = json.loads(raw, parse_constant=_no_constant)
+  except RecursionError as e:
+    raise CheckpointError(f"{path}: JSON nested too deeply; expected {what}") from e
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
+    raise CheckpointError(f"{path}: not valid JSON ({one_line(e, 120)}); expected {what}") from e
+  if not isinstance(obj, dict):
+    raise CheckpointError(f"{path}: holds {_JSON_TYPES.get(type(obj), 'null')}; expected {what}")
+  return obj
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -67,7 +169,21 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       for k in f.keys():
         out[k] = np.asarray(f.get_tensor(k))
   except Exception as e:  # safetensors raises its own error types
-    raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(e, 200)})") from e
+  return out
+
+
+def _safetensors_info(path) -> dict[str, TensorInfo]:
+  """Names, shapes and dtypes from a safetensors header (validated by safetensors against the file size)."""
+  out = {}
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      for k in f.keys():
+        sl = f.get_slice(k)
+        dt = sl.get_dtype()
+        out[k] = TensorInfo(tuple(int(n) for n in sl.get_shape()), _SAFETENSORS_DTYPES.get(dt, dt.lower()))
+  except Exception as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(e, 200)})") from e
   return out
 
 
@@ -199,6 +315,13 @@ def _device(*args):
   return ":".join(str(a) for a in args)
 
 
+def _bytearray(*args):
+  # protocol-2 pickles write bytearrays as bytearray(text, 'latin-1'); bytearray(n) would allocate n bytes
+  if args and not isinstance(args[0], (str, bytes)):
+    raise pickle.UnpicklingError(f"bytearray is only allowed from bytes or text, not from {type(args[0]).__name__}")
+  return bytearray(*args)
+
+
 def _codecs_encode(obj, encoding="utf-8", errors="strict"):
   # protocol-2 pickles write `bytes` objects as _codecs.encode(text, 'latin1')
   if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
@@ -220,11 +343,33 @@ _ALLOWED: dict[tuple[str, str], object] = {
   **{(m, "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)) for m in ("torch", "torch.storage")},
   ("torch.storage", "TypedStorage"): _StorageType("TypedStorage", np.dtype(np.uint8)),
   **{("torch", n): _DType(n, d) for n, d in _TORCH_DTYPES.items()},
-  **{
-    ("builtins", n): getattr(builtins, n)
-    for n in ("set", "frozenset", "tuple", "list", "dict", "complex", "bytearray", "slice")
-  },
+  **{("builtins", n): getattr(builtins, n) for n in ("set", "frozenset", "tuple", "list", "dict", "complex", "slice")},
+  ("builtins", "bytearray"): _bytearray,
 }
+# opcodes that store into the unpickler's memo at an index given in the stream
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _scan_pickle(stream, path, max_bytes: int | None = None) -> None:
+  """Walks the opcodes of one pickle (up to STOP) without executing anything; the stream's position is restored.
+  Refuses a memo index larger than the number of opcodes read so far: a pickler numbers its memo entries
+  consecutively, and CPython's unpickler allocates (and zeroes) a memo table as large as the index."""
+  start = stream.tell()
+  n = 0
+  try:
+    for op, arg, pos in pickletools.genops(stream):
+      n += 1
+      if op.name in _MEMO_PUTS and (not _is_int(arg) or arg > n):
+        raise CheckpointError(f"{path}: malformed pickle (memo index {arg!r:.30} at byte {pos})")
+      if max_bytes is not None and pos is not None and pos - start > max_bytes:
+        raise CheckpointError(f"{path}: pickle larger than {max_bytes} bytes")
+  except CheckpointError:
+    raise
+  except RecursionError as e:
+    raise CheckpointError(f"{path}: pickle nested too deeply") from e
+  except Exception as e:  # ValueError (bad opcode, truncated), MemoryError, ...
+    raise CheckpointError(f"{path}: not a readable torch.save pickle ({type(e).__name__}: {one_line(e, 160)})") from e
+  stream.seek(start)
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -235,9 +380,11 @@ class _SafeUnpickler(pickle.Unpickler):
     self._path, self._load_storage = path, load_storage
 
   def find_class(self, module, name):
+    if module == "__builtin__":  # protocol 2 (torch.save's) names the builtins module as Python 2 did
+      module = "builtins"
     found = _ALLOWED.get((module, name))
     if found is None:
-      raise CheckpointError(
+      raise _Refused(
         f"{self._path}: refusing to unpickle {module}.{name}: only tensors, storages, dtypes and plain containers are "
         "allowed in a weights file (nothing was executed). If you trust the file, re-save its state dict as "
         "safetensors"
@@ -265,35 +412,58 @@ def _storage_id(pid, path, legacy: bool):
   return stype.dtype, key, numel, (pid[5] if legacy else None)
 
 
-def _resolve(obj, path, depth=0):
-  """The unpickled object with every pending tensor built as a numpy array."""
-  if depth > 100:
-    raise CheckpointError(f"{path}: nested too deeply")
-  if isinstance(obj, _Pending):
-    return _build_tensor(obj, path)
-  if isinstance(obj, dict):
-    out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else {}
-    for k, v in obj.items():
-      out[k] = _resolve(v, path, depth + 1)
+class _Resolver:
+  """Turns the unpickled object into plain containers with every pending tensor built as a numpy array (or, with
+  `meta`, described as a `TensorInfo`). Each object is resolved once (memoized by identity), so a pickle whose
+  containers share sub-objects cannot make the walk exponential; the number of containers and their nesting are
+  bounded."""
+
+  def __init__(self, path, meta: bool):
+    self.path, self.meta = path, meta
+    self.memo: dict[int, object] = {}  # the unpickled root keeps every input alive: ids stay unique
+    self.nodes = 0
+
+  def __call__(self, obj, depth=0):
+    if depth > 100:
+      raise CheckpointError(f"{self.path}: nested too deeply")
+    if not isinstance(obj, (_Pending, dict, list, tuple, _Storage, _StorageType, _DType)):
+      return obj
+    if id(obj) in self.memo:
+      return self.memo[id(obj)]
+    self.nodes += 1
+    if self.nodes > 10_000_000:
+      raise CheckpointError(f"{self.path}: too many objects in the pickle")
+    if isinstance(obj, _Pending):
+      out = _tensor_info(obj, self.path) if self.meta else _build_tensor(obj, self.path)
+    elif isinstance(obj, dict):
+      out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else {}
+      for k, v in obj.items():
+        out[k] = self(v, depth + 1)
+    elif isinstance(obj, list):
+      out = [self(v, depth + 1) for v in obj]
+    elif isinstance(obj, tuple):
+      out = tuple(self(v, depth + 1) for v in obj)
+    else:
+      out = repr(obj)  # a bare storage / dtype outside a tensor: keep a readable marker, never the stand-in
+    self.memo[id(obj)] = out
     return out
-  if isinstance(obj, list):
-    return [_resolve(v, path, depth + 1) for v in obj]
-  if isinstance(obj, tuple):
-    return tuple(_resolve(v, path, depth + 1) for v in obj)
-  if isinstance(obj, (_Storage, _StorageType, _DType)):
-    return repr(obj)  # a bare storage / dtype outside a tensor: keep a readable marker, never the stand-in
-  return obj
 
 
-def _build_tensor(p: _Pending, path) -> np.ndarray:
+def _resolve(obj, path, meta: bool = False):
+  return _Resolver(path, meta)(obj)
+
+
+def _layout(p: _Pending, path) -> tuple[np.dtype, tuple, tuple, int, int]:
+  """(dtype, size, stride, offset, elements of the storage in dtype) of a pending tensor, validated against its
+  storage's declared size (no data needed)."""
   storage = p.storage
   if not isinstance(storage, _Storage):
     raise CheckpointError(f"{path}: a tensor without a storage ({type(storage).__name__})")
-  flat = storage.array()
-  if p.dtype is not None and p.dtype != flat.dtype:  # _rebuild_tensor_v3: untyped bytes viewed as dtype
-    if flat.dtype != np.uint8 or flat.size % p.dtype.itemsize:
-      raise CheckpointError(f"{path}: storage of {flat.size} bytes does not hold whole {p.dtype} elements")
-    flat = flat.view(p.dtype)
+  dtype, numel = storage.dtype, storage.numel
+  if p.dtype is not None and p.dtype != dtype:  # _rebuild_tensor_v3: untyped bytes viewed as dtype
+    if dtype != np.uint8 or numel % p.dtype.itemsize:
+      raise CheckpointError(f"{path}: storage of {numel} bytes does not hold whole {p.dtype} elements")
+    dtype, numel = p.dtype, numel // p.dtype.itemsize
   size, stride, offset = p.size, p.stride, p.offset
   if not (
     isinstance(size, tuple)
@@ -302,16 +472,36 @@ def _build_tensor(p: _Pending, path) -> np.ndarray:
     and all(_is_int(x) and x >= 0 for x in (*size, *stride, offset))
   ):
     raise CheckpointError(f"{path}: malformed tensor (size {size!r:.60}, stride {stride!r:.60}, offset {offset!r:.20})")
+  if 0 not in size:
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= numel:
+      raise CheckpointError(
+        f"{path}: a tensor of size {size} (stride {stride}, offset {offset}) reaches past its storage of {numel} "
+        "elements"
+      )
+    total = math.prod(size)
+    if total > numel and total * dtype.itemsize > _MAX_EXPANSION_BYTES:
+      raise CheckpointError(
+        f"{path}: a tensor of size {size} (stride {stride}) repeats its storage of {numel} elements into "
+        f"{total * dtype.itemsize} bytes (at most {_MAX_EXPANSION_BYTES} allowed)"
+      )
+  return dtype, size, stride, offset, numel
+
+
+def _tensor_info(p: _Pending, path) -> TensorInfo:
+  dtype, size, *_ = _layout(p, path)
+  return TensorInfo(size, dtype.name)
+
+
+def _build_tensor(p: _Pending, path) -> np.ndarray:
+  dtype, size, stride, offset, _ = _layout(p, path)
+  flat = p.storage.array()
+  if dtype != flat.dtype:
+    flat = flat.view(dtype)
   if 0 in size:
     return np.zeros(size, flat.dtype)
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if last >= flat.size:
-    raise CheckpointError(
-      f"{path}: a tensor of size {size} (stride {stride}, offset {offset}) reaches past its storage of {flat.size} "
-      "elements"
-    )
-  numel = int(np.prod(size, dtype=np.int64))
-  contiguous = all(s == int(np.prod(size[i + 1 :], dtype=np.int64)) for i, s in enumerate(stride) if size[i] > 1)
+  numel = math.prod(size)
+  contiguous = all(s == math.prod(size[i + 1 :]) for i, s in enumerate(stride) if size[i] > 1)
   if contiguous and offset == 0 and numel == flat.size:
     return flat.reshape(size)  # the whole storage: no copy (tensors sharing it share memory, as with torch.load)
   if contiguous:
@@ -336,11 +526,27 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, nbytes: int, path) 
   return buf
 
 
-def _load_zip(path: Path):
+def _check_member(info: zipfile.ZipInfo, archive_size: int, path) -> None:
+  """The archive must hold a member's bytes: stored, or deflated within deflate's maximum ratio, inside the file."""
+  if info.header_offset + info.compress_size > archive_size:
+    raise CheckpointError(f"{path}: {info.filename} reaches past the end of the archive (truncated?)")
+  if info.compress_type == zipfile.ZIP_STORED:
+    ok = info.compress_size == info.file_size
+  else:
+    ok = info.compress_type == zipfile.ZIP_DEFLATED and info.file_size <= _DEFLATE_MAX_RATIO * info.compress_size + 64
+  if not ok:
+    raise CheckpointError(
+      f"{path}: {info.filename} declares {info.file_size} bytes from {info.compress_size} stored (compression "
+      f"{info.compress_type}); not what torch.save writes"
+    )
+
+
+def _load_zip(path: Path, meta: bool = False):
   try:
     zf = zipfile.ZipFile(path)
-  except (zipfile.BadZipFile, OSError) as e:
-    raise CheckpointError(f"{path}: not a readable zip archive ({e})") from e
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    raise CheckpointError(f"{path}: not a readable zip archive ({one_line(e, 200)})") from e
+  archive_size = path.stat().st_size
   with zf:
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1] or [n for n in names if n == "data.pkl"]
@@ -354,7 +560,11 @@ def _load_zip(path: Path):
     prefix = pkls[0][: -len("data.pkl")]
     order = "<"
     if prefix + "byteorder" in names:
-      bo = zf.read(prefix + "byteorder").strip()
+      bo_info = zf.getinfo(prefix + "byteorder")
+      _check_member(bo_info, archive_size, path)
+      if bo_info.file_size > 16:
+        raise CheckpointError(f"{path}: unknown byteorder record of {bo_info.file_size} bytes")
+      bo = _read_zip(zf, bo_info, path).strip()
       if bo not in (b"little", b"big"):
         raise CheckpointError(f"{path}: unknown byteorder {bo[:20]!r}")
       order = "<" if bo == b"little" else ">"
@@ -377,18 +587,33 @@ def _load_zip(path: Path):
         raise CheckpointError(
           f"{path}: storage {member} holds {info.file_size} bytes, the pickle declares {numel} x {dtype} = {nbytes}"
         )
+      _check_member(info, archive_size, path)
       st = _Storage(dtype, numel)
+      storages[key] = st
+      if meta:
+        return st
       raw = _read_member(zf, info, nbytes, path)
       if order == ">" and dtype.itemsize > 1:
         st.data = raw.view(dtype.newbyteorder(">")).astype(dtype)
       else:
         st.data = raw.view(dtype)
-      storages[key] = st
       return st
 
-    with zf.open(pkls[0]) as f:
-      obj = _unpickle(_SafeUnpickler(f, path, load_storage), path)
-    return _resolve(obj, path)
+    info = zf.getinfo(pkls[0])
+    _check_member(info, archive_size, path)
+    if info.file_size > _MAX_PICKLE_BYTES:
+      raise CheckpointError(f"{path}: {pkls[0]} is {info.file_size} bytes (a state dict's pickle is at most MBs)")
+    f = io.BytesIO(_read_zip(zf, info, path))
+    _scan_pickle(f, path)
+    obj = _unpickle(_SafeUnpickler(f, path, load_storage), path)
+    return _resolve(obj, path, meta)
+
+
+def _read_zip(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> bytes:
+  try:
+    return zf.read(info)
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+    raise CheckpointError(f"{path}: cannot read {info.filename} ({one_line(e, 160)})") from e
 
 
 def _unpickle(unpickler: _SafeUnpickler, path):
@@ -399,21 +624,27 @@ def _unpickle(unpickler: _SafeUnpickler, path):
   except RecursionError as e:
     raise CheckpointError(f"{path}: pickle nested too deeply") from e
   except Exception as e:  # UnpicklingError, EOFError, ValueError, TypeError from a malformed stream
-    raise CheckpointError(f"{path}: not a readable torch.save pickle ({type(e).__name__}: {str(e)[:200]})") from e
+    raise CheckpointError(f"{path}: not a readable torch.save pickle ({type(e).__name__}: {one_line(e, 200)})") from e
 
 
-def _load_legacy(path: Path):
+def _small_pickle(f, path):
+  """One of the legacy header pickles (magic number, protocol, sys info): scanned, then unpickled."""
+  _scan_pickle(f, path, max_bytes=1 << 16)
+  return _SafeUnpickler(f, path).load()
+
+
+def _load_legacy(path: Path, meta: bool = False):
   """The pre-1.6 format: pickles of the magic number, protocol version and sys info, the object (storages as
   persistent ids), the list of storage keys, then for each key an int64 element count and the raw bytes."""
   size = path.stat().st_size
   with open(path, "rb") as f:
     try:
-      magic = _SafeUnpickler(f, path).load()
-      proto = _SafeUnpickler(f, path).load() if magic == _LEGACY_MAGIC else None
-      info = _SafeUnpickler(f, path).load() if proto == _LEGACY_PROTOCOL else None
-    except CheckpointError:
+      magic = _small_pickle(f, path)
+      proto = _small_pickle(f, path) if magic == _LEGACY_MAGIC else None
+      info = _small_pickle(f, path) if proto == _LEGACY_PROTOCOL else None
+    except _Refused:
       raise
-    except Exception:
+    except Exception:  # a malformed stream (the scan's CheckpointError included): not this format
       magic = None
     if magic != _LEGACY_MAGIC or proto != _LEGACY_PROTOCOL or not isinstance(info, dict):
       if magic != _LEGACY_MAGIC and _is_tar(path):
@@ -447,7 +678,9 @@ def _load_legacy(path: Path):
         views[view_key] = _Storage(dtype, n, base=root, start=start)
       return views[view_key]
 
+    _scan_pickle(f, path, max_bytes=_MAX_PICKLE_BYTES)
     obj = _unpickle(_SafeUnpickler(f, path, load_storage), path)
+    _scan_pickle(f, path, max_bytes=_MAX_PICKLE_BYTES)
     keys = _unpickle(_SafeUnpickler(f, path), path)
     if not isinstance(keys, list) or set(keys) != set(roots):
       raise CheckpointError(f"{path}: the storage list does not match the storages the pickle names")
@@ -463,11 +696,14 @@ def _load_legacy(path: Path):
           f"{path}: storage {key!r} declares {numel} elements; expected {st.numel} and at most the file's remaining "
           f"{size - f.tell()} bytes"
         )
+      if meta:
+        f.seek(nbytes, os.SEEK_CUR)
+        continue
       buf = np.empty(nbytes, np.uint8)
       if f.readinto(memoryview(buf)) != nbytes:
         raise CheckpointError(f"{path}: storage {key!r} is truncated")
       st.data = buf.view(st.dtype)
-  return _resolve(obj, path)
+  return _resolve(obj, path, meta)
 
 
 def _is_tar(path: Path) -> bool:
@@ -479,13 +715,17 @@ def _is_tar(path: Path) -> bool:
     return False
 
 
-def load_torch_pickle(path: str | os.PathLike):
+def load_torch_pickle(path: str | os.PathLike, *, meta: bool = False):
   """What `torch.load(path, weights_only=True)` returns, with tensors as numpy arrays (native dtypes, bf16 as
-  `ml_dtypes.bfloat16`), read without torch and without running anything from the file (see the module doc)."""
+  `ml_dtypes.bfloat16`), read without torch and without running anything from the file (see the module doc).
+  With `meta`, tensors are `TensorInfo`s: the storages are checked against the file but not read."""
   path = Path(path)
-  with open(path, "rb") as f:
-    zipped = f.read(4) == b"PK\x03\x04"  # as torch tells the formats apart (a legacy file may hold PK bytes)
-  return _load_zip(path) if zipped else _load_legacy(path)
+  try:
+    with open(path, "rb") as f:
+      zipped = f.read(4) == b"PK\x03\x04"  # as torch tells the formats apart (a legacy file may hold PK bytes)
+    return _load_zip(path, meta) if zipped else _load_legacy(path, meta)
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read ({one_line(e.strerror or e)})") from e
 
 
 def unwrap_state_dict(obj, path="checkpoint") -> dict:
@@ -493,7 +733,9 @@ def unwrap_state_dict(obj, path="checkpoint") -> dict:
   seen = 0
   while isinstance(obj, Mapping) and seen < 4:
     if any(k in obj for k in _WRAPPER_KEYS) and not _looks_like_tensors(obj):
-      key = next(k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping))
+      key = next((k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+      if key is None:
+        break
       obj = obj[key]
       seen += 1
     else:
@@ -502,6 +744,10 @@ def unwrap_state_dict(obj, path="checkpoint") -> dict:
     raise CheckpointError(f"{path}: expected a state dict (mapping of name -> tensor), got {type(obj).__name__}")
   out = {}
   for k, v in obj.items():
+    if not isinstance(k, str):
+      if hasattr(v, "shape"):
+        raise CheckpointError(f"{path}: a tensor named {k!r:.60} ({type(k).__name__}); expected string names")
+      continue
     k = k[len("module.") :] if k.startswith("module.") else k
     out[k] = v
   return out
@@ -512,23 +758,159 @@ def _looks_like_tensors(d: Mapping) -> bool:
   return bool(vals) and all(hasattr(v, "shape") for v in vals)
 
 
+def _check_file(path: Path) -> None:
+  try:
+    if not path.exists():
+      raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+      raise CheckpointError(f"{path}: is a directory; expected a weights file")
+    if path.stat().st_size == 0:
+      raise CheckpointError(f"{path}: empty file")
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read ({one_line(e.strerror or e)})") from e
+
+
+def is_index(path: str | os.PathLike) -> bool:
+  """A sharded checkpoint's index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`)."""
+  return Path(path).name.endswith(".index.json")
+
+
+def index_shards(path: str | os.PathLike) -> dict[Path, list[str]]:
+  """{shard file: the tensor names the index maps to it} of a sharded checkpoint index, checked: a JSON object with
+  a non-empty `weight_map` of name -> relative file name; every shard stays inside the index's folder (no absolute
+  path, no `..`, and its folder resolves inside the index's) and is not itself an index."""
+  path = Path(path)
+  index = read_json(path, "a sharded checkpoint index (a JSON object with a weight_map)")
+  wm = index.get("weight_map")
+  if not isinstance(wm, dict) or not wm:
+    got = "missing" if wm is None else f"{_JSON_TYPES.get(type(wm), 'null')}" if not isinstance(wm, dict) else "empty"
+    raise CheckpointError(f"{path}: weight_map is {got}; expected an object of tensor name -> shard file")
+  folder = path.parent
+  root = folder.resolve()
+  shards: dict[Path, list[str]] = {}
+  checked: dict[str, Path] = {}
+  for key, shard in wm.items():
+    if shard in checked:
+      shards[checked[shard]].append(key)
+      continue
+    where = f"{path}: weight_map[{key!r:.80}]"
+    if not isinstance(shard, str) or not shard.strip():
+      raise CheckpointError(f"{where} is {shard!r:.60}; expected a shard file name")
+    rel = Path(os.path.normpath(shard))
+    if rel.is_absolute() or rel.drive or ".." in rel.parts or rel == Path("."):
+      raise CheckpointError(f"{where} = {shard!r:.100} points outside the index's folder {folder}")
+    # the shard's folder must resolve inside the index's; the file itself may be a symlink (the Hugging Face hub
+    # cache links every file of a snapshot into its blobs/ folder)
+    target = folder / rel
+    if not target.parent.resolve().is_relative_to(root):
+      raise CheckpointError(f"{where} = {shard!r:.100} resolves outside the index's folder {folder}")
+    if is_index(rel) or target.resolve() == path.resolve():
+      raise CheckpointError(f"{where} = {shard!r:.100} is an index, not a weights file")
+    if not _is_file(target):
+      raise CheckpointError(f"{where} = {shard!r:.100}: no such file in {folder}")
+    checked[shard] = target
+    shards[target] = [key]
+  return shards
+
+
+def _is_file(p: Path) -> bool:
+  try:
+    return p.is_file()
+  except OSError:
+    return False
+
+
+def _load_index(path: Path, load_one) -> dict:
+  """Every shard of an index read with `load_one(shard)`, checked against the weight map."""
+  out: dict = {}
+  for shard, keys in index_shards(path).items():
+    part = load_one(shard)
+    absent = [k for k in keys if k not in part]
+    if absent:
+      raise CheckpointError(f"{path}: maps {absent[0]!r} to {shard.name}, which does not hold it")
+    twice = next((k for k in part if k in out), None)
+    if twice is not None:
+      raise CheckpointError(f"{path}: tensor {twice!r} is in more than one shard (again in {shard.name})")
+    out.update(part)
+  return out
+
+
+def tensor_info(path: str | os.PathLike) -> dict[str, TensorInfo]:
+  """{name: TensorInfo(shape, dtype)} of a weights file (safetensors, a torch.save pickle, a sharded index) without
+  reading the tensor data: what a converter checks a config against before loading anything. Same validation and
+  errors as `load_state_dict`."""
+  path = Path(path)
+  _check_file(path)
+  if is_index(path):
+    return _load_index(path, tensor_info)
+  if _is_safetensors(path):
+    return _safetensors_info(path)
+  obj = unwrap_state_dict(load_torch_pickle(path, meta=True), path)
+  out = {k: v for k, v in obj.items() if isinstance(v, TensorInfo)}
+  if not out:
+    raise CheckpointError(f"{path}: holds no tensors")
+  return out
+
+
+_FLOAT_NAMES = ("float16", "float32", "float64", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def check_float_weights(sd: Mapping, source, skip=None) -> None:
+  """CheckpointError naming `source` and the first tensor of `sd` (arrays or `TensorInfo`s) that does not hold
+  floating-point values (an int8 / bool tensor where a model expects weights), except keys for which `skip(key)`."""
+  for k, v in sd.items():
+    if skip is not None and skip(k):
+      continue
+    name = v.dtype if isinstance(v, TensorInfo) else np.asarray(v).dtype.name
+    if name not in _FLOAT_NAMES:
+      raise CheckpointError(f"{source}: {k} holds {name} values; expected floating-point weights")
+
+
+def _is_float(a: np.ndarray) -> bool:
+  return a.dtype.kind in "fc" or a.dtype in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)
+
+
+def non_finite_keys(sd: Mapping[str, np.ndarray]) -> list[str]:
+  """The names of the floating-point tensors of `sd` holding NaN or Inf (a float64 sum per tensor, then an exact
+  check of the few whose sum is not finite)."""
+  bad = []
+  for k, v in sd.items():
+    a = np.asarray(v)
+    if a.size and _is_float(a):
+      with np.errstate(all="ignore"):
+        quick = np.sum(a, dtype=np.complex128 if a.dtype.kind == "c" else np.float64)
+      if not np.isfinite(quick) and not np.isfinite(a).all():
+        bad.append(k)
+  return bad
+
+
+def _note_non_finite(sd: Mapping[str, np.ndarray], path) -> None:
+  bad = non_finite_keys(sd)
+  if bad:
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    warnings.warn(
+      f"{path}: tensor {bad[0]}{more} hold NaN / Inf values; results computed with these weights may be non-finite",
+      NonFiniteWeightsWarning,
+      stacklevel=3,
+    )
+
+
 def load_state_dict(path: str | os.PathLike, keep_dtype: bool = False) -> dict[str, np.ndarray]:
   """Reads a safetensors file, a PyTorch pickle (plain or wrapped in {'state_dict': ...}; read without torch), or a
-  sharded safetensors index (`*.safetensors.index.json`). Non-tensor entries are dropped. fp16 / bf16 tensors of a
-  pickle become float32 unless `keep_dtype`; safetensors tensors keep their stored dtype."""
+  sharded index (`*.safetensors.index.json`, `*.bin.index.json`; shards confined to its folder, see
+  `index_shards`). Non-tensor entries are dropped. fp16 / bf16 tensors of a pickle become float32 unless
+  `keep_dtype`; safetensors tensors keep their stored dtype. NaN / Inf weights load with a
+  `NonFiniteWeightsWarning`. Every problem with the file is a one-line `CheckpointError` naming it."""
   path = Path(path)
-  if not path.exists():
-    raise CheckpointError(f"{path}: no such file")
-  if path.is_dir():
-    raise CheckpointError(f"{path}: is a directory; expected a weights file")
-  if path.stat().st_size == 0:
-    raise CheckpointError(f"{path}: empty file")
-  if path.name.endswith(".index.json"):
-    index = json.loads(path.read_text())
-    out = {}
-    for shard in sorted(set(index["weight_map"].values())):
-      out.update(load_state_dict(path.parent / shard, keep_dtype))
-    return out
+  out = _load(path, keep_dtype)
+  _note_non_finite(out, path)
+  return out
+
+
+def _load(path: Path, keep_dtype: bool) -> dict[str, np.ndarray]:
+  _check_file(path)
+  if is_index(path):
+    return _load_index(path, lambda shard: _load(shard, keep_dtype))
   if _is_safetensors(path):
     return load_safetensors(path)
   obj = unwrap_state_dict(load_torch_pickle(path), path)
@@ -542,7 +924,8 @@ def load_state_dict(path: str | os.PathLike, keep_dtype: bool = False) -> dict[s
 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None):
-
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  """Writes `tensors` as safetensors at `path`, atomically (a temporary file renamed over it when complete)."""
   # (np.ascontiguousarray would turn 0-d tensors such as logit_scale into shape (1,))
-  save_file({k: np.array(v, order="C", copy=True) for k, v in tensors.items()}, str(path), metadata=metadata)
+  arrays = {k: np.array(v, order="C", copy=True) for k, v in tensors.items()}
+  with files.atomic_path(path, suffix=".safetensors") as tmp:
+    save_file(arrays, str(tmp), metadata=metadata)

@@ -51,7 +51,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from safetensors import safe_open
 
-from hps_jax.convert.io import CheckpointError, _is_safetensors, load_state_dict, save_safetensors
+from hps_jax import files
+from hps_jax.convert.io import CheckpointError, _is_safetensors, load_state_dict, read_json, save_safetensors
 
 LORA_WEIGHT_NAMES = (
   "pytorch_lora_weights.safetensors",
@@ -209,9 +210,11 @@ def _peft_config(path: Path, metadata: Mapping[str, str]) -> tuple[dict | None, 
   raw = metadata.get(METADATA_KEY)
   if raw:
     try:
-      conf = json.loads(raw)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from e
+      conf = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+      raise CheckpointError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({str(e)[:120]})") from e
+    if not isinstance(conf, dict):
+      raise CheckpointError(f"{path}: metadata {METADATA_KEY!r} is {type(conf).__name__}; expected a JSON object")
     if any(k.startswith("unet.") for k in conf):
       conf = {k[len("unet.") :]: v for k, v in conf.items() if k.startswith("unet.")}
     elif any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in conf):
@@ -220,26 +223,49 @@ def _peft_config(path: Path, metadata: Mapping[str, str]) -> tuple[dict | None, 
       return conf, f"safetensors metadata {METADATA_KEY!r}"
   side = path.parent / "adapter_config.json"
   if side.exists():
-    try:
-      return json.loads(side.read_text()), str(side)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{side}: not valid JSON ({e})") from e
+    return read_json(side, "a PEFT adapter config (a JSON object)"), str(side)
   return None, None
 
 
-def _pattern_value(patterns: Mapping[str, float], module: str):
+def _no_constant(name):
+  raise ValueError(f"{name} is not a JSON number")
+
+
+# An alpha_pattern key is a regex matched against module names (as PEFT does). Untrusted, so only the forms PEFT
+# and diffusers write are accepted: module names, optionally with `.*` / `^` / `$` / `|` / escapes; no groups,
+# classes or counted / `+` / `?` quantifiers (which could backtrack exponentially), a few `*` at most.
+_SAFE_PATTERN = re.compile(r"^[A-Za-z0-9_.\-*^$|\\]{1,300}$")
+
+
+def _pattern_value(patterns: Mapping[str, float], module: str, source="LoRA config"):
   """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
   for key, value in patterns.items():
-    if re.match(rf"(.*\.)?({key})$", module):
+    if not isinstance(key, str) or not _SAFE_PATTERN.match(key) or key.count("*") > 2:
+      raise CheckpointError(f"{source}: unsupported alpha_pattern key {key!r:.80} (expected a module name)")
+    try:
+      found = re.match(rf"(.*\.)?({key})$", module)
+    except re.error as e:
+      raise CheckpointError(f"{source}: alpha_pattern key {key!r:.80} is not a valid pattern ({e})") from e
+    if found:
       return value
   return None
 
 
-def _config_alpha(conf: Mapping, module: str, rank: int) -> float:
-  alpha = _pattern_value(conf.get("alpha_pattern") or {}, module)
+def _alpha_number(value, what: str, source) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise CheckpointError(f"{source}: {what} = {value!r:.40} is not a finite number")
+  return float(value)
+
+
+def _config_alpha(conf: Mapping, module: str, rank: int, source="LoRA config") -> float:
+  patterns = conf.get("alpha_pattern") or {}
+  if not isinstance(patterns, Mapping):
+    raise CheckpointError(f"{source}: alpha_pattern is {type(patterns).__name__}; expected a JSON object")
+  alpha = _pattern_value(patterns, module, source)
+  what = f"alpha_pattern for {module}"
   if alpha is None:
-    alpha = conf.get("lora_alpha", rank)
-  alpha = float(alpha)
+    alpha, what = conf.get("lora_alpha", rank), "lora_alpha"
+  alpha = _alpha_number(alpha, what, source)
   if conf.get("use_rslora"):  # PEFT's rsLoRA scale alpha / sqrt(r), in our alpha / r convention
     alpha *= math.sqrt(rank)
   return alpha
@@ -342,7 +368,10 @@ def _parse(sd: Mapping[str, np.ndarray], source: str, known: _Known) -> _Parsed:
         "kohya layout of a UNet LoRA)"
       )
     if part == "alpha":
-      out.alphas[module] = float(np.asarray(value, np.float64).reshape(-1)[0])
+      a = np.asarray(value)
+      if a.size != 1 or a.dtype.kind not in "biuf":
+        raise CheckpointError(f"{source}: {key} has shape {a.shape} ({a.dtype}); expected one number")
+      out.alphas[module] = _alpha_number(float(a.reshape(-1)[0]), key, source)
     else:
       (out.downs if part == "down" else out.ups)[module] = (key, _as_matrix(value, key, source))
   return out
@@ -360,17 +389,19 @@ def _check_pairs(parsed: _Parsed, source: str) -> None:
     raise CheckpointError(f"{source}: alpha without LoRA weights for {stray[:4]}")
 
 
-def _build_adapters(parsed: _Parsed, conf: Mapping | None, source: str) -> dict[str, Adapter]:
+def _build_adapters(parsed: _Parsed, conf: Mapping | None, source: str, conf_source=None) -> dict[str, Adapter]:
   adapters: dict[str, Adapter] = {}
   for module, (dkey, down) in parsed.downs.items():
     ukey, up = parsed.ups[module]
     rank = down.shape[0]
     if up.shape[1] != rank:
       raise CheckpointError(f"{source}: {dkey} {down.shape} and {ukey} {up.shape} disagree on the rank")
+    if rank < 1 or down.shape[1] < 1 or up.shape[0] < 1:
+      raise CheckpointError(f"{source}: {dkey} {down.shape} / {ukey} {up.shape}: an empty adapter")
     if module in parsed.alphas:
       alpha = parsed.alphas[module]
     elif conf is not None:
-      alpha = _config_alpha(conf, module, rank)
+      alpha = _config_alpha(conf, module, rank, conf_source or source)
     else:
       alpha = float(rank)
     adapters[layer_path(module)] = Adapter(np.ascontiguousarray(down.T), np.ascontiguousarray(up.T), alpha)
@@ -396,7 +427,7 @@ def load_lora(path, layer_paths: Iterable[str] | None = None) -> tuple[dict[str,
     conf, conf_source = _peft_config(path, _file_metadata(path))
   if conf and conf.get("use_dora"):
     raise CheckpointError(f"{source}: {conf_source} says use_dora; DoRA is not supported")
-  adapters = _build_adapters(parsed, conf, source)
+  adapters = _build_adapters(parsed, conf, source, f"{source} ({conf_source})" if conf_source else None)
 
   ranks = sorted({a.rank for a in adapters.values()})
   alpha_values = sorted({a.alpha for a in adapters.values()})
@@ -542,5 +573,6 @@ def save_legacy(adapters: Mapping[str, Adapter], path) -> Path:
       import torch
     except ImportError as e:
       raise CheckpointError(f"{out}: writing a .bin pickle needs torch; write .safetensors instead") from e
-    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, str(out))
+    with files.atomic_path(out) as tmp:
+      torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, str(tmp))
   return out

@@ -26,9 +26,11 @@ from hps_jax import weights
 from hps_jax.data.images import ImageError, describe, image_files, load_image
 from hps_jax.data.pairs import read_image_rows
 from hps_jax.data.skips import Skips
+from hps_jax.errors import InputError
 from hps_jax.metrics.fid import FeatureStats, frechet_distance, load_stats, load_stats_meta
 from hps_jax.metrics.inception_features import extract
 from hps_jax.metrics.scores import clip_score, inception_score, kernel_inception_distance
+from hps_jax.models.inception import POOL3_DIM
 from hps_jax.preference.scorer import AestheticScorer, Scorer
 
 
@@ -56,7 +58,7 @@ def set_statistics(model, path, skipped: Skips, *, resize: str, batch_size: int,
     progress=progress,
   )  # fmt: skip
   if run.count < 2:
-    raise ValueError(f"{path}: fewer than two readable images")
+    raise InputError(f"{path}: fewer than two readable images")
   return run
 
 
@@ -69,7 +71,7 @@ def list_images(path, skipped: Skips | None = None) -> list[tuple[str, str | Non
     return list(read_image_rows(p, skipped.add if skipped is not None else (lambda *_: None), require_prompt=False))
   if not p.exists():
     raise FileNotFoundError(f"{p}: no such file or directory")
-  raise ValueError(f'{p}: expected a directory of images or a .jsonl of {{"image", "prompt"}} rows')
+  raise InputError(f'{p}: expected a directory of images or a .jsonl of {{"image", "prompt"}} rows')
 
 
 def load_images(
@@ -190,13 +192,24 @@ def check_stats_meta(path, *, resize: str, inception_sha256: str | None) -> list
 
 
 def reference_stats(
-  path, model, skipped: Skips, *, resize: str, batch_size: int, keep=(), progress=True, inception_sha256=None
+  path,
+  model,
+  skipped: Skips,
+  *,
+  resize: str,
+  batch_size: int,
+  keep=(),
+  progress=True,
+  inception_sha256=None,
+  dim: int | None = POOL3_DIM,
 ):
   """FID reference: a stats .npz (mu, sigma) or an image set. Returns (mu, sigma, InceptionFeatures or None).
-  A stats file recording another resize or other Inception weights (`inception_sha256`) gives a warning."""
+  A stats file is validated (`hps_jax.metrics.fid.check_stats`; `dim`-dimensional features, the Inception pool3's by
+  default): InputError naming it. A stats file recording another resize or other Inception weights
+  (`inception_sha256`) gives a warning."""
 
   if str(path).endswith(".npz"):
-    mu, sigma = load_stats(path)
+    mu, sigma = load_stats(path, dim=dim)
     check_stats_meta(path, resize=resize, inception_sha256=inception_sha256)
     return mu, sigma, None
   run = set_statistics(
@@ -227,13 +240,19 @@ def generator_metrics(
   None) pairs; fid/kid compare with `reference` (images, or saved statistics for fid) through the `inception`
   model; clip uses `clip_checkpoint` (CLIP preprocessing), hps `hps_checkpoint` (the paper's pad preprocessing),
   aesthetic the LAION head `aesthetic_mlp` on `clip_checkpoint`. Unreadable images are skipped into `skipped`.
-  Raises ValueError for a missing input a metric needs."""
+  Raises ValueError for a missing input a metric needs (InputError, one of them, for bad input files: a statistics
+  reference is validated before the Inception pass)."""
   wanted = set(wanted)
   result: dict = {}
+  if "kid" in wanted and reference is not None and str(reference).endswith(".npz"):
+    raise InputError(f"{reference}: kid needs reference images (their features), not saved statistics")
+  saved = None  # a statistics reference, read (and validated) now rather than after the pass over every image
+  if {"fid"} & wanted and reference is not None and str(reference).endswith(".npz"):
+    saved = load_stats(reference, dim=POOL3_DIM)
   if {"clip", "hps"} & wanted:
     missing = [src for src, prompt in items if prompt is None]
     if missing:
-      raise ValueError(
+      raise InputError(
         f"clip/hps need a prompt per image: give the images as a JSONL of {{image, prompt}} rows "
         f"({len(missing)} images have none, e.g. {missing[0]})"
       )
@@ -248,16 +267,20 @@ def generator_metrics(
       result["is_mean"], result["is_std"] = inception_score(run.kept("logits_unbiased"), splits=is_splits)
     if {"fid", "kid"} & wanted:
       if reference is None:
-        raise ValueError("fid and kid need a reference (images, or saved statistics for fid)")
-      mu_r, sigma_r, ref = reference_stats(
-        reference,
-        inception,
-        skipped,
-        resize=resize,
-        batch_size=batch_size,
-        keep=("pool3",) if "kid" in wanted else (),
-        inception_sha256=inception_sha256,
-      )
+        raise InputError("fid and kid need a reference (images, or saved statistics for fid)")
+      if saved is not None:
+        (mu_r, sigma_r), ref = saved, None
+        check_stats_meta(reference, resize=resize, inception_sha256=inception_sha256)
+      else:
+        mu_r, sigma_r, ref = reference_stats(
+          reference,
+          inception,
+          skipped,
+          resize=resize,
+          batch_size=batch_size,
+          keep=("pool3",) if "kid" in wanted else (),
+          inception_sha256=inception_sha256,
+        )
       result["reference"] = str(reference)
       if "fid" in wanted:
         mu, sigma = run.stats.mu_sigma()

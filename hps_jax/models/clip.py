@@ -28,6 +28,35 @@ from hps_jax.models.attention import dot_product_attention
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
+# Bounds of the integer fields, far beyond any released CLIP (ViT-bigG: 48 layers, 1664 wide): `CLIPConfig.validate`
+# refuses a config outside them before a model is built (a config.json asking for 10^7 layers would otherwise hang).
+FIELD_LIMITS: dict[str, tuple[int, int]] = {
+  "embed_dim": (1, 1 << 16),
+  "image_size": (1, 1 << 14),
+  "patch_size": (1, 1 << 14),
+  "vision_width": (1, 1 << 16),
+  "vision_layers": (1, 256),
+  "vision_heads": (1, 1 << 16),
+  "vision_mlp_dim": (1, 1 << 18),
+  "vocab_size": (1, 1 << 22),
+  "context_length": (1, 1 << 16),
+  "text_width": (1, 1 << 16),
+  "text_layers": (1, 256),
+  "text_heads": (1, 1 << 16),
+  "text_mlp_dim": (1, 1 << 18),
+}
+
+
+def int_field_problem(name: str, value, limits: dict[str, tuple[int, int]] = FIELD_LIMITS) -> str | None:
+  """What is wrong with `value` for the integer field `name` ('is not an integer', 'is out of range [lo, hi]'), or
+  None."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    return f"is not an integer (got {type(value).__name__} {value!r:.40})"
+  lo, hi = limits[name]
+  if not lo <= value <= hi:
+    return f"= {value} is out of range [{lo}, {hi}]"
+  return None
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
@@ -71,6 +100,33 @@ class CLIPConfig:
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  def validate(self) -> "CLIPConfig":
+    """Checks types and sane bounds of every field (`FIELD_LIMITS`; heads at most the width, patch at most the
+    image, a positive finite layer_norm_eps); raises ValueError naming the first bad field, else returns self."""
+    for name in FIELD_LIMITS:
+      problem = int_field_problem(name, getattr(self, name))
+      if problem:
+        raise ValueError(f"{name} {problem}")
+    for w, h, name in ((self.vision_width, self.vision_heads, "vision"), (self.text_width, self.text_heads, "text")):
+      if h > w or w % h:
+        raise ValueError(f"{name} width {w} is not divisible by {h} heads")
+    if self.patch_size > self.image_size or self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    for name in ("layer_norm_eps", "logit_scale_init"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r:.40}")
+    if not 0 < self.layer_norm_eps < 1:
+      raise ValueError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r:.40}")
+    if not isinstance(self.attention_backend, str) or not isinstance(self.remat, bool):
+      raise ValueError("attention_backend must be a string and remat a bool")
+    eos = self.eos_token_id
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size):
+      raise ValueError(f"eos_token_id must be None or an id in [0, {self.vocab_size}), got {eos!r:.40}")
+    return self
 
   def replace(self, **kw) -> "CLIPConfig":
     return dataclasses.replace(self, **kw)

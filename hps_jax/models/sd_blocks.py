@@ -17,6 +17,7 @@ Parameters are created with eager sharding off, so blocks build outside a mesh (
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -24,6 +25,44 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hps_jax.models.attention import dot_product_attention
+
+
+# ------------------------------------------------------------------------------------------------------------
+# config validation helpers (UNetConfig.validate, VAEConfig.validate): plain ValueErrors naming the field
+# ------------------------------------------------------------------------------------------------------------
+def check_int(name: str, value, lo: int, hi: int) -> int:
+  """`value` if it is an int (not a bool) in [lo, hi], else ValueError naming `name`."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r:.40}")
+  if not lo <= value <= hi:
+    raise ValueError(f"{name} = {value} is out of range [{lo}, {hi}]")
+  return value
+
+
+def check_number(name: str, value, *, positive: bool = False) -> float:
+  """`value` if it is a finite real number (not a bool; > 0 with `positive`), else ValueError naming `name`."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ValueError(f"{name} must be a finite number, got {value!r:.40}")
+  if positive and value <= 0:
+    raise ValueError(f"{name} must be positive, got {value}")
+  return value
+
+
+def check_bool(name: str, value) -> bool:
+  if not isinstance(value, bool):
+    raise ValueError(f"{name} must be true or false, got {value!r:.40}")
+  return value
+
+
+def check_sample_size(name: str, value, hi: int) -> None:
+  """An int, or a pair of ints (diffusers allows both)."""
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2:
+      raise ValueError(f"{name} must be an integer or a pair of integers, got {value!r:.40}")
+    for v in value:
+      check_int(name, v, 1, hi)
+  else:
+    check_int(name, value, 1, hi)
 
 
 def _part(init, axes):

@@ -42,7 +42,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hps_jax.models.sd_blocks import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv2d, linear
+from hps_jax.models.sd_blocks import (
+  Attention,
+  Downsample2D,
+  GroupNorm,
+  ResnetBlock2D,
+  Upsample2D,
+  check_bool,
+  check_int,
+  check_number,
+  check_sample_size,
+  conv2d,
+  linear,
+)
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -149,6 +161,50 @@ class UNetConfig:
       raise ValueError("norm_num_groups must be an int (the UNet without norms is not supported)")
     if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
       raise ValueError("conv_in_kernel and conv_out_kernel must be odd")
+
+  def validate(self) -> "UNetConfig":
+    """Types and sane bounds of every field (far beyond SD 1.x / 2.x / SDXL: at most 8 blocks of 16384 channels,
+    512 resnets and 512 transformer blocks in all), so a hostile config.json cannot ask for a model that takes
+    minutes or gigabytes to even describe; raises ValueError naming the first bad field, else returns self."""
+    n = len(self.block_out_channels)
+    check_int("number of blocks (len(block_out_channels))", n, 1, 8)
+    for c in self.block_out_channels:
+      check_int("block_out_channels", c, 1, 1 << 14)
+      if isinstance(self.norm_num_groups, int) and self.norm_num_groups > 0 and c % self.norm_num_groups:
+        raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups")
+    check_sample_size("sample_size", self.sample_size, 1 << 12)
+    check_int("in_channels", self.in_channels, 1, 1024)
+    check_int("out_channels", self.out_channels, 1, 1024)
+    check_int("norm_num_groups", self.norm_num_groups, 1, 1024)
+    check_int("downsample_padding", self.downsample_padding, 0, 16)
+    check_int("conv_in_kernel", self.conv_in_kernel, 1, 15)
+    check_int("conv_out_kernel", self.conv_out_kernel, 1, 15)
+    if self.time_embedding_dim is not None:
+      check_int("time_embedding_dim", self.time_embedding_dim, 1, 1 << 16)
+    check_number("freq_shift", self.freq_shift)
+    check_number("norm_eps", self.norm_eps, positive=True)
+    for name in ("center_input_sample", "flip_sin_to_cos", "use_linear_projection", "remat"):
+      check_bool(name, getattr(self, name))
+    for name, hi in (
+      ("layers_per_block", 64),
+      ("transformer_layers_per_block", 64),
+      ("attention_head_dim", 1 << 12),
+      ("cross_attention_dim", 1 << 14),
+    ):
+      for v in self._blocks(name):
+        check_int(name, v, 1, hi)
+    for i, c in enumerate(self.block_out_channels):
+      if self.num_heads(i) > c or c % self.num_heads(i):
+        raise ValueError(f"block {i}: {c} channels are not divisible into {self.num_heads(i)} heads")
+    resnets = sum(2 * self.layers(i) + 1 for i in range(n)) + 2
+    transformers = sum(
+      (2 * self.layers(i) + 1) * self.transformer_layers(i)
+      for i, t in enumerate(self.down_block_types)
+      if t.startswith("CrossAttn")
+    ) + self.transformer_layers(n - 1)
+    if resnets > 512 or transformers > 512:
+      raise ValueError(f"{resnets} resnets and {transformers} transformer blocks in all: at most 512 each supported")
+    return self
 
   # per-block views ------------------------------------------------------------------------------------------
   def _blocks(self, name):

@@ -19,7 +19,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hps_jax.models.sd_blocks import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv2d
+from hps_jax.models.sd_blocks import (
+  Attention,
+  Downsample2D,
+  GroupNorm,
+  ResnetBlock2D,
+  Upsample2D,
+  check_bool,
+  check_int,
+  check_number,
+  check_sample_size,
+  conv2d,
+)
 
 # diffusers config keys that describe nothing this implementation computes differently.
 _IGNORED_CONFIG_KEYS = ("force_upcast", "latents_mean", "latents_std")
@@ -63,6 +74,23 @@ class VAEConfig:
         raise ValueError(
           f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups {self.norm_num_groups}"
         )
+
+  def validate(self) -> "VAEConfig":
+    """Types and sane bounds of every field (at most 8 blocks of 16384 channels, 64 resnets per block); raises
+    ValueError naming the first bad field, else returns self."""
+    check_int("number of blocks (len(block_out_channels))", len(self.block_out_channels), 1, 8)
+    for c in self.block_out_channels:
+      check_int("block_out_channels", c, 1, 1 << 14)
+    check_int("layers_per_block", self.layers_per_block, 1, 64)
+    for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
+      check_int(name, getattr(self, name), 1, 1024)
+    check_sample_size("sample_size", self.sample_size, 1 << 16)
+    check_number("scaling_factor", self.scaling_factor, positive=True)
+    if self.shift_factor is not None:
+      check_number("shift_factor", self.shift_factor)
+    for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+      check_bool(name, getattr(self, name))
+    return self
 
   @property
   def downsample_factor(self) -> int:

@@ -77,8 +77,10 @@ def test_table1_equals_metrics_on_the_samples(inception_weights, reference, tmp_
 
 def test_table1_usage_errors(inception_weights, reference, tmp_path, capsys):
   base = ["dataset", "metrics", "synthetic", "--synthetic-size", "4", "--reference", str(reference)]
-  assert main([*base, "--num-is", "0"]) == 2
-  assert "--num-is must be >= 1" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:  # argparse: the option's type checks the range
+    main([*base, "--num-is", "0"])
+  assert e.value.code == 2
+  assert "argument --num-is: expected an integer >= 1, got 0" in capsys.readouterr().err
   (tmp_path / "full").mkdir()
   (tmp_path / "full" / "x").write_text("")
   assert main([*base, "--save-samples", str(tmp_path / "full")]) == 2
