@@ -11,6 +11,7 @@ from hps_jax.cli.common import (
   Skips,
   UsageError,
   add_parser,
+  add_paths_arg,
   check_output,
   report_skips,
   require_finite,
@@ -65,6 +66,7 @@ def add_fid(sub):
   p.add_argument("path_a", help="an image directory or a JSONL of {image} rows")
   p.add_argument("path_b", nargs="?", help="second set or STATS.npz (omit with --save-stats to only save PATH_A's)")
   add_inception_args(p)
+  add_paths_arg(p)
   p.add_argument("--save-stats", metavar="OUT.npz", help="also save PATH_A's statistics (pytorch-fid layout)")
   p.set_defaults(run=run_fid)
 
@@ -78,7 +80,9 @@ def run_fid(args) -> int:
   model = load_inception_arg(args)
   skips = Skips()
   try:
-    a = compute.set_statistics(model, args.path_a, skips, resize=args.resize, batch_size=args.batch_size)
+    a = compute.set_statistics(
+      model, args.path_a, skips, resize=args.resize, batch_size=args.batch_size, allow_outside=args.allow_outside_paths
+    )
     if args.save_stats:
       meta = compute.stats_meta(resize=args.resize, inception_sha256=args.inception_sha256, num_images=a.count)
       a.stats.save(args.save_stats, meta)
@@ -92,6 +96,7 @@ def run_fid(args) -> int:
         resize=args.resize,
         batch_size=args.batch_size,
         inception_sha256=args.inception_sha256,
+        allow_outside=args.allow_outside_paths,
       )
       mu_a, sigma_a = a.stats.mu_sigma()
       result.update(
@@ -119,6 +124,7 @@ def add_metrics(sub):
   p.add_argument("--metrics", default="fid,is", help=f"comma-separated subset of {','.join(METRICS)}")
   p.add_argument("--reference", help="fid/kid reference: image directory / JSONL (or, for fid only, a stats .npz)")
   add_inception_args(p)
+  add_paths_arg(p)
   p.add_argument("--is-splits", type=COUNT, default=10, help="Inception Score splits")
   p.add_argument("--kid-subsets", type=COUNT, default=100, help="KID subsets")
   p.add_argument("--kid-subset-size", type=COUNT, default=1000, help="images per KID subset")
@@ -147,9 +153,9 @@ def run_metrics(args) -> int:
   check_output(args.output, overwrite=True, inputs=[args.images, args.reference], formats=(".json",))
   skips = Skips()
   try:
-    items = compute.list_images(args.images, skips)
+    items = compute.list_images(args.images, skips, allow_outside=args.allow_outside_paths)
     if "kid" in wanted:  # before any feature extraction: a KID subset draws that many images from each set
-      n_ref = len(compute.list_images(args.reference, Skips()))
+      n_ref = len(compute.list_images(args.reference, Skips(), allow_outside=args.allow_outside_paths))
       if args.kid_subset_size > min(len(items), n_ref):
         raise UsageError(
           f"--kid-subset-size {args.kid_subset_size} is larger than the image sets (--images: {len(items)}, "
@@ -170,6 +176,7 @@ def run_metrics(args) -> int:
       aesthetic_mlp=args.aesthetic_mlp,
       hps_checkpoint=args.checkpoint,
       inception_sha256=getattr(args, "inception_sha256", None),
+      allow_outside=args.allow_outside_paths,
     )
   except ValueError as e:
     raise UsageError(str(e)) from e

@@ -51,10 +51,22 @@ def default_inception_weights() -> Path:
     raise FileNotFoundError(f"no FID Inception weights (pass --inception-weights PATH): {e}") from e
 
 
-def set_statistics(model, path, skipped: Skips, *, resize: str, batch_size: int, desc="set A", keep=(), progress=True):
-  """The Inception pass over one image set (needs at least two readable images)."""
+def set_statistics(
+  model,
+  path,
+  skipped: Skips,
+  *,
+  resize: str,
+  batch_size: int,
+  desc="set A",
+  keep=(),
+  progress=True,
+  allow_outside=False,
+):
+  """The Inception pass over one image set (needs at least two readable images); `allow_outside`: see
+  `list_images`."""
   run = inception_pass(
-    model, list_images(path, skipped), skipped, resize=resize, batch_size=batch_size, keep=keep, desc=desc,
+    model, list_images(path, skipped, allow_outside=allow_outside), skipped, resize=resize, batch_size=batch_size, keep=keep, desc=desc,
     progress=progress,
   )  # fmt: skip
   if run.count < 2:
@@ -62,13 +74,15 @@ def set_statistics(model, path, skipped: Skips, *, resize: str, batch_size: int,
   return run
 
 
-def list_images(path, skipped: Skips | None = None) -> list[tuple[str, str | None]]:
-  """(image path, prompt or None) for a directory of images or a JSONL of {"image", "prompt"} rows."""
+def list_images(path, skipped: Skips | None = None, *, allow_outside: bool = False) -> list[tuple[str, str | None]]:
+  """(image path, prompt or None) for a directory of images or a JSONL of {"image", "prompt"} rows (relative paths
+  stay inside the JSONL's folder unless `allow_outside`, `--allow-outside-paths`)."""
   p = Path(path)
   if p.is_dir():
     return [(str(f), None) for f in image_files(p)]
   if p.suffix == ".jsonl":
-    return list(read_image_rows(p, skipped.add if skipped is not None else (lambda *_: None), require_prompt=False))
+    skip = skipped.add if skipped is not None else (lambda *_: None)
+    return list(read_image_rows(p, skip, require_prompt=False, allow_outside=allow_outside))
   if not p.exists():
     raise FileNotFoundError(f"{p}: no such file or directory")
   raise InputError(f'{p}: expected a directory of images or a .jsonl of {{"image", "prompt"}} rows')
@@ -202,6 +216,7 @@ def reference_stats(
   progress=True,
   inception_sha256=None,
   dim: int | None = POOL3_DIM,
+  allow_outside: bool = False,
 ):
   """FID reference: a stats .npz (mu, sigma) or an image set. Returns (mu, sigma, InceptionFeatures or None).
   A stats file is validated (`hps_jax.metrics.fid.check_stats`; `dim`-dimensional features, the Inception pool3's by
@@ -213,7 +228,15 @@ def reference_stats(
     check_stats_meta(path, resize=resize, inception_sha256=inception_sha256)
     return mu, sigma, None
   run = set_statistics(
-    model, path, skipped, resize=resize, batch_size=batch_size, desc="reference", keep=keep, progress=progress
+    model,
+    path,
+    skipped,
+    resize=resize,
+    batch_size=batch_size,
+    desc="reference",
+    keep=keep,
+    progress=progress,
+    allow_outside=allow_outside,
   )
   mu, sigma = run.stats.mu_sigma()
   return mu, sigma, run
@@ -235,6 +258,7 @@ def generator_metrics(
   aesthetic_mlp=None,
   hps_checkpoint=None,
   inception_sha256: str | None = None,
+  allow_outside: bool = False,
 ) -> dict:
   """The `wanted` metrics (fid, is, kid, clip, aesthetic, hps) of one image set: `items` are (image, prompt or
   None) pairs; fid/kid compare with `reference` (images, or saved statistics for fid) through the `inception`
@@ -280,6 +304,7 @@ def generator_metrics(
           batch_size=batch_size,
           keep=("pool3",) if "kid" in wanted else (),
           inception_sha256=inception_sha256,
+          allow_outside=allow_outside,
         )
       result["reference"] = str(reference)
       if "fid" in wanted:

@@ -785,6 +785,20 @@ def _jsonl_only_bad_lines(a, d):
   return score_pairs(a, d, "{oops\n[1]\nnull\n")
 
 
+@case(JS, 1, r"skipped .*metadata\.jsonl:2.*escapes")
+def _jsonl_metrics_path_escape(a, d):
+  p = put(d, "metadata.jsonl", jsonl(_row(a), {"image": "../../x.png", "prompt": "x"}, _row(a, 1)))
+  return ["metrics", "--images", str(p), "--metrics", "hps", "--checkpoint", str(a.ckpt), "--output", "m.json"]
+
+
+@case(JS, 0)
+def _jsonl_metrics_path_escape_allowed(a, d):
+  rel = os.path.relpath(a.images[2], d / "in")
+  p = put(d, "metadata.jsonl", jsonl(_row(a), {"image": rel, "prompt": "x"}, _row(a, 1)))
+  return ["metrics", "--images", str(p), "--metrics", "hps", "--checkpoint", str(a.ckpt), "--output", "m.json",
+          "--allow-outside-paths"]  # fmt: skip
+
+
 @case(JS, 1, r"skipped .*metadata\.jsonl:2")
 def _jsonl_metrics_images_bad_line(a, d):
   p = put(d, "metadata.jsonl", jsonl(_row(a), "{bad", _row(a, 1)))

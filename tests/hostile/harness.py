@@ -183,6 +183,8 @@ def run_case(case: Case, assets: Assets, d: Path) -> None:
   if "Traceback" in stderr:
     i = stderr.index("Traceback")
     pytest.fail(f"a traceback on stderr:\n{stderr[max(0, i - 300) : i + 3000]}{where}")
+  if rc in (0, 1):  # first: a success that prints an impossible number is worse than a wrong exit code
+    _check_outputs(d, stdout)
   assert rc == case.code, f"exit {rc}, expected {case.code}{where}"
   if case.code in (2, 3) and case.words:
     lines = [line for line in stderr.splitlines() if _ERROR_LINE.match(line)]
@@ -194,8 +196,6 @@ def run_case(case: Case, assets: Assets, d: Path) -> None:
     logs = list((d / "logs").glob("*.log"))
     assert len(logs) == 1 and "Traceback" in logs[0].read_text(), f"no traceback log in {d / 'logs'}{where}"
     assert str(logs[0]) in stderr
-  if rc in (0, 1):
-    _check_outputs(d, stdout)
   if case.memory:
     kib = int(peak.read_text()) if peak.exists() else -1
     assert 0 < kib < MEMORY_CAP_KIB, f"peak resident memory {kib / 1024:.0f} MiB (cap {MEMORY_CAP_KIB // 1024}){where}"

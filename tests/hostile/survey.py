@@ -15,7 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
-OUTCOMES = ("kept", "traceback", "wrong exit", "impossible number", "memory", "outside write", "hang", "other")
+OUTCOMES = (
+  "kept",
+  "right exit, other words",
+  "traceback",
+  "wrong exit",
+  "impossible number",
+  "memory",
+  "outside write",
+  "hang",
+  "other",
+)
 
 
 def classify(message: str) -> str:
@@ -27,6 +37,8 @@ def classify(message: str) -> str:
     ("files written outside", "outside write"),
     ("TimeoutExpired", "hang"),
     ("exit ", "wrong exit"),
+    ("does not match", "right exit, other words"),
+    ("exactly one error line", "right exit, other words"),
   ):
     if needle in message:
       return outcome
