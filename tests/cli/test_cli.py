@@ -159,7 +159,7 @@ def test_folders_ranks_and_output_formats(checkpoint, corpus, tmp_path, capsys):
   [
     (["--checkpoint", "{tmp}/nope", "--prompt", "x", "a.png"], "nope"),
     (["--checkpoint", "{ckpt}", "--prompt", "x"], "--prompt needs at least one IMAGE"),
-    (["--checkpoint", "{ckpt}", "--pairs", "{tmp}/absent.jsonl"], "cannot read pairs file"),
+    (["--checkpoint", "{ckpt}", "--pairs", "{tmp}/absent.jsonl"], "absent.jsonl: No such file or directory"),
     (["--checkpoint", "{tmp}/garbage.pt", "--prompt", "x", "a.png"], "garbage.pt"),
     (["--checkpoint", "{ckpt}", "--prompt", "x", "a.png", "--batch-size", "0"], "--batch-size"),
   ],

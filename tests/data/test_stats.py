@@ -99,7 +99,7 @@ def test_dataset_stats_usage_errors(tmp_path, capsys):
   assert main(["dataset", "stats", "nope"]) == 2
   assert "unknown dataset 'nope'" in capsys.readouterr().err
   assert main(["dataset", "stats", "synthetic", "--synthetic-size", "3", "--output", str(tmp_path / "x.txt")]) == 2
-  assert "expected a .json file" in capsys.readouterr().err
+  assert "unknown format .txt; use .json" in capsys.readouterr().err
 
 
 def _has_matplotlib() -> bool:

@@ -138,8 +138,9 @@ def test_size_defaults_to_the_model_and_is_checked_before_sampling(setup, tmp_pa
   rows, images = _images(tmp_path / "native")
   assert images.shape == (1, 32, 32, 3) and rows[0]["height"] == rows[0]["width"] == 32
   capsys.readouterr()
-  assert (
-    main(["sample", "--model", str(model), "--prompt", "x", "--height", "33", "--outdir", str(tmp_path / "x")]) == 2
-  )
+  with pytest.raises(SystemExit) as e:  # argparse: image sides are multiples of 8 (SD's VAE factor)
+    main(["sample", "--model", str(model), "--prompt", "x", "--height", "33", "--outdir", str(tmp_path / "x")])
+  assert e.value.code == 2
   err = capsys.readouterr().err
-  assert "--height and --width must be positive multiples of 4" in err and "Traceback" not in err
+  assert "--height: expected an integer in [8, 8192], a multiple of 8, got 33" in err and "Traceback" not in err
+  assert not (tmp_path / "x").exists()  # checked before anything was written
