@@ -29,6 +29,7 @@ from hps_jax.cli.common import (
   report_skips,
   run_training,
   say_wrote,
+  text,
   write_report,
 )
 from hps_jax.cli.metrics import add_inception_args, load_inception_arg
@@ -205,8 +206,8 @@ def add_eval_generator(sub):
   p.add_argument(
     "--checkpoint", "--hps-checkpoint", dest="checkpoint", metavar="CKPT", help="HPS checkpoint (hpc.pt, HF dir, ...)"
   )
-  p.add_argument("--negative-prompt", default="Weird image.", help="negative prompt of the adapted model")
-  p.add_argument("--base-negative-prompt", default="", help="negative prompt of the base model")
+  p.add_argument("--negative-prompt", type=text, default="Weird image.", help="negative prompt of the adapted model")
+  p.add_argument("--base-negative-prompt", type=text, default="", help="negative prompt of the base model")
   add_inception_args(p)
   p.add_argument("--outdir", help="where the rendered images go (default: OUTPUT's name without suffix + _images)")
   p.add_argument("--output", required=True, metavar="FILE.json", help="the JSON results (a .md table goes next to it)")

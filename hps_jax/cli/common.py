@@ -337,6 +337,16 @@ def real(lo: float | None = None, hi: float | None = None):
   return parse
 
 
+def text(value: str) -> str:
+  """An argparse type for free text (prompts): it must be valid Unicode. An argument holding bytes that are not
+  UTF-8 arrives with lone surrogates, which no output file can hold."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError:
+    raise argparse.ArgumentTypeError(f"not valid UTF-8 text: {value.encode('utf-8', 'replace').decode()!r}") from None
+  return value
+
+
 # the kinds of integer option every command shares
 COUNT = integer(1)  # batch sizes, steps, splits, images per prompt
 LIMIT = integer(0)  # caps where 0 means "no cap"

@@ -18,6 +18,7 @@ from hps_jax.cli.common import (
   read_prompts,
   real,
   say_wrote,
+  text,
 )
 from hps_jax.diffusion.render import best_of_jobs, contact_sheet, labelled_grid, pick_best, render, save_image
 from hps_jax.diffusion.sampler import SampleConfig, StableDiffusion
@@ -82,9 +83,9 @@ def add_sample(sub):
     "--best-of N keeps the highest-HPS of N candidates per image.",
   )
   g = p.add_mutually_exclusive_group(required=True)
-  g.add_argument("--prompt", help="one prompt")
+  g.add_argument("--prompt", type=text, help="one prompt")
   g.add_argument("--prompts", help="text file, one prompt per line")
-  p.add_argument("--negative-prompt", default="", help='e.g. "Weird image." for the HPS-adapted model')
+  p.add_argument("--negative-prompt", type=text, default="", help='e.g. "Weird image." for the HPS-adapted model')
   add_sampling_args(p)
   p.add_argument(
     "--ab",
@@ -92,7 +93,7 @@ def add_sample(sub):
     help="with --lora: render base and adapted with the same seeds into "
     "OUTDIR/base and OUTDIR/adapted, and ab_grid.png (base | adapted, labelled, the prompt under each row)",
   )
-  p.add_argument("--base-negative-prompt", default="", help="negative prompt of the base side in --ab")
+  p.add_argument("--base-negative-prompt", type=text, default="", help="negative prompt of the base side in --ab")
   p.add_argument(
     "--best-of",
     type=COUNT,

@@ -12,6 +12,7 @@ from hps_jax.cli.common import (
   check_output,
   expand_images,
   read_pairs,
+  text,
   write_rows,
 )
 from hps_jax.preference.scorer import AestheticScorer, Scorer
@@ -49,7 +50,7 @@ def add_score(sub):
   add_output_args(p)
   add_paths_arg(p)
   g = p.add_mutually_exclusive_group(required=True)
-  g.add_argument("--prompt", help="one prompt for all IMAGES")
+  g.add_argument("--prompt", type=text, help="one prompt for all IMAGES")
   g.add_argument("--pairs", help='JSONL with {"image": PATH, "prompt": TEXT} per line')
   p.add_argument("images", nargs="*", help="image files or folders (searched recursively), with --prompt")
   p.set_defaults(run=run_score)

@@ -464,6 +464,16 @@ def _dataset_stats_output_txt(a, d):
   return ["dataset", "stats", "synthetic", "--output", "s.txt"]
 
 
+@case(ARG, 2, r"argument --prompt: not valid UTF-8 text")
+def _score_prompt_not_utf8(a, d):
+  return ["score", "--checkpoint", str(a.ckpt), "--prompt", "a \udcff cat", str(a.images[0]), "--output", "s.jsonl"]
+
+
+@case(ARG, 2, r"argument --negative-prompt: not valid UTF-8 text")
+def _sample_negative_prompt_not_utf8(a, d):
+  return _sample(a, "--negative-prompt", "weird \udcfe")
+
+
 @case(ARG, 2, r"--tokenizer|tokenizer")
 def _score_tokenizer_missing(a, d):
   return score_ckpt(a, a.ckpt) + ["--tokenizer", str(d / "in" / "nope.txt.gz")]
