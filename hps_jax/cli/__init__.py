@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "weights": ("hps_jax.cli.weights", "list, locate and verify the published weights hps_jax knows (cache, sha256)"),
   "convert": ("hps_jax.cli.convert", "any supported PyTorch / safetensors checkpoint to safetensors (no torch needed)"),
   "collect": ("hps_jax.cli.collect", "build a preference dataset from Discord chat exports (DiscordChatExporter JSON)"),
-  "study": ("hps_jax.cli.study", "human A/B preference studies: create a study file (serve and report come next)"),
+  "study": ("hps_jax.cli.study", "human A/B preference studies: create, serve (web app), export the votes, report"),
   "demo": ("hps_jax.cli.demo", "the whole paper pipeline offline on tiny random models (what `make demo` runs)"),
 }
 

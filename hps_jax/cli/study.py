@@ -1,14 +1,20 @@
 """`hps-jax study`: human A/B preference studies (the paper's user study, Fig. 8 / Table 3). `study create` builds a
 study file from two or more systems' images; the file's format and the alignment rules are documented in
 `hps_jax.study.create`. Each action registers itself under `study` with `add_<action>(actions)` (`serve` and
-`report` are added the same way)."""
+`report` are added the same way). `serve` and `export` import Flask / SQLAlchemy / waitress (the `study` extra) only
+when they run."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import secrets
+import signal
 import sys
 from pathlib import Path
 
+from hps_jax import files
 from hps_jax.cli.common import (
   LIMIT,
   SEED,
@@ -21,7 +27,7 @@ from hps_jax.cli.common import (
   say_wrote,
 )
 from hps_jax.data.skips import Skips
-from hps_jax.errors import InputError
+from hps_jax.errors import InputError, Interrupted, pending_stop
 from hps_jax.study.create import (
   CHECKS_DIR,
   DEFAULT_INSTRUCTIONS,
@@ -33,22 +39,29 @@ from hps_jax.study.create import (
   build_study,
   check_kinds,
   check_name,
+  load_study,
   system_source,
+  verify_images,
   write_study,
 )
+
+STUDY_EXTRA = "pip install 'hps_jax[study]'"
 
 
 def add_study(sub):
   p = add_parser(
     sub,
     "study",
-    help="human A/B preference studies: create a study file (serve and report come next)",
+    help="human A/B preference studies: create, serve (web app), export the votes, report",
     description="A human A/B preference study, as in the paper's user study (base vs HPS-adapted Stable Diffusion): "
     "`study create` pairs the images of two or more systems by prompt (and seed) into a study file that a study "
     "server shows to participants, one pair at a time, sides randomized.",
   )
   actions = p.add_subparsers(dest="action", metavar="ACTION", title="actions", required=True)
   add_create(actions)
+  add_report(actions)
+  add_serve(actions)
+  add_export(actions)
 
 
 def add_create(actions):
@@ -246,3 +259,278 @@ def run_create(args) -> int:
     print(f"  {counts['left_out_by_pairs_per_prompt']} pairs left out by --pairs-per-prompt", file=sys.stderr)
   say_wrote(out, f"the study ({counts['test_pairs']} test pairs, {counts['checks']} checks)")
   return report_skips(skips, counts["test_pairs"], noun="test pairs")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# serve / export
+# ------------------------------------------------------------------------------------------------------------
+def _add_db(p, *, default: str | None) -> None:
+  g = p.add_mutually_exclusive_group()
+  g.add_argument(
+    "--db",
+    default=default,
+    metavar="PATH",
+    help="the SQLite database of the votes (created when missing; WAL mode)",
+  )
+  g.add_argument(
+    "--db-url",
+    metavar="URL",
+    help="an SQLAlchemy database URL instead of --db, e.g. postgresql+psycopg://user@host/study (needs the driver)",
+  )
+
+
+def add_serve(actions):
+  s = add_parser(
+    actions,
+    "serve",
+    help="run the study: participants vote in their browser, one pair at a time, sides randomized",
+    description="Serves STUDY.json to participants under waitress: a join page (with the consent text, if any), "
+    "one pair per page (keys Left / Right, Down for a tie when allowed), a thank-you page; the votes go to the "
+    "database (--db or --db-url), each committed before the next page. Every image is checked against its sha256 "
+    "first (a changed or missing image is exit 2 naming it). Admin pages (/admin, /admin/export.jsonl) need the admin "
+    "token. A JSON API (/api/join, /api/next, /api/vote) serves scripted participants. Stop with SIGINT / SIGTERM "
+    "(exit 130 / 143; requests in flight finish first).",
+  )
+  s.add_argument("study", metavar="STUDY", help="the study file (`hps-jax study create`)")
+  _add_db(s, default="study.sqlite")
+  s.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+  s.add_argument("--port", type=_port, default=8000, help="the port to listen on (0: any free port)")
+  s.add_argument("--threads", type=_threads, default=8, help="waitress worker threads")
+  s.add_argument(
+    "--admin-token",
+    metavar="TOKEN",
+    help="the token of the admin pages (?token=TOKEN); a random one is printed when not given",
+  )
+  s.set_defaults(run=run_serve)
+
+
+def add_export(actions):
+  e = add_parser(
+    actions,
+    "export",
+    help="the votes of a study database as JSONL (the fields of hps_jax.study.analysis.Vote)",
+    description="Writes every vote of the database as one JSON object per line (written atomically): participant, "
+    "pair_id, system_left, system_right, image_left, image_right, choice, is_check, expected (a check's right "
+    "answer, left / right / tie; a broken check image has the system 'broken'), response_ms, created, user_agent.",
+  )
+  _add_db(e, default=None)
+  e.add_argument("--out", required=True, metavar="VOTES.jsonl", help="the JSONL file to write")
+  e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  e.set_defaults(run=run_export)
+
+
+def _int_in(lo: int, hi: int, what: str):
+  def parse(text: str) -> int:
+    try:
+      v = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not lo <= v <= hi:
+      raise argparse.ArgumentTypeError(f"{what} must be in [{lo}, {hi}], got {v}")
+    return v
+
+  return parse
+
+
+_port = _int_in(0, 65535, "a port")
+_threads = _int_in(1, 256, "threads")
+
+
+def _db_url(args) -> str:
+  if args.db_url:
+    return args.db_url
+  if not args.db:
+    raise UsageError("give the database: --db PATH or --db-url URL")
+  from hps_jax.study.store import sqlite_url
+
+  return sqlite_url(os.path.abspath(args.db))
+
+
+def _study_modules():
+  try:
+    from hps_jax.study import store, web
+  except ImportError as e:
+    raise UsageError(f"the study server needs Flask, SQLAlchemy and waitress ({e}): {STUDY_EXTRA}") from None
+  return store, web
+
+
+def run_serve(args) -> int:
+  store_mod, web = _study_modules()
+  try:
+    import waitress.server
+  except ImportError as e:
+    raise UsageError(f"the study server needs waitress ({e}): {STUDY_EXTRA}") from None
+  if args.db and not args.db_url and os.path.abspath(args.db) == os.path.abspath(args.study):
+    raise UsageError(f"--db {args.db} is the study file: choose another file")
+  study = load_study(args.study)
+  problems = verify_images(study)
+  if problems:
+    image_id, why = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise InputError(f"{args.study}: image {image_id!r} changed since the study was created: {why}{more}")
+  store = store_mod.open_store(_db_url(args), study)
+  token = args.admin_token or secrets.token_urlsafe(16)
+  try:
+    app = web.make_app(study, store, token)
+    try:
+      server = waitress.server.create_server(app, host=args.host, port=args.port, threads=args.threads)
+    except OSError as e:
+      raise UsageError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+    host, port = server.effective_host, server.effective_port
+    shown_host = f"[{host}]" if ":" in str(host) else host
+    print(f"serving the study {args.study} on http://{shown_host}:{port}/", file=sys.stderr)
+    if not args.admin_token:
+      print(f"admin: http://{shown_host}:{port}/admin?token={token}", file=sys.stderr)
+    sys.stderr.flush()
+    _serve_until_signal(server)
+  finally:
+    store.close()
+  return 0  # pragma: no cover (the server only stops on a signal)
+
+
+def _serve_until_signal(server) -> None:
+  """Runs the waitress server until SIGINT / SIGTERM, then lets the requests in flight finish (their votes
+  commit) and raises Interrupted. The signal handlers only record the signal: an exception raised inside waitress'
+  event loop would be logged and swallowed by the dispatcher it hit (and waitress returns normally on a
+  KeyboardInterrupt), so the loop runs one poll at a time (at most `asyncore_loop_timeout`, 1 s) and checks."""
+  from waitress import wasyncore
+
+  def on_signal(signum, frame):
+    pending_stop.append(signum)
+
+  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    while not pending_stop:
+      wasyncore.loop(
+        timeout=server.adj.asyncore_loop_timeout, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1
+      )
+  finally:
+    try:
+      server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
+    finally:
+      server.close()
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
+  raise Interrupted(pending_stop[0])
+
+
+def run_export(args) -> int:
+  store_mod, _ = _study_modules()
+  inputs = [args.db] if args.db and not args.db_url else []
+  check_output(args.out, overwrite=args.overwrite, inputs=inputs, flag="--out", formats=(".jsonl",))
+  store = store_mod.open_store(_db_url(args), create=False)
+  try:
+    votes = store.export_votes()
+  finally:
+    store.close()
+  with files.atomic_write(args.out) as f:
+    for v in votes:
+      f.write(json.dumps(v, ensure_ascii=False) + "\n")
+  say_wrote(args.out, f"{len(votes)} votes")
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def add_report(actions):
+  from hps_jax.cli.common import COUNT
+
+  r = add_parser(
+    actions,
+    "report",
+    help="the study's statistics: win rates, Fig. 8, Bradley-Terry, agreement (Table 3), attention checks",
+    description="Reads the votes (a votes JSONL export, `study export`) of a study and writes DIR/report.json (every "
+    "number), DIR/report.md (tables), DIR/report.html (self-contained: plots embedded) and the plots: "
+    "fig8_votes_per_pair.png, and with 3+ systems win_matrix.png and bradley_terry.png. Every vote is checked "
+    "against STUDY.json (its pair, images and systems); a bad line is skipped and named (exit 1). A statistic that "
+    "cannot be computed (no votes, nobody sharing a pair, ...) is reported with the reason, never as NaN. The "
+    "headline goes to stdout. Definitions of every number are written in the report (hps_jax.study.analysis).",
+  )
+  r.add_argument("votes", metavar="VOTES", help="the votes: a .jsonl export of `hps-jax study export`")
+  r.add_argument("--study", required=True, metavar="STUDY.json", help="the study file the votes were collected on")
+  r.add_argument("--out", required=True, metavar="DIR", help="the report's folder (created if missing)")
+  r.add_argument(
+    "--scorer",
+    action="append",
+    metavar="NAME=CKPT",
+    help="a preference model to compare with the participants (Table 3: model vs human): CKPT is a checkpoint path "
+    "or a published model's name (hps-v2.1, clip-vit-l-14, ...); it scores every pair image against its prompt in "
+    "the study file; repeat for each model",
+  )
+  r.add_argument(
+    "--exclude-failed-checks",
+    action="store_true",
+    help="leave out of every statistic the participants who failed any attention check (they are listed)",
+  )
+  r.add_argument(
+    "--bootstrap", type=COUNT, default=2000, metavar="N", help="bootstrap replicates (resampling image pairs)"
+  )
+  r.add_argument("--seed", type=SEED, default=0, help="seeds the bootstrap")
+  r.set_defaults(run=run_report)
+
+
+def _scorer_specs(specs: list[str] | None) -> list[tuple[str, str]]:
+  out: dict[str, str] = {}
+  for spec in specs or []:
+    name, eq, ckpt = spec.partition("=")
+    if not eq or not name or not ckpt:
+      raise UsageError(f"--scorer {spec}: expected NAME=CKPT")
+    try:
+      check_name(name, "--scorer name")
+    except InputError as e:
+      raise UsageError(str(e)) from None
+    if name in out:
+      raise UsageError(f"--scorer {name} is given twice")
+    out[name] = ckpt
+  return list(out.items())
+
+
+def run_report(args) -> int:
+  from hps_jax import files
+  from hps_jax.cli.common import check_outdir, report_skips, require_finite
+  from hps_jax.study import report as sr  # numpy / scipy: only when the report runs
+  from hps_jax.study.create import load_study
+
+  scorers = _scorer_specs(args.scorer)
+  try:
+    sr.check_matplotlib()
+  except InputError as e:
+    raise UsageError(str(e)) from None
+  study = load_study(args.study)
+  out = Path(args.out)
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {args.out} is a file, expected a folder")
+  inputs = {Path(p).resolve() for p in (args.votes, args.study)}
+  for name in sr.OUTPUTS:
+    if (out / name).resolve() in inputs:
+      raise UsageError(f"--out {args.out}: its {name} would replace an input: choose another folder")
+  skips = Skips()
+  votes, lines = sr.load_votes(args.votes, skips.add, study)
+  scores = {}
+  for name, ckpt in scorers:
+    print(f"scoring the study's images with {name} ({ckpt})", file=sys.stderr)
+    scores[name] = (ckpt, sr.model_scores(study, votes, ckpt))
+  report = sr.build_report(
+    votes,
+    study=study,
+    votes_source=str(args.votes),
+    scores=scores,
+    n_boot=args.bootstrap,
+    seed=args.seed,
+    exclude_failed_checks=args.exclude_failed_checks,
+    lines_read=lines,
+    lines_skipped=len(skips.items),
+  )
+  rendered = sr.render(report)
+  require_finite(report, "the study report")
+  check_outdir(args.out, "--out")
+  for name in sr.OUTPUTS:  # a plot of an earlier report that this one has not (fewer systems now)
+    if name not in rendered and (out / name).is_file():
+      (out / name).unlink()
+  for name, data in rendered.items():
+    with files.atomic_write(out / name, "wb") as f:
+      f.write(data)
+  print(report["headline"])
+  code = report_skips(skips, len(votes), noun="votes")
+  n_plots = len(report["plots"])
+  say_wrote(out / "report.html", f"the report (report.json, report.md, {n_plots} plot{'s' * (n_plots != 1)})")
+  return code

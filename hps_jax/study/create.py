@@ -91,7 +91,7 @@ from hps_jax.errors import InputError, check_stop
 
 FORMAT = "hps-jax-study/1"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-RESERVED_NAMES = ("tie",)  # an answer, not a system
+RESERVED_NAMES = ("tie", "broken")  # an answer; the system of a broken-image check in exported votes
 SHA256 = re.compile(r"[0-9a-f]{64}")
 CHECKS_DIR = "checks"
 MAX_STUDY_BYTES = 256 * 1024 * 1024
