@@ -21,6 +21,11 @@ $(VENV)/.stamp-core: setup.cfg pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q --no-deps open_clip_torch
 	touch $@
 
+# The human-study web app (Flask, SQLAlchemy, waitress): the demo's last step runs a study through it.
+$(VENV)/.stamp-study: $(VENV)/.stamp-core
+	$(PIP) install -q -e '.[study]'
+	touch $@
+
 $(VENV)/.stamp-test: $(VENV)/.stamp-core
 	$(PIP) install -q -e '.[test]' $(TORCH_PINS)
 	touch $@
@@ -28,7 +33,8 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-core
 venv: $(VENV)/.stamp-core
 venv-test: $(VENV)/.stamp-test
 
-demo: $(VENV)/.stamp-core
+demo: $(VENV)/.stamp-study
+	rm -rf demo_out
 	$(PY) -m hps_jax.cli demo --outdir demo_out
 
 # Style (ruff lint + format check) and layering (import-linter contracts in setup.cfg), before the tests.

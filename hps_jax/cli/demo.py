@@ -7,13 +7,18 @@ held-out accuracy before and after. Steps 6-9 are the adaptation of Stable Diffu
 HPS-label generated images with the trained classifier, train LoRA adapters on the labelled set
 (config lora_sd14:tiny), render base vs adapted with the same seeds ("Weird image." as the adapted model's
 negative prompt), and compute the Table 4 metrics (FID, aesthetic, CLIP score, HPS; FID's Inception, the CLIP and
-the aesthetic head are random here too). Every step goes through the same commands a real run uses."""
+the aesthetic head are random here too). Step 10 is the human study (Sec. 5's user study, Fig. 8): a study file
+from the A/B samples, the voting web app on a loopback port, 5 scripted participants voting through its HTTP API
+(they prefer the adapted image 70% of the time), the votes exported and the report written. Every step goes
+through the same commands a real run uses."""
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import jax
@@ -22,7 +27,7 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 from hps_jax.cli import main as cli_main  # the demo drives the commands exactly as a user would
-from hps_jax.cli.common import add_parser, check_outdir, load_config
+from hps_jax.cli.common import UsageError, add_parser, check_outdir, load_config
 from hps_jax.convert.aesthetic import save_aesthetic
 from hps_jax.convert.clip import save_hf
 from hps_jax.convert.inception import save_inception_torch
@@ -81,6 +86,8 @@ def add_demo(sub):
 
 def run_demo(args) -> int:
   out = check_outdir(args.outdir)
+  if any(out.iterdir()):  # its training runs would resume and its outputs would collide with a previous run's
+    raise UsageError(f"--outdir {out} is not empty: choose a new folder (or remove it; `make demo` does)")
   t0 = time.time()
 
   say(BANNER)
@@ -89,11 +96,11 @@ def run_demo(args) -> int:
   say(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s)")
   say(BANNER)
 
-  say("\n[1/9] Writing a random-init tiny CLIP as a Hugging Face CLIPModel checkpoint (config.json + safetensors)")
+  say("\n[1/10] Writing a random-init tiny CLIP as a Hugging Face CLIPModel checkpoint (config.json + safetensors)")
   ckpt = save_hf(CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(0)), out / "tiny_clip_random_hf")
   say(f"      -> {ckpt}")
 
-  say("\n[2/9] Scoring drawn images through the public API: Scorer.from_checkpoint(...).score(images, prompts)")
+  say("\n[2/10] Scoring drawn images through the public API: Scorer.from_checkpoint(...).score(images, prompts)")
   pairs = synthetic_images(out / "images")
   scorer = Scorer.from_checkpoint(ckpt, preprocess="pad", batch_size=8)
   prompts = [p for _, p in pairs]
@@ -105,14 +112,14 @@ def run_demo(args) -> int:
   for p, row in zip(prompts, matrix):
     say("      " + p.ljust(width) + "".join(f"{v:16.3f}" for v in row))
 
-  say("\n[3/9] The same through the command line: hps-jax score --pairs pairs.jsonl --output scores.jsonl")
+  say("\n[3/10] The same through the command line: hps-jax score --pairs pairs.jsonl --output scores.jsonl")
   pairs_file = out / "pairs.jsonl"
   pairs_file.write_text("".join(json.dumps({"image": str(i.resolve()), "prompt": p}) + "\n" for i, p in pairs))
   rc = cli_main(["score", "--checkpoint", str(ckpt), "--pairs", str(pairs_file), "--output", str(out / "scores.jsonl")])
   for line in (out / "scores.jsonl").read_text().splitlines():
     say("      " + line)
 
-  say("\n[4/9] Training the tiny CLIP as a preference classifier on the synthetic set (n-way choice loss):")
+  say("\n[4/10] Training the tiny CLIP as a preference classifier on the synthetic set (n-way choice loss):")
   say("      hps-jax train-preference --config hps_classifier:tiny --workdir " + str(out / "train"))
   rc_eval_before = cli_main(
     [
@@ -137,7 +144,9 @@ def run_demo(args) -> int:
   export = out / "train" / "export"
 
   say(
-    "\n[5/9] Held-out preference accuracy: hps-jax eval-preference --checkpoint " + str(export) + " --dataset synthetic"
+    "\n[5/10] Held-out preference accuracy: hps-jax eval-preference --checkpoint "
+    + str(export)
+    + " --dataset synthetic"
   )
   rc_eval = cli_main(
     [
@@ -166,6 +175,7 @@ def run_demo(args) -> int:
   )
 
   adapt = adaptation(out, export, cli_main)
+  study = human_study(out, adapt["samples"], cli_main)
 
   say("\n" + BANNER)
   say(f"demo finished in {time.time() - t0:.1f}s. Outputs:")
@@ -178,10 +188,11 @@ def run_demo(args) -> int:
     ("trained model", export),
     ("evaluation", out / "eval_trained.json"),
     *adapt["outputs"],
+    *study["outputs"],
   ):
     say(f"  {what:<18} {path}")
   say(BANNER)
-  return rc or rc_eval_before or rc_train or rc_eval or adapt["rc"]
+  return rc or rc_eval_before or rc_train or rc_eval or adapt["rc"] or study["rc"]
 
 
 def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
@@ -189,7 +200,7 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
   rcs = []
 
   say(
-    "\n[6/9] HPS labelling (paper Sec. 5): 3-4 generated images per prompt, scored by the classifier trained in "
+    "\n[6/10] HPS labelling (paper Sec. 5): 3-4 generated images per prompt, scored by the classifier trained in "
     "step 4;\n      per prompt the best is kept when softmax(HPS) > 2/n, the worst likewise with the caption "
     "prefix 'Weird image. '"
   )
@@ -220,7 +231,7 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
     )
   )
 
-  say("\n[7/9] LoRA on the tiny random SD's attention projections, trained on the labelled manifest:")
+  say("\n[7/10] LoRA on the tiny random SD's attention projections, trained on the labelled manifest:")
   lora_wd = out / "lora"
   say(f"      hps-jax train-lora --config lora_sd14:tiny --workdir {lora_wd} --config.data.manifest={manifest}")
   rcs.append(
@@ -241,7 +252,7 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
   say(f"      diffusion loss {np.mean(losses[:3]):.3f} (first logged steps) -> {np.mean(losses[-3:]):.3f} (last)")
   model, adapter = lora_wd / "base_model", lora_wd / "export" / "pytorch_lora_weights.safetensors"
 
-  say("\n[8/9] Base vs adapted from the same seeds (adapted: negative prompt 'Weird image.'), one grid:")
+  say("\n[8/10] Base vs adapted from the same seeds (adapted: negative prompt 'Weird image.'), one grid:")
   prompts = out / "prompts.txt"
   prompts.write_text("a photo of a red circle\na blue square\nan image showing a yellow triangle\n")
   samples = out / "samples"
@@ -275,7 +286,7 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
     )
   )
 
-  say("\n[9/9] Table 4 columns for base and adapted (random Inception / CLIP / aesthetic head: machinery only):")
+  say("\n[9/10] Table 4 columns for base and adapted (random Inception / CLIP / aesthetic head: machinery only):")
   w = out / "metric_models"
   inception = save_inception_torch(FIDInception(rngs=nnx.Rngs(0)), w / "inception_random.safetensors")
   clip = save_hf(CLIP(CLIPConfig.tiny().replace(embed_dim=768), rngs=nnx.Rngs(1)), w / "clip_random")
@@ -324,6 +335,7 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
   )
   return {
     "rc": next((rc for rc in rcs if rc), 0),
+    "samples": samples,
     "outputs": (
       ("label manifest", manifest),
       ("LoRA training", lora_wd),
@@ -333,6 +345,75 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
       ("metrics (markdown)", table.with_suffix(".md")),
     ),
   }
+
+
+def human_study(out: Path, samples: Path, cli_main, participants: int = 5, p_adapted: float = 0.7) -> dict:
+  """Step 10: study create -> the web app on a loopback port -> scripted participants through its JSON API ->
+  study export -> study report. Skipped (named) without the `study` extra (Flask, SQLAlchemy, waitress)."""
+  say("\n[10/10] Human A/B study of base vs adapted: study create -> web app -> 5 scripted participants -> report")
+  try:
+    import waitress.server
+
+    from hps_jax.study import store as study_store
+    from hps_jax.study import web
+    from hps_jax.study.create import load_study
+  except ImportError as e:
+    say(f"      skipped: the study web app needs pip install 'hps_jax[study]' ({e})")
+    return {"rc": 0, "outputs": ()}
+  d = out / "study"
+  study_file, db, votes, report_dir = d / "study.json", d / "votes.sqlite", d / "votes.jsonl", d / "report"
+  for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+    f.unlink(missing_ok=True)  # a rerun of the demo starts a fresh study
+  rc = cli_main(["study", "create", "--ab", str(samples), "--out", str(study_file), "--allow-tie", "--checks", "2",
+                 "--seed", "0", "--overwrite"])  # fmt: skip
+  if rc not in (0, 1):
+    return {"rc": rc, "outputs": ()}
+  study = load_study(study_file)
+  store = study_store.open_store(f"sqlite:///{db}", study)
+  server = waitress.server.create_server(web.make_app(study, store, "demo"), host="127.0.0.1", port=0, threads=4)
+  url = f"http://127.0.0.1:{server.effective_port}"
+  stop = threading.Event()
+  thread = threading.Thread(target=web.run_until, args=(server, stop.is_set), daemon=True)
+  thread.start()
+  say(f"      serving on {url}/ (what a participant opens); voting through {url}/api/...")
+  system_of = {key: study.images[image_id]["system"] for key, image_id in web.image_keys(study).items()}
+  rng = np.random.default_rng(0)
+  try:
+    for i in range(participants):  # fixed codes: the same sides and order on every run of the demo
+      code = _api(url + "/api/join", {"code": f"demo{i + 1}"})["participant"]
+      while not (pair := _api(f"{url}/api/next?participant={code}")).get("done"):
+        left, right = (system_of[u.rsplit("/", 1)[-1]] for u in (pair["left_url"], pair["right_url"]))
+        vote = {"participant": code, "pair_id": pair["pair_id"], "response_ms": int(rng.integers(800, 4000))}
+        _api(url + "/api/vote", {**vote, "choice": _scripted_choice(left, right, rng.random() < p_adapted)})
+  finally:
+    stop.set()
+    thread.join(timeout=30)
+    store.close()
+  rcs = [cli_main(["study", "export", "--db", str(db), "--out", str(votes), "--overwrite"])]
+  rcs.append(cli_main(["study", "report", str(votes), "--study", str(study_file), "--out", str(report_dir),
+                       "--bootstrap", "500"]))  # fmt: skip
+  return {
+    "rc": next((r for r in rcs if r), 0),
+    "outputs": (("study", study_file), ("votes", votes), ("study report", report_dir / "report.html")),
+  }
+
+
+def _scripted_choice(left: str | None, right: str | None, prefers_adapted: bool) -> str:
+  """A scripted participant's answer: "tie" on an identical-image check, the intact side of a broken-image check
+  (its broken image has no system), else the adapted side when `prefers_adapted`, the base side otherwise."""
+  if left == right:
+    return "tie"
+  if left is None or right is None:
+    return "right" if left is None else "left"
+  return "left" if (left == "adapted") == prefers_adapted else "right"
+
+
+def _api(url: str, body: dict | None = None) -> dict:
+  """One JSON request to the study server (POST when there is a body)."""
+  data = None if body is None else json.dumps(body).encode()
+  req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+  with urllib.request.urlopen(req, timeout=30) as r:
+    return json.loads(r.read())
 
 
 def main(argv=None) -> int:

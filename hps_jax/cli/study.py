@@ -389,28 +389,20 @@ def run_serve(args) -> int:
 
 
 def _serve_until_signal(server) -> None:
-  """Runs the waitress server until SIGINT / SIGTERM, then lets the requests in flight finish (their votes
-  commit) and raises Interrupted. The signal handlers only record the signal: an exception raised inside waitress'
-  event loop would be logged and swallowed by the dispatcher it hit (and waitress returns normally on a
-  KeyboardInterrupt), so the loop runs one poll at a time (at most `asyncore_loop_timeout`, 1 s) and checks."""
-  from waitress import wasyncore
+  """Runs the waitress server until SIGINT / SIGTERM (`web.run_until`: requests in flight finish, their votes
+  commit), then raises Interrupted. The signal handlers only record the signal (waitress returns normally on a
+  KeyboardInterrupt and swallows exceptions raised inside its loop)."""
+  _, web = _study_modules()
 
   def on_signal(signum, frame):
     pending_stop.append(signum)
 
   previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
-    while not pending_stop:
-      wasyncore.loop(
-        timeout=server.adj.asyncore_loop_timeout, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1
-      )
+    web.run_until(server, lambda: bool(pending_stop))
   finally:
-    try:
-      server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
-    finally:
-      server.close()
-      for sig, handler in previous.items():
-        signal.signal(sig, handler)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
   raise Interrupted(pending_stop[0])
 
 

@@ -130,6 +130,25 @@ ADMIN = (
 )
 
 
+def run_until(server, stop) -> None:
+  """Runs a waitress `server` (from `waitress.server.create_server`) one poll at a time (at most its
+  `asyncore_loop_timeout`) until `stop()` is true, then lets the requests in flight finish (their votes commit)
+  and closes it. Polling, rather than `server.run()`, keeps the stop decision outside waitress' event loop: an
+  exception raised inside it would be logged and swallowed by the dispatcher it hit."""
+  from waitress import wasyncore
+
+  try:
+    while not stop():
+      wasyncore.loop(
+        timeout=server.adj.asyncore_loop_timeout, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1
+      )
+  finally:
+    try:
+      server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
+    finally:
+      server.close()
+
+
 def image_keys(study: Study) -> dict[str, str]:
   """{key: image id}: the key of an image is the first 20 hex digits of its sha256 (identical files share one)."""
   keys: dict[str, str] = {}
