@@ -310,6 +310,11 @@ class Store:
         select(func.min(Assignment.k)).where(Assignment.participant_id == p.id, Assignment.pair_id.not_in(voted))
       )
       if a.k != current:
+        # the same vote stored meanwhile by another process (a double submit raced across two servers): the current
+        # pair moved past it, and it is a duplicate, not a pair out of turn
+        old = s.scalar(select(VoteRow).where(VoteRow.participant_id == p.id, VoteRow.pair_id == pair_id))
+        if old is not None:
+          return Recorded(pair_id, old.choice, old.chosen_system, duplicate=True)
         raise NotAssigned(f"pair {pair_id!r} is not the current pair of participant {code!r} (that is {current})")
       t = now()
       shown = datetime.datetime.fromisoformat(a.shown_at) if a.shown_at else None
