@@ -437,7 +437,11 @@ def add_report(actions):
     "cannot be computed (no votes, nobody sharing a pair, ...) is reported with the reason, never as NaN. The "
     "headline goes to stdout. Definitions of every number are written in the report (hps_jax.study.analysis).",
   )
-  r.add_argument("votes", metavar="VOTES", help="the votes: a .jsonl export of `hps-jax study export`")
+  r.add_argument(
+    "votes",
+    metavar="VOTES",
+    help="the votes: the study database (the --db file of `study serve`, or a database URL) or a .jsonl export",
+  )
   r.add_argument("--study", required=True, metavar="STUDY.json", help="the study file the votes were collected on")
   r.add_argument("--out", required=True, metavar="DIR", help="the report's folder (created if missing)")
   r.add_argument(

@@ -67,26 +67,30 @@ OUTPUTS = ("report.json", "report.md", "report.html", FIG8, WIN_MATRIX, BT_PLOT)
 
 
 # ------------------------------------------------------------------------------------------------------ votes in
-def load_votes(source, skip: Callable[[str, str], None], study: Study | None = None) -> tuple[list[sa.Vote], int]:
-  """The votes of `source` and how many lines were read. `source` is a votes JSONL export (a path ending in
-  .jsonl, as `hps-jax study export` writes it). Each bad line goes to `skip(where, why)`: not JSON, not a vote
-  (a missing or invalid field), a second vote of one participant on one pair, or (with `study`) a pair, image or
-  system that is not the study's.
+DB_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 
-  Hook for other sources: anything but a .jsonl path (a database URL such as ``sqlite:///votes.db``, a .db file)
-  raises InputError saying so; reading a study server's database directly is to be added here, returning the same
-  `Vote`s."""
+
+def load_votes(source, skip: Callable[[str, str], None], study: Study | None = None) -> tuple[list[sa.Vote], int]:
+  """The votes of `source` and how many records were read. `source` is a votes JSONL export (a path ending in
+  .jsonl, as `hps-jax study export` writes it), the study server's SQLite file (.sqlite / .sqlite3 / .db) or a
+  database URL (`postgresql+psycopg://...`, read through `hps_jax.study.store`, which needs the `study` extra).
+  Each bad record goes to `skip(where, why)`: not JSON, not a vote (a missing or invalid field), a second vote of
+  one participant on one pair, or (with `study`) a pair, image or system that is not the study's."""
   text = str(source)
-  if "://" in text or not text.lower().endswith(".jsonl"):
+  if "://" in text or text.lower().endswith(DB_SUFFIXES):
+    records = _database_votes(text)
+  elif text.lower().endswith(".jsonl"):
+    records = jsonl_objects(text, skip)
+  else:
     raise InputError(
-      f"VOTES {text}: expected a votes .jsonl file; reading votes from a database or URL directly is not supported "
-      "yet: export them first with `hps-jax study export`"
+      f"VOTES {text}: expected a votes .jsonl export, the study's SQLite file ({', '.join(DB_SUFFIXES)}) or a "
+      "database URL"
     )
   by_pair = {p["id"]: p for p in study.pairs} if study is not None else None
   votes: list[sa.Vote] = []
   first_seen: dict[tuple[str, str], str] = {}
   lines = 0
-  for where, row in jsonl_objects(text, skip):
+  for where, row in records:
     lines += 1
     check_stop()
     if not isinstance(row, dict):
@@ -109,6 +113,24 @@ def load_votes(source, skip: Callable[[str, str], None], study: Study | None = N
     first_seen[key] = where
     votes.append(vote)
   return votes, lines
+
+
+def _database_votes(source: str) -> list[tuple[str, dict]]:
+  """(where, vote record) of every vote in a study database (what `study export` would write)."""
+  try:
+    from hps_jax.study import store
+  except ImportError as e:
+    raise InputError(f"VOTES {source}: reading a study database needs pip install 'hps_jax[study]' ({e})") from None
+  if "://" not in source:
+    if not Path(source).is_file():
+      raise InputError(f"VOTES {source}: no such database file")
+    source = store.sqlite_url(str(Path(source).resolve()))
+  db = store.open_store(source, create=False)
+  try:
+    rows = db.export_votes()
+  finally:
+    db.close()
+  return [(f"{source} vote {i + 1}", row) for i, row in enumerate(rows)]
 
 
 def _study_problem(vote: sa.Vote, by_pair: Mapping[str, dict], study: Study) -> str | None:

@@ -252,11 +252,39 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, what):
   votes_file = _write_votes(tmp_path / "votes.jsonl", _on_study(sa.simulate({("adapted", "base"): 0.7}, 4, 2), study))
   args = {
     "missing_study": [str(votes_file), "--study", str(tmp_path / "nope.json")],
-    "database_url": ["sqlite:///votes.db", "--study", str(study_file)],
+    "database_url": [str(tmp_path / "absent.sqlite"), "--study", str(study_file)],
     "bad_scorer": [str(votes_file), "--study", str(study_file), "--scorer", "noequals"],
   }[what]
   assert main(["study", "report", *args, "--out", str(tmp_path / "r")]) == 2
   lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("hps-jax study: error: "), lines
-  assert {"missing_study": "nope.json", "database_url": "study export", "bad_scorer": "NAME=CKPT"}[what] in lines[0]
+  assert {"missing_study": "nope.json", "database_url": "absent.sqlite", "bad_scorer": "NAME=CKPT"}[what] in lines[0]
   assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_report_reads_the_study_database_directly(tmp_path, capsys):
+  """VOTES may be the server's SQLite file (or a database URL): the same report as from its JSONL export."""
+  pytest.importorskip("sqlalchemy")
+  from hps_jax.study import store
+
+  study_file, _ = _make_study(tmp_path / "s", ["adapted", "base"], 6)
+  study = load_study(study_file)
+  db_file = tmp_path / "votes.sqlite"
+  db = store.open_store(store.sqlite_url(str(db_file)), study)
+  for i in range(4):
+    code = db.join(f"person{i}")
+    while not (nxt := db.next_assignment(code)).done:
+      db.record_vote(code, nxt.pair_id, "left" if (i + len(nxt.pair_id)) % 3 else "right", response_ms=900)
+  exported = db.export_votes()
+  db.close()
+  votes_file = tmp_path / "votes.jsonl"
+  votes_file.write_text("".join(json.dumps(r) + "\n" for r in exported))
+  reports = {}
+  for name, source in (("db", db_file), ("url", store.sqlite_url(str(db_file))), ("jsonl", votes_file)):
+    assert main(["study", "report", str(source), "--study", str(study_file), "--out", str(tmp_path / name)]) == 0
+    reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+  capsys.readouterr()
+  assert reports["db"]["counts"]["votes"] == len(exported) == 4 * 6
+  for name in ("db", "url"):
+    assert reports[name]["win_rates"] == reports["jsonl"]["win_rates"]
+    assert reports[name]["agreement"] == reports["jsonl"]["agreement"]
