@@ -145,26 +145,34 @@ def add_create(actions):
   c.set_defaults(run=run_create)
 
 
-def _system_specs(specs: list[str]) -> list[tuple[str, str]]:
-  out, seen_names, seen_paths = [], {}, {}
-  for spec in specs:
-    name, eq, path = spec.partition("=")
-    if not eq or not path:
-      raise UsageError(f"--system {spec}: expected NAME=PATH")
+def _named_specs(specs: list[str] | None, flag: str, value: str) -> list[tuple[str, str]]:
+  """`flag NAME=VALUE` options -> [(name, value)]: a valid study name (`check_name`), each name once."""
+  out: dict[str, str] = {}
+  for spec in specs or []:
+    name, eq, val = spec.partition("=")
+    if not eq or not name or not val:
+      raise UsageError(f"{flag} {spec}: expected NAME={value}")
     try:
-      check_name(name, "--system name")
+      check_name(name, f"{flag} name")
     except InputError as e:
       raise UsageError(str(e)) from None
-    if name in seen_names:
-      raise UsageError(f"--system {name} is given twice")
+    if name in out:
+      raise UsageError(f"{flag} {name} is given twice")
+    out[name] = val
+  return list(out.items())
+
+
+def _system_specs(specs: list[str]) -> list[tuple[str, str]]:
+  """--system NAME=PATH: also distinct, existing image sources."""
+  out = _named_specs(specs, "--system", "PATH")
+  seen_paths: dict[str, str] = {}
+  for name, path in out:
     real = os.path.realpath(path)
     if real in seen_paths:
       raise UsageError(f"--system {name}={path}: the same images as --system {seen_paths[real]}")
     if not os.path.exists(path):
       raise UsageError(f"--system {name}={path}: no such file or folder")
-    seen_names[name] = path
     seen_paths[real] = name
-    out.append((name, path))
   return out
 
 
@@ -465,19 +473,7 @@ def add_report(actions):
 
 
 def _scorer_specs(specs: list[str] | None) -> list[tuple[str, str]]:
-  out: dict[str, str] = {}
-  for spec in specs or []:
-    name, eq, ckpt = spec.partition("=")
-    if not eq or not name or not ckpt:
-      raise UsageError(f"--scorer {spec}: expected NAME=CKPT")
-    try:
-      check_name(name, "--scorer name")
-    except InputError as e:
-      raise UsageError(str(e)) from None
-    if name in out:
-      raise UsageError(f"--scorer {name} is given twice")
-    out[name] = ckpt
-  return list(out.items())
+  return _named_specs(specs, "--scorer", "CKPT")
 
 
 def run_report(args) -> int:
