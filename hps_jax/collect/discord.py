@@ -95,8 +95,20 @@ _LAYOUTS = {
   "9": [[3, 3]],
 }
 
+# what both built-in grammars share: grid layouts, NSFW markers, the session window and image matching
+_SHARED = {
+  "layouts": _LAYOUTS,
+  "tile_aspect": 1.0,
+  "nsfw_filename": r"^SPOILER_",
+  "nsfw_text": r"(?i)\bnsfw\b",
+  "window_seconds": 3600,
+  "phash_threshold": 24,
+  "hash_size": 16,
+}
+
 BUILTIN_GRAMMARS: dict[str, dict] = {
   "dreambot": {
+    **_SHARED,
     "selection": "resubmit",
     "request": r'^\s*!dream\s+"(?P<prompt>[^"]+)"',
     "count": r"(?:^|\s)-n\s*(?P<n>\d+)",
@@ -106,15 +118,9 @@ BUILTIN_GRAMMARS: dict[str, dict] = {
     "implicit_request": False,
     "seeds": r"(?:-S|[Ss]eeds?:?)\s*(?P<seeds>\d+(?:[ ,]+\d+)*)",
     "button": None,
-    "layouts": _LAYOUTS,
-    "tile_aspect": 1.0,
-    "nsfw_filename": r"^SPOILER_",
-    "nsfw_text": r"(?i)\bnsfw\b",
-    "window_seconds": 3600,
-    "phash_threshold": 24,
-    "hash_size": 16,
   },
   "upscale": {
+    **_SHARED,
     "selection": "button",
     "request": r"^\s*/imagine\s+(?:prompt:\s*)?(?P<prompt>.+?)\s*$",
     "count": None,
@@ -124,13 +130,6 @@ BUILTIN_GRAMMARS: dict[str, dict] = {
     "implicit_request": True,
     "seeds": r"--seed\s+(?P<seeds>\d+)",
     "button": {"content": r"Image #(?P<k>\d+)", "interaction": r"^(?:upscale[_ ]?|U)(?P<k>\d+)$"},
-    "layouts": _LAYOUTS,
-    "tile_aspect": 1.0,
-    "nsfw_filename": r"^SPOILER_",
-    "nsfw_text": r"(?i)\bnsfw\b",
-    "window_seconds": 3600,
-    "phash_threshold": 24,
-    "hash_size": 16,
   },
 }
 
