@@ -41,6 +41,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "label": ("hps_jax.cli.adapt", "HPS-label generated images (DiffusionDB) for the LoRA adaptation"),
   "train-lora": ("hps_jax.cli.adapt", "LoRA-adapt Stable Diffusion on an HPS-labelled manifest"),
   "eval-generator": ("hps_jax.cli.adapt", "Table 4: FID, aesthetic, CLIP score, HPS of base vs LoRA-adapted SD"),
+  "benchmark": (
+    "hps_jax.cli.benchmark",
+    "generator leaderboard on a prompt set (HPSv2 / ImageReward protocols) with one or more scorers",
+  ),
+  "correlate": ("hps_jax.cli.correlate", "per-image agreement of two or more scores (Pearson / Spearman / Kendall)"),
   "weights": ("hps_jax.cli.weights", "list, locate and verify the published weights hps_jax knows (cache, sha256)"),
   "convert": ("hps_jax.cli.convert", "any supported PyTorch / safetensors checkpoint to safetensors (no torch needed)"),
   "collect": ("hps_jax.cli.collect", "build a preference dataset from Discord chat exports (DiscordChatExporter JSON)"),

@@ -499,3 +499,23 @@ def run_training(args, run: Callable, describe: Callable) -> int:
   }
   print(json.dumps(summary))
   return EXIT_OK if result.status == "done" else EXIT_FAILED
+
+
+def named_specs(
+  specs: list[str] | None, flag: str, value: str, *, check: Callable[[str], None] | None = None
+) -> list[tuple[str, str]]:
+  """Repeated `flag NAME=VALUE` options -> [(name, value)] in the order given: NAME is what precedes the first `=`,
+  non-empty, each NAME once; `check(name)` may refuse a name (raising UsageError). UsageError (exit 2) naming the
+  option otherwise."""
+  out: dict[str, str] = {}
+  for spec in specs or []:
+    name, eq, val = spec.partition("=")
+    name = name.strip()
+    if not eq or not name or not val:
+      raise UsageError(f"{flag} {spec}: expected NAME={value}")
+    if check is not None:
+      check(name)
+    if name in out:
+      raise UsageError(f"{flag} {name} is given twice")
+    out[name] = val
+  return list(out.items())

@@ -22,6 +22,7 @@ from hps_jax.cli.common import (
   add_parser,
   add_paths_arg,
   check_output,
+  named_specs,
   progress,
   report_skips,
   say_wrote,
@@ -147,19 +148,14 @@ def add_create(actions):
 
 def _named_specs(specs: list[str] | None, flag: str, value: str) -> list[tuple[str, str]]:
   """`flag NAME=VALUE` options -> [(name, value)]: a valid study name (`check_name`), each name once."""
-  out: dict[str, str] = {}
-  for spec in specs or []:
-    name, eq, val = spec.partition("=")
-    if not eq or not name or not val:
-      raise UsageError(f"{flag} {spec}: expected NAME={value}")
+
+  def study_name(name: str) -> None:
     try:
       check_name(name, f"{flag} name")
     except InputError as e:
       raise UsageError(str(e)) from None
-    if name in out:
-      raise UsageError(f"{flag} {name} is given twice")
-    out[name] = val
-  return list(out.items())
+
+  return named_specs(specs, flag, value, check=study_name)
 
 
 def _system_specs(specs: list[str]) -> list[tuple[str, str]]:
