@@ -93,6 +93,7 @@ class Entry:
 
 
 _AESTHETIC = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+_OPENAI_CLIP = "https://openaipublic.azureedge.net/clip/models/"  # + the file's sha256 + "/" + its name
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 _SD_FILES = (
@@ -143,6 +144,26 @@ REGISTRY: dict[str, Entry] = {
       licence="MIT",
       allow_patterns=_HF_CLIP_FILES,
       format="hf",
+    ),
+    Entry(
+      "clip-rn50x64",
+      "OpenAI CLIP RN50x64 (TorchScript archive, 448 px, read without torch): Table 2's CLIP RN50x64 baseline",
+      "url",
+      _OPENAI_CLIP + "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+      "RN50x64.pt",
+      sha256="be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+      licence="MIT",
+      format="openai",
+    ),
+    Entry(
+      "clip-vit-l-14-openai",
+      "OpenAI CLIP ViT-L/14 as `clip.load` downloads it (TorchScript archive, read without torch)",
+      "url",
+      _OPENAI_CLIP + "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+      "ViT-L-14.pt",
+      sha256="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+      licence="MIT",
+      format="openai",
     ),
     Entry(
       "pickscore",

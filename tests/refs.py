@@ -84,3 +84,42 @@ def randomize_fan_in_(module, seed=0):
       else:
         p.copy_(0.1 * noise)
   return module.eval()
+
+
+def open_clip_resnet(cfg: CLIPConfig, seed: int = 0):
+  """open_clip's ModifiedResNet CLIP for a ResNet config (`cfg.resnet_layers`), random weights scaled per fan-in
+  (a deep ResNet stays finite) and random BatchNorm running statistics, in eval mode."""
+  import open_clip
+  import torch
+  from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+  vision = CLIPVisionCfg(
+    layers=cfg.resnet_layers,
+    width=cfg.vision_width,
+    head_width=32 * cfg.vision_width // cfg.vision_heads,
+    image_size=cfg.image_size,
+  )
+  text = CLIPTextCfg(
+    context_length=cfg.context_length,
+    vocab_size=cfg.vocab_size,
+    width=cfg.text_width,
+    heads=cfg.text_heads,
+    layers=cfg.text_layers,
+    mlp_ratio=cfg.text_mlp_dim / cfg.text_width,
+  )
+  model = open_clip.model.CLIP(cfg.embed_dim, vision, text, quick_gelu=cfg.activation == "quick_gelu")
+  randomize_fan_in_(model, seed)
+  g = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if (".bn" in name or "downsample.1" in name) and name.endswith("weight"):
+        # BatchNorm scales near 1, except each block's last (bn3, zero at open_clip's init), kept small so the
+        # residual stream of a deep tower (RN50x64: 64 blocks) stays O(1) and absolute errors stay meaningful
+        scale = 0.2 if name.endswith("bn3.weight") and ".layer" in name else 1.0
+        p.copy_(scale * (1.0 + 0.2 * torch.randn(p.shape, generator=g)))
+    for name, b in model.named_buffers():
+      if name.endswith("running_mean"):
+        b.copy_(0.1 * torch.randn(b.shape, generator=g))
+      elif name.endswith("running_var"):
+        b.copy_(0.7 + 0.6 * torch.rand(b.shape, generator=g))
+  return model.eval()

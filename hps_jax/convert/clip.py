@@ -7,6 +7,10 @@ Formats
              ({'state_dict': ...}, optional `module.` prefix). QuickGELU unless told otherwise.
   open_clip  open_clip state dicts (HPS v2 / v2.1 `HPS_v2*_compressed.pt`). Same key names as `openai`;
              the activation is GELU unless the model is a `-quickgelu` variant (pass activation='quick_gelu').
+  ResNet     OpenAI's ModifiedResNet CLIPs (RN50, RN101, RN50x4, RN50x16, RN50x64) in the `openai` / open_clip
+             layout (`visual.layer{1-4}.*`, `visual.attnpool.*`, BatchNorm running statistics); the stage depths,
+             width, image size and embedding size are read from the shapes. Also inside OpenAI's TorchScript
+             archives (`RN50x64.pt`, `ViT-L-14.pt`: what `clip.load` downloads), read without torch.
 
 State dicts carry no activation: `auto` picks QuickGELU for the widths OpenAI released (ViT-B, ViT-L) and GELU
 for the LAION-only sizes (ViT-H and up). Pass `activation=` to override; a wrong choice silently shifts scores.
@@ -40,7 +44,7 @@ from hps_jax.models.clip import CLIP, CLIPConfig, int_field_problem
 
 FORMATS = ("auto", "hf", "openai", "open_clip")
 # Buffers some writers include that carry no learned weights.
-_IGNORED = re.compile(r"(^|\.)(position_ids|attn_mask|input_resolution|context_length|vocab_size)$")
+_IGNORED = re.compile(r"(^|\.)(position_ids|attn_mask|input_resolution|context_length|vocab_size|num_batches_tracked)$")
 
 _T = lambda a: np.ascontiguousarray(np.asarray(a).T)
 _ID = lambda a: np.asarray(a)
@@ -83,38 +87,70 @@ def hf_key_map(cfg: CLIPConfig):
   return m
 
 
+def _bn(ours, theirs):
+  return _norm(ours, theirs) + [
+    (f"{ours}/mean", f"{theirs}.running_mean", _ID, _ID),
+    (f"{ours}/var", f"{theirs}.running_var", _ID, _ID),
+  ]
+
+
+def _conv(ours, theirs):
+  return [(f"{ours}/kernel", f"{theirs}.weight", _CONV_TO_HWIO, _HWIO_TO_CONV)]
+
+
+def resnet_key_map(cfg: CLIPConfig):
+  """The ModifiedResNet image tower's OpenAI / open_clip names."""
+  m = []
+  for i in (1, 2, 3):
+    m += _conv(f"vision/conv{i}", f"visual.conv{i}") + _bn(f"vision/bn{i}", f"visual.bn{i}")
+  for stage, blocks in enumerate(cfg.resnet_layers):
+    for j in range(blocks):
+      o, t = f"vision/layers/{stage}/{j}", f"visual.layer{stage + 1}.{j}"
+      for i in (1, 2, 3):
+        m += _conv(f"{o}/conv{i}", f"{t}.conv{i}") + _bn(f"{o}/bn{i}", f"{t}.bn{i}")
+      if j == 0:  # every stage's first block changes the width (and from the second stage on, the size)
+        m += _conv(f"{o}/downsample/conv", f"{t}.downsample.0") + _bn(f"{o}/downsample/bn", f"{t}.downsample.1")
+  m.append(("vision/attnpool/pos_embedding", "visual.attnpool.positional_embedding", _ID, _ID))
+  for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "c_proj")):
+    m += _linear(f"vision/attnpool/{ours}", f"visual.attnpool.{theirs}")
+  return m
+
+
 def openai_key_map(cfg: CLIPConfig):
   """OpenAI / open_clip names. The fused in_proj tensors are handled separately (see `_split_in_proj`)."""
-  m = []
-  for tower, prefix, layers in (
-    ("vision", "visual.transformer", cfg.vision_layers),
-    ("text", "transformer", cfg.text_layers),
-  ):
+  m = resnet_key_map(cfg) if cfg.is_resnet else []
+  towers = [("text", "transformer", cfg.text_layers)]
+  if not cfg.is_resnet:
+    towers.insert(0, ("vision", "visual.transformer", cfg.vision_layers))
+  for tower, prefix, layers in towers:
     for i in range(layers):
       o, t = f"{tower}/blocks/{i}", f"{prefix}.resblocks.{i}"
       m += _norm(f"{o}/ln1", f"{t}.ln_1") + _norm(f"{o}/ln2", f"{t}.ln_2")
       m += _linear(f"{o}/attn/out", f"{t}.attn.out_proj")
       m += _linear(f"{o}/mlp/fc1", f"{t}.mlp.c_fc") + _linear(f"{o}/mlp/fc2", f"{t}.mlp.c_proj")
+  if not cfg.is_resnet:
+    m += [
+      ("vision/patch_embed/kernel", "visual.conv1.weight", _CONV_TO_HWIO, _HWIO_TO_CONV),
+      ("vision/class_embedding", "visual.class_embedding", _ID, _ID),
+      ("vision/pos_embedding", "visual.positional_embedding", _ID, _ID),
+      ("vision/proj", "visual.proj", _ID, _ID),
+    ]
+    m += _norm("vision/ln_pre", "visual.ln_pre") + _norm("vision/ln_post", "visual.ln_post")
   m += [
-    ("vision/patch_embed/kernel", "visual.conv1.weight", _CONV_TO_HWIO, _HWIO_TO_CONV),
-    ("vision/class_embedding", "visual.class_embedding", _ID, _ID),
-    ("vision/pos_embedding", "visual.positional_embedding", _ID, _ID),
-    ("vision/proj", "visual.proj", _ID, _ID),
     ("text/token_embedding/embedding", "token_embedding.weight", _ID, _ID),
     ("text/pos_embedding", "positional_embedding", _ID, _ID),
     ("text/proj", "text_projection", _ID, _ID),
     ("logit_scale", "logit_scale", _ID, _ID),
   ]
-  m += _norm("vision/ln_pre", "visual.ln_pre") + _norm("vision/ln_post", "visual.ln_post")
   m += _norm("text/ln_final", "ln_final")
   return m
 
 
 def _in_proj_blocks(cfg: CLIPConfig):
-  for tower, prefix, layers in (
-    ("vision", "visual.transformer", cfg.vision_layers),
-    ("text", "transformer", cfg.text_layers),
-  ):
+  towers = [("text", "transformer", cfg.text_layers)]
+  if not cfg.is_resnet:
+    towers.insert(0, ("vision", "visual.transformer", cfg.vision_layers))
+  for tower, prefix, layers in towers:
     for i in range(layers):
       yield f"{tower}/blocks/{i}/attn", f"{prefix}.resblocks.{i}.attn"
 
@@ -229,20 +265,45 @@ def _infer_hf_fields(sd, source="state dict", text_only: bool = False) -> _Evide
   return ev
 
 
+def is_resnet_state_dict(sd) -> bool:
+  """OpenAI / open_clip keys of a ModifiedResNet image tower."""
+  return "visual.attnpool.positional_embedding" in sd or any(k.startswith("visual.layer1.") for k in sd)
+
+
+def _infer_resnet_fields(sd, ev: _Evidence, source) -> None:
+  stages = []
+  for b in (1, 2, 3, 4):
+    n = _count_layers(sd, rf"visual\.layer{b}\.(\d+)\.conv1\.weight", source)
+    if n == 0:
+      raise CheckpointError(f"{source}: a ResNet CLIP needs visual.layer{b}.0.conv1.weight (four stages)")
+    stages.append(n)
+  ev.put("resnet_layers", tuple(stages), f"blocks per stage visual.layer1-4: {stages}")
+  ev.put("vision_layers", sum(stages), f"blocks per stage visual.layer1-4: {stages}")
+  key = "visual.layer1.0.conv1.weight"
+  shape = _shape(sd, key, 4, source)
+  ev.put("vision_width", shape[0], f"{key} has shape {shape}")
+  key = "visual.attnpool.positional_embedding"
+  pos = _shape(sd, key, 2, source)
+  ev.put("image_size", 32 * _grid(pos[0], key, pos, source), f"{key} has shape {pos} (stride 32)")
+  ev.put("patch_size", 32, "a ModifiedResNet's total stride")
+  ev.put("vision_mlp_dim", pos[1], f"{key} has shape {pos}")
+
+
 def _infer_openai_fields(sd, source="state dict") -> _Evidence:
   ev = _Evidence()
-  if "visual.conv1.weight" not in sd:
-    if any(k.startswith("visual.layer1") or k.startswith("visual.attnpool") for k in sd):
-      raise CheckpointError(f"{source}: ResNet CLIP image towers are not supported (only ViT CLIP models)")
+  if is_resnet_state_dict(sd):
+    _infer_resnet_fields(sd, ev, source)
+  elif "visual.conv1.weight" not in sd:
     raise CheckpointError(f"{source}: not an OpenAI/open_clip CLIP state dict: 'visual.conv1.weight' missing")
-  key = "visual.conv1.weight"
-  shape = _shape(sd, key, 4, source)
-  vw, _, p, _ = shape
-  ev.put("vision_width", vw, f"{key} has shape {shape}")
-  ev.put("patch_size", p, f"{key} has shape {shape}")
-  key = "visual.positional_embedding"
-  pos = _shape(sd, key, 2, source)
-  ev.put("image_size", p * _grid(pos[0], key, pos, source), f"{key} has shape {pos} with {p}-pixel patches")
+  else:
+    key = "visual.conv1.weight"
+    shape = _shape(sd, key, 4, source)
+    vw, _, p, _ = shape
+    ev.put("vision_width", vw, f"{key} has shape {shape}")
+    ev.put("patch_size", p, f"{key} has shape {shape}")
+    key = "visual.positional_embedding"
+    pos = _shape(sd, key, 2, source)
+    ev.put("image_size", p * _grid(pos[0], key, pos, source), f"{key} has shape {pos} with {p}-pixel patches")
   key = "ln_final.weight"
   (tw,) = _shape(sd, key, 1, source)
   ev.put("text_width", tw, f"{key} has shape {(tw,)}")
@@ -255,7 +316,10 @@ def _infer_openai_fields(sd, source="state dict") -> _Evidence:
   key = "positional_embedding"
   shape = _shape(sd, key, 2, source)
   ev.put("context_length", shape[0], f"{key} has shape {shape}")
-  for tower, prefix in (("vision", "visual.transformer.resblocks"), ("text", "transformer.resblocks")):
+  towers = [("text", "transformer.resblocks")]
+  if "resnet_layers" not in ev:
+    towers.insert(0, ("vision", "visual.transformer.resblocks"))
+  for tower, prefix in towers:
     _tower_fields(
       sd,
       ev,
@@ -278,7 +342,7 @@ def _checked(cfg_kw: dict, source) -> CLIPConfig:
 
 def default_activation(vision_width: int) -> str:
   """OpenAI released ViT-B and ViT-L (QuickGELU); wider towers (ViT-H, g, bigG) exist only as LAION/open_clip
-  models trained with GELU."""
+  models trained with GELU. (ResNet towers, at most 128 wide at the stem, are OpenAI's: QuickGELU text.)"""
   return "quick_gelu" if vision_width <= 1024 else "gelu"
 
 
@@ -287,7 +351,8 @@ def infer_openai_config(sd, activation: str | None = None, fmt: str = "auto", so
   fields = _infer_openai_fields(sd, source).values_only()
   if activation is None:
     activation = {"openai": "quick_gelu", "open_clip": "gelu"}.get(fmt) or default_activation(fields["vision_width"])
-  heads = dict(vision_heads=_heads(fields["vision_width"], source), text_heads=_heads(fields["text_width"], source))
+  attn_width = 32 * fields["vision_width"] if "resnet_layers" in fields else fields["vision_width"]
+  heads = dict(vision_heads=_heads(attn_width, source), text_heads=_heads(fields["text_width"], source))
   return _checked({**fields, **heads, "activation": activation}, source)
 
 
@@ -464,7 +529,7 @@ def _check_unused(sd, used, source):
     more = f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""
     raise CheckpointError(
       f"{source}: {len(extra)} unexpected keys, e.g. {extra[:8]}{more}; the architecture "
-      "does not match a plain ViT CLIP"
+      "does not match a plain ViT or ModifiedResNet CLIP"
     )
 
 
@@ -515,7 +580,8 @@ def model_params(model) -> dict[str, np.ndarray]:
   """The model's parameters as {'vision/blocks/0/attn/query/kernel': np.ndarray, ...}."""
 
   return {
-    "/".join(map(str, path)): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    "/".join(map(str, path)): np.asarray(var[...])
+    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))
   }
 
 
@@ -529,7 +595,7 @@ def build_model(
   param_dtype = param_dtype or jnp.float32
   cls = cls or CLIP
   abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(abstract, (nnx.Param, nnx.BatchStat), ...)
   remaining = dict(flat)
   for path, var in nnx.to_flat_state(params):
     key = "/".join(map(str, path))
@@ -646,9 +712,11 @@ def load_clip(
 
 def save_hf(model: CLIP, out_dir) -> Path:
   """Writes `model` as a transformers CLIPModel dir (config.json + model.safetensors)."""
+  cfg = model.config
+  if cfg.is_resnet:
+    raise CheckpointError("transformers has no ResNet CLIP: save a ResNet CLIP with params_to_openai instead")
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  cfg = model.config
   sd = params_to_hf({k: v.astype(np.float32) for k, v in model_params(model).items()}, cfg)
   save_safetensors(sd, out / "model.safetensors", metadata={"format": "pt"})
   files.write_text(out / "config.json", json.dumps(config_to_hf(cfg), indent=2))
