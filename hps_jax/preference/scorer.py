@@ -82,13 +82,15 @@ class BucketedRunner:
     return self.fn._cache_size()
 
 
-def _load_preprocessed(sources, preprocess: PreprocessConfig, workers: int):
+def _load_preprocessed(sources, preprocess: PreprocessConfig, workers: int, load: Callable | None = None):
   """Decodes and preprocesses images on host threads (PIL releases the GIL while decoding and resizing).
-  Returns (array or None, error or None) per source, in order."""
+  Returns (array or None, error or None) per source, in order. `preprocess`: anything with `apply(uint8 image)`;
+  `load`: the decoder (default `load_image`, looked up at call time)."""
+  load = load or load_image
 
   def one(src):
     try:
-      return preprocess.apply(load_image(src)), None
+      return preprocess.apply(load(src)), None
     except ImageError as e:
       return None, e
 
@@ -98,18 +100,21 @@ def _load_preprocessed(sources, preprocess: PreprocessConfig, workers: int):
     return list(pool.map(one, sources))
 
 
-def _stream(items, batch_size, preprocess, workers, compute):
+def _stream(items, batch_size, preprocess, workers, compute, *, collate: Callable = np.stack, load=None):
   """Shared streaming loop of the scorers: chunks of `batch_size` (source, extra) items are decoded on host
-  threads, the readable ones go through `compute(pixels, extras)`; yields (source, extra, value, error)."""
+  threads, the readable ones go through `compute(collate(preprocessed), extras)`, which returns one value per
+  readable item (an array, or a list of any values); yields (source, extra, value, error). `collate` (default
+  np.stack) and `load` (default `load_image`) let `hps_jax.metrics.multiscore` feed several scorers from one
+  decode."""
   chunk = []
 
   def flush(chunk):
-    loaded = _load_preprocessed([src for src, _ in chunk], preprocess, workers)
+    loaded = _load_preprocessed([src for src, _ in chunk], preprocess, workers, load)
     ok = [i for i, (_, err) in enumerate(loaded) if err is None]
     values = {}
     if ok:
-      out = compute(np.stack([loaded[i][0] for i in ok]), [chunk[i][1] for i in ok])
-      values = dict(zip(ok, np.asarray(out).tolist()))
+      out = compute(collate([loaded[i][0] for i in ok]), [chunk[i][1] for i in ok])
+      values = dict(zip(ok, out if isinstance(out, list) else np.asarray(out).tolist()))
     for i, (src, extra) in enumerate(chunk):
       yield src, extra, values.get(i), loaded[i][1]
 
@@ -251,6 +256,11 @@ class Scorer:
   def compiled_variants(self) -> int:
     return self._cos.compiled_variants()
 
+  @property
+  def batch_size(self) -> int:
+    """The largest chunk one forward pass takes (the top bucket)."""
+    return self._cos.batch_size
+
   # registry and description ---------------------------------------------------------------------------------
   @classmethod
   def from_pretrained(cls, name, **kw) -> "Scorer":
@@ -270,10 +280,7 @@ class Scorer:
 
   def __repr__(self) -> str:
     c = self.config
-    arch = (
-      f"vision {c.vision_layers}x{c.vision_width} patch {c.patch_size}, text {c.text_layers}x{c.text_width}, "
-      f"embed {c.embed_dim}, {c.activation}"
-    )
+    arch = f"vision {c.vision_arch}, text {c.text_layers}x{c.text_width}, embed {c.embed_dim}, {c.activation}"
     return (
       f"Scorer(source={getattr(self, '_source', 'in-memory model')!r}, arch={arch!r}, "
       f"preprocess={_describe_preprocess(self.preprocess)!r}, {_describe_dtype(self, self._cos.state)}, "
@@ -319,6 +326,15 @@ class AestheticScorer:
   def from_checkpoint(cls, mlp_path, clip_path, clip_format: str = "auto", dtype=None, **kw) -> "AestheticScorer":
 
     return cls(load_clip(clip_path, clip_format, dtype=as_dtype(dtype)), load_aesthetic(mlp_path), **kw)
+
+  @property
+  def batch_size(self) -> int:
+    """The largest chunk one forward pass takes (the top bucket)."""
+    return self._run.batch_size
+
+  def score_arrays(self, pixels: np.ndarray) -> np.ndarray:
+    """Aesthetic rating for already preprocessed pixels (N, S, S, 3)."""
+    return self._run(np.asarray(pixels, np.float32))
 
   def score(self, images) -> np.ndarray:
     """Aesthetic rating (about 1-10) per image. Raises ImageError for an unreadable image."""
