@@ -1,7 +1,7 @@
 """`hps-jax convert`: any supported PyTorch / safetensors state-dict checkpoint to one safetensors file.
 
-The PyTorch pickles (`torch.save` zip files and the legacy pre-1.6 format) are read by the torch-free, allow-listed
-reader in `hps_jax.convert.io`: torch is not needed, and nothing in the file is executed.
+The PyTorch pickles (`torch.save` zip files, the legacy pre-1.6 format, and TorchScript archives) are read by the
+torch-free, allow-listed reader in `hps_jax.convert.io`: torch is not needed, and nothing in the file is executed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def add_convert(sub):
     help="any supported PyTorch / safetensors checkpoint to safetensors (no torch needed)",
     description="Reads a state dict (a torch.save .pt / .pth / .bin / .ckpt, plain or wrapped in {'state_dict': ...}, "
     "a safetensors file or a sharded *.safetensors.index.json) without torch and without running code from the "
-    "file, and writes its tensors, dtypes kept, to one safetensors file. TorchScript archives are refused.",
+    "file, and writes its tensors, dtypes kept, to one safetensors file. A TorchScript archive (torch.jit.save, e.g. "
+    "OpenAI's CLIP .pt) gives its module's state dict.",
   )
   p.add_argument("src", metavar="SRC", help="the checkpoint to read")
   p.add_argument("dst", metavar="DST", help="the safetensors file to write (written atomically)")

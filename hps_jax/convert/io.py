@@ -11,11 +11,21 @@ is refused with a `CheckpointError` naming it and the file, before it could be c
 - the zip format of torch >= 1.6 (`<folder>/data.pkl`, `<folder>/data/<key>` raw storages, `<folder>/version`,
   optionally `<folder>/byteorder`), what `torch.save` writes by default;
 - the legacy format of torch < 1.6 (a plain pickle stream: magic number, protocol, sys info, the object, the
-  storage keys, then each storage's bytes), what `torch.save(..., _use_new_zipfile_serialization=False)` writes.
+  storage keys, then each storage's bytes), what `torch.save(..., _use_new_zipfile_serialization=False)` writes;
+- TorchScript archives (`torch.jit.save` of a scripted or traced module, e.g. OpenAI's CLIP release `.pt`): the zip
+  format plus `<folder>/code/` (the module's TorchScript source) and `<folder>/constants.pkl`. They read as the
+  module's `state_dict()`: dotted names along the attribute tree (`visual.transformer.resblocks.0.attn.in_proj_weight`,
+  `visual.bn1.running_mean`), each module's parameters then its buffers, then its sub-modules'. The module objects
+  (`__torch__.<module path>.<Class>` in data.pkl) become inert `_ScriptObject`s holding their attribute dict; which
+  attributes are parameters and buffers is read (not run) from the `__parameters__ = [...]` / `__buffers__ = [...]`
+  lines of each class's source, as `torch.jit.load` registers them: other tensor attributes and other values are not
+  part of the state dict, and only the storages of state-dict tensors are read. `constants.pkl` (the code's tensor
+  constants, storages in `<folder>/constants/`) is not needed. As in torch, every buffer is in it (TorchScript keeps
+  no 'non-persistent' mark: open_clip's causal `attn_mask` appears).
 
-Refused with a clear error: TorchScript archives (`constants.pkl` / `code/`, e.g. OpenAI's CLIP release `.pt`),
-tar-format files of torch < 0.4, big-endian legacy files, tensors that reach outside their storage. A storage is only
-allocated after checking that the file holds all its bytes.
+Refused with a clear error: TorchScript archives of torch < 1.4 (`model.json`), tar-format files of torch < 0.4,
+big-endian legacy files, tensors that reach outside their storage. A storage is only allocated after checking that
+the file holds all its bytes.
 
 Untrusted files (every failure is one `CheckpointError` line naming the file, never another exception):
 
@@ -37,6 +47,7 @@ tensors (`non_finite_keys`): scores computed with them are refused downstream.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import collections
 import io
@@ -45,6 +56,7 @@ import math
 import os
 import pickle
 import pickletools
+import re
 import struct
 import warnings
 import zipfile
@@ -90,6 +102,8 @@ class TensorInfo(NamedTuple):
 _MAX_JSON_BYTES = 64 << 20  # config.json / index.json files are KBs to a few MBs
 _MAX_PICKLE_BYTES = 256 << 20  # the pickle of a state dict (without the storages) is KBs to MBs
 _MAX_EXPANSION_BYTES = 64 << 20  # what a stride-0 / overlapping view may materialize beyond its storage
+_MAX_CODE_BYTES = 256 << 20  # the TorchScript source read to find a module tree's parameters and buffers (all files)
+_MAX_NAME_LIST_CHARS = 1 << 20  # one class's `__parameters__ = [...]` line
 _DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data more than this
 _SAFETENSORS_DTYPES = {
   "F64": "float64",
@@ -274,6 +288,7 @@ class _Storage:
   def __init__(self, dtype: np.dtype, numel: int, base: _Storage | None = None, start: int = 0):
     self.dtype, self.numel, self.base, self.start = dtype, numel, base, start
     self.data: np.ndarray | None = None
+    self.member: zipfile.ZipInfo | None = None  # zip: where its bytes are (checked), when read after the pickle
 
   def array(self) -> np.ndarray:
     if self.base is not None:
@@ -346,6 +361,48 @@ _ALLOWED: dict[tuple[str, str], object] = {
   **{("builtins", n): getattr(builtins, n) for n in ("set", "frozenset", "tuple", "list", "dict", "complex", "slice")},
   ("builtins", "bytearray"): _bytearray,
 }
+
+
+def _typed_list(data):
+  # torch.jit._pickle.build_intlist & co.: TorchScript's typed lists, pickled as build_*list([...])
+  if not isinstance(data, list):
+    raise pickle.UnpicklingError(f"a TorchScript typed list from {type(data).__name__}, not a list")
+  return data
+
+
+def _restore_type_tag(value, type_str=None):
+  # torch.jit._pickle.restore_type_tag(value, 'Dict[str, Tensor]'): the static type of a TorchScript list / dict
+  return value
+
+
+# what TorchScript's pickler adds to torch.save's globals (only allowed in a TorchScript archive's data.pkl); its
+# `__torch__.<module path>.<Class>` objects are `_ScriptObject`s
+_SCRIPT_ALLOWED: dict[tuple[str, str], object] = {
+  **{("torch.jit._pickle", f"build_{k}list"): _typed_list for k in ("int", "double", "bool", "tensor")},
+  ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag,
+}
+
+
+class _ScriptObject:
+  """Stand-in for an instance of a TorchScript class `__torch__.<module path>.<Class>` (a scripted / traced module,
+  or a scripted class): nothing of the class is imported or run. The unpickler makes one subclass per class name
+  (`qualname`); the pickled state (for a module: its attribute dict) is kept, unchecked, as `state`."""
+
+  __slots__ = ("state",)
+  qualname = "__torch__"
+
+  def __new__(cls, *args, **kwargs):
+    obj = object.__new__(cls)
+    obj.state = None
+    return obj
+
+  def __init__(self, *args, **kwargs):
+    pass
+
+  def __setstate__(self, state):
+    self.state = state
+
+
 # opcodes that store into the unpickler's memo at an index given in the stream
 _MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
 
@@ -373,16 +430,26 @@ def _scan_pickle(stream, path, max_bytes: int | None = None) -> None:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-  """Resolves globals against `_ALLOWED` only, and hands each persistent id to `load_storage`."""
+  """Resolves globals against `_ALLOWED` only, and hands each persistent id to `load_storage`. With `script` (a
+  TorchScript archive's data.pkl), also `_SCRIPT_ALLOWED`, and every `__torch__.*` class becomes a `_ScriptObject`."""
 
-  def __init__(self, file, path, load_storage=None):
+  def __init__(self, file, path, load_storage=None, script: bool = False):
     super().__init__(file)
-    self._path, self._load_storage = path, load_storage
+    self._path, self._load_storage, self._script = path, load_storage, script
+    self._script_classes: dict[str, type] = {}
 
   def find_class(self, module, name):
     if module == "__builtin__":  # protocol 2 (torch.save's) names the builtins module as Python 2 did
       module = "builtins"
     found = _ALLOWED.get((module, name))
+    if found is None and self._script:
+      found = _SCRIPT_ALLOWED.get((module, name))
+      if found is None and (module == "__torch__" or module.startswith("__torch__.")):
+        qualname = f"{module}.{name}"
+        found = self._script_classes.get(qualname)
+        if found is None:
+          found = type("_ScriptObject", (_ScriptObject,), {"__slots__": (), "qualname": qualname})
+          self._script_classes[qualname] = found
     if found is None:
       raise _Refused(
         f"{self._path}: refusing to unpickle {module}.{name}: only tensors, storages, dtypes and plain containers are "
@@ -550,14 +617,16 @@ def _load_zip(path: Path, meta: bool = False):
   with zf:
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1] or [n for n in names if n == "data.pkl"]
-    if any(n.endswith("constants.pkl") or "/code/" in n or n.startswith("code/") for n in names):
-      raise CheckpointError(
-        f"{path}: a TorchScript archive (e.g. OpenAI's CLIP release .pt), not a state dict; reading those is not "
-        "supported: load it with torch.jit.load(...).state_dict() and save that (or use the HF / open_clip weights)"
-      )
     if len(pkls) != 1:
+      if any(n.endswith("/model.json") or n == "model.json" for n in names):
+        raise CheckpointError(
+          f"{path}: a TorchScript archive in the format of torch < 1.4 (model.json), not supported: load it with "
+          "torch.jit.load(...).state_dict() and save that"
+        )
       raise CheckpointError(f"{path}: a zip archive but not a torch.save file (no single <folder>/data.pkl)")
     prefix = pkls[0][: -len("data.pkl")]
+    # torch.jit.save writes the module's code and its constants next to data.pkl
+    script = prefix + "constants.pkl" in names or any(n.startswith(prefix + "code/") for n in names)
     order = "<"
     if prefix + "byteorder" in names:
       bo_info = zf.getinfo(prefix + "byteorder")
@@ -569,6 +638,13 @@ def _load_zip(path: Path, meta: bool = False):
         raise CheckpointError(f"{path}: unknown byteorder {bo[:20]!r}")
       order = "<" if bo == b"little" else ">"
     storages: dict[str, _Storage] = {}
+
+    def read_storage(st: _Storage) -> None:
+      raw = _read_member(zf, st.member, st.numel * st.dtype.itemsize, path)
+      if order == ">" and st.dtype.itemsize > 1:
+        st.data = raw.view(st.dtype.newbyteorder(">")).astype(st.dtype)
+      else:
+        st.data = raw.view(st.dtype)
 
     def load_storage(pid):
       dtype, key, numel, _ = _storage_id(pid, path, legacy=False)
@@ -589,14 +665,10 @@ def _load_zip(path: Path, meta: bool = False):
         )
       _check_member(info, archive_size, path)
       st = _Storage(dtype, numel)
+      st.member = info
       storages[key] = st
-      if meta:
-        return st
-      raw = _read_member(zf, info, nbytes, path)
-      if order == ">" and dtype.itemsize > 1:
-        st.data = raw.view(dtype.newbyteorder(">")).astype(dtype)
-      else:
-        st.data = raw.view(dtype)
+      if not (meta or script):  # a TorchScript archive's storages are read once known to be in its state dict
+        read_storage(st)
       return st
 
     info = zf.getinfo(pkls[0])
@@ -605,8 +677,161 @@ def _load_zip(path: Path, meta: bool = False):
       raise CheckpointError(f"{path}: {pkls[0]} is {info.file_size} bytes (a state dict's pickle is at most MBs)")
     f = io.BytesIO(_read_zip(zf, info, path))
     _scan_pickle(f, path)
-    obj = _unpickle(_SafeUnpickler(f, path, load_storage), path)
+    obj = _unpickle(_SafeUnpickler(f, path, load_storage, script=script), path)
+    if script:
+      obj = _script_state_dict(obj, _ScriptSource(zf, prefix, archive_size, path), path)
+      if not meta:
+        for p in obj.values():
+          if isinstance(p.storage, _Storage) and p.storage.data is None:
+            read_storage(p.storage)
     return _resolve(obj, path, meta)
+
+
+class _ScriptSource:
+  """The parameter and buffer names of the TorchScript classes of an archive, read (never run) from their source:
+  class `__torch__.a.b.C` is printed in `<prefix>code/__torch__/a/b.py` as `class C(Module):` followed by
+  `__parameters__ = ["weight", "bias", ]` and `__buffers__ = [...]` lines, the lists `torch.jit.load` registers the
+  module's parameters and buffers from. Each source file is read once, size-limited."""
+
+  _CLASS = re.compile(r"class\s+(\w+)\s*(?:\(\s*([\w.]*)\s*\))?\s*:")
+  _LIST = re.compile(r"\s+__(parameters|buffers)__\s*=\s*(\[.*\])\s*")
+
+  def __init__(self, zf: zipfile.ZipFile, prefix: str, archive_size: int, path):
+    self.zf, self.prefix, self.archive_size, self.path = zf, prefix, archive_size, path
+    self.files: dict[str, dict] = {}
+    self.bytes_read = 0
+
+  def module_names(self, qualname: str) -> tuple[tuple[str, ...], tuple[str, ...] | None] | None:
+    """(parameter names, buffer names or None when the source lists none) of class `qualname` if it is a module;
+    None for a class that is not a module (a scripted class, a custom C++ class `__torch__.torch.classes.*`)."""
+    module, _, name = qualname.rpartition(".")
+    member = f"{self.prefix}code/{module.replace('.', '/')}.py"
+    if member not in self.files:
+      self.files[member] = self._parse(member)
+    classes = self.files[member]
+    if name not in classes:
+      if module == "__torch__.torch.classes" or module.startswith("__torch__.torch.classes."):
+        return None
+      raise CheckpointError(
+        f"{self.path}: data.pkl holds an object of class {qualname!r:.120} that {member!r:.120} does not define "
+        "(a TorchScript archive without its code?)"
+      )
+    return classes[name]
+
+  def _parse(self, member: str) -> dict:
+    try:
+      info = self.zf.getinfo(member)
+    except KeyError:
+      return {}
+    _check_member(info, self.archive_size, self.path)
+    self.bytes_read += info.file_size
+    if self.bytes_read > _MAX_CODE_BYTES:
+      raise CheckpointError(
+        f"{self.path}: more than {_MAX_CODE_BYTES} bytes of TorchScript code (at {member!r:.120}); a model's is MBs"
+      )
+    try:
+      text = _read_zip(self.zf, info, self.path).decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise CheckpointError(f"{self.path}: {member} is not UTF-8 text ({one_line(e, 100)})") from e
+    classes: dict[str, tuple | None] = {}
+    current = None  # [parameters, buffers] of the module class being read
+    for line in text.splitlines():
+      if not line.strip():
+        continue
+      if not line.startswith((" ", "\t")):
+        m = self._CLASS.fullmatch(line.rstrip())
+        if m is None:
+          current = None
+          continue
+        current = [None, None] if m.group(2) == "Module" else None
+        classes[m.group(1)] = current
+        continue
+      m = self._LIST.fullmatch(line.rstrip()) if current is not None else None
+      if m is None:
+        continue
+      slot = 0 if m.group(1) == "parameters" else 1
+      if current[slot] is None:
+        current[slot] = self._names(m.group(2), member)
+    out = {}
+    for name, lists in classes.items():
+      if lists is None:
+        out[name] = None
+      elif lists[0] is None:
+        raise CheckpointError(f"{self.path}: {member}: module class {name!r:.80} has no __parameters__ list")
+      else:
+        out[name] = (lists[0], lists[1])
+    return out
+
+  def _names(self, text: str, member: str) -> tuple[str, ...]:
+    if len(text) > _MAX_NAME_LIST_CHARS:
+      raise CheckpointError(f"{self.path}: {member}: an attribute list of {len(text)} characters")
+    try:
+      names = ast.literal_eval(text)  # a literal list of strings: nothing is evaluated
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+      raise CheckpointError(f"{self.path}: {member}: unreadable attribute list {text!r:.80}") from e
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+      raise CheckpointError(f"{self.path}: {member}: attribute list {text!r:.80} is not a list of names")
+    return tuple(names)
+
+
+_MAX_SCRIPT_MODULES = 100_000  # module visits of one tree (ViT-H/14 has under 1,000 modules)
+
+
+def _script_state_dict(root, source: _ScriptSource, path) -> collections.OrderedDict:
+  """{dotted name: pending tensor} of a TorchScript module tree, as its `state_dict()`: each module's parameters,
+  then its buffers (attribute order; None values skipped; every buffer, as TorchScript keeps no 'non-persistent'
+  mark), then each sub-module's under `<attribute>.`. Plain tensor attributes and other values are not part of it.
+  A sub-module reached through two attributes appears under both names, as in torch."""
+  out: collections.OrderedDict = collections.OrderedDict()
+  visits = 0
+
+  def walk(obj: _ScriptObject, prefix: str, on_path: tuple) -> None:
+    nonlocal visits
+    visits += 1
+    if visits > _MAX_SCRIPT_MODULES:
+      raise CheckpointError(f"{path}: more than {_MAX_SCRIPT_MODULES} modules in the TorchScript module tree")
+    if len(on_path) > 100:
+      raise CheckpointError(f"{path}: TorchScript modules nested too deeply (at {prefix[:100]!r})")
+    if id(obj) in on_path:
+      raise CheckpointError(f"{path}: the TorchScript module {prefix[:-1][:100]!r} contains itself")
+    names = source.module_names(obj.qualname)
+    state = obj.state
+    if not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+      raise CheckpointError(
+        f"{path}: the TorchScript module {prefix[:-1][:100]!r} ({obj.qualname:.120}) has a state of "
+        f"{type(state).__name__}, not a dict of attributes"
+      )
+    params, buffers = names
+    if buffers is None:  # a source that lists no buffers: every other tensor attribute is one
+      buffers = tuple(k for k, v in state.items() if isinstance(v, _Pending) and k not in params)
+    for kind, group in (("parameter", params), ("buffer", buffers)):
+      for name in group:
+        if name not in state:
+          raise CheckpointError(
+            f"{path}: the TorchScript module {prefix[:-1][:100]!r} ({obj.qualname:.120}) declares {kind} "
+            f"{name!r:.80} but does not hold it"
+          )
+        value = state[name]
+        if value is None:
+          continue
+        if not isinstance(value, _Pending):
+          raise CheckpointError(
+            f"{path}: {kind} {prefix + name!r:.160} of the TorchScript module is {type(value).__name__}, not a tensor"
+          )
+        if prefix + name in out:
+          raise CheckpointError(f"{path}: {prefix + name!r:.160} named twice in the TorchScript module")
+        out[prefix + name] = value
+    for name, value in state.items():
+      if isinstance(value, _ScriptObject) and source.module_names(value.qualname) is not None:
+        walk(value, f"{prefix}{name}.", (*on_path, id(obj)))
+
+  if not isinstance(root, _ScriptObject) or source.module_names(root.qualname) is None:
+    raise CheckpointError(
+      f"{path}: a TorchScript archive whose data.pkl holds {getattr(root, 'qualname', type(root).__name__)!r:.120}, "
+      "not a module"
+    )
+  walk(root, "", ())
+  return out
 
 
 def _read_zip(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> bytes:
@@ -717,8 +942,9 @@ def _is_tar(path: Path) -> bool:
 
 def load_torch_pickle(path: str | os.PathLike, *, meta: bool = False):
   """What `torch.load(path, weights_only=True)` returns, with tensors as numpy arrays (native dtypes, bf16 as
-  `ml_dtypes.bfloat16`), read without torch and without running anything from the file (see the module doc).
-  With `meta`, tensors are `TensorInfo`s: the storages are checked against the file but not read."""
+  `ml_dtypes.bfloat16`), read without torch and without running anything from the file (see the module doc); for a
+  TorchScript archive, the module's `state_dict()` (an OrderedDict of dotted name -> array). With `meta`, tensors are
+  `TensorInfo`s: the storages are checked against the file but not read."""
   path = Path(path)
   try:
     with open(path, "rb") as f:
@@ -836,9 +1062,9 @@ def _load_index(path: Path, load_one) -> dict:
 
 
 def tensor_info(path: str | os.PathLike) -> dict[str, TensorInfo]:
-  """{name: TensorInfo(shape, dtype)} of a weights file (safetensors, a torch.save pickle, a sharded index) without
-  reading the tensor data: what a converter checks a config against before loading anything. Same validation and
-  errors as `load_state_dict`."""
+  """{name: TensorInfo(shape, dtype)} of a weights file (safetensors, a torch.save pickle, a TorchScript archive, a
+  sharded index) without reading the tensor data: what a converter checks a config against before loading anything.
+  Same validation and errors as `load_state_dict`."""
   path = Path(path)
   _check_file(path)
   if is_index(path):
@@ -885,7 +1111,8 @@ def non_finite_keys(sd: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def _note_non_finite(sd: Mapping[str, np.ndarray], path) -> None:
-  bad = non_finite_keys(sd)
+  # an attention mask holds -inf by design (open_clip's causal mask is a buffer a TorchScript archive keeps)
+  bad = [k for k in non_finite_keys(sd) if not k.endswith("attn_mask")]
   if bad:
     more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
     warnings.warn(
@@ -896,8 +1123,8 @@ def _note_non_finite(sd: Mapping[str, np.ndarray], path) -> None:
 
 
 def load_state_dict(path: str | os.PathLike, keep_dtype: bool = False) -> dict[str, np.ndarray]:
-  """Reads a safetensors file, a PyTorch pickle (plain or wrapped in {'state_dict': ...}; read without torch), or a
-  sharded index (`*.safetensors.index.json`, `*.bin.index.json`; shards confined to its folder, see
+  """Reads a safetensors file, a PyTorch pickle (plain or wrapped in {'state_dict': ...}; read without torch), a
+  TorchScript archive (its module's state dict, e.g. OpenAI's CLIP `.pt` files), or a sharded index (`*.safetensors.index.json`, `*.bin.index.json`; shards confined to its folder, see
   `index_shards`). Non-tensor entries are dropped. fp16 / bf16 tensors of a pickle become float32 unless
   `keep_dtype`; safetensors tensors keep their stored dtype. NaN / Inf weights load with a
   `NonFiniteWeightsWarning`. Every problem with the file is a one-line `CheckpointError` naming it."""

@@ -170,10 +170,12 @@ def test_malformed_files_are_refused(tmp_path):
     load_state_dict(tmp_path / "other.zip")
 
 
-def test_torchscript_archive_is_refused(tmp_path):
-  torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "ViT-L-14.pt")
-  with pytest.raises(CheckpointError, match="TorchScript"):
-    load_state_dict(tmp_path / "ViT-L-14.pt")
+def test_torchscript_archive_reads_as_its_state_dict(tmp_path):
+  """TorchScript archives (OpenAI's `ViT-L-14.pt`) are read without torch: tests/convert/test_torchscript.py."""
+  lin = torch.nn.Linear(2, 2)
+  torch.jit.save(torch.jit.script(lin), tmp_path / "ViT-L-14.pt")
+  sd = load_state_dict(tmp_path / "ViT-L-14.pt")
+  assert sorted(sd) == ["bias", "weight"] and np.array_equal(sd["weight"], lin.weight.detach().numpy())
 
 
 _NO_TORCH = """

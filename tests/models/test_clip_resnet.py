@@ -164,3 +164,33 @@ def test_rn50x64_full_config_parity(tmp_path, parity):
   model = cc.load_clip(tmp_path / "RN50x64.pt")
   assert model.config == cfg.replace(logit_scale_init=model.config.logit_scale_init)
   _check(parity, "open_clip RN50x64 (full config)", model, ref, random_images(1, 448, seed=10), _tokens(1))
+
+
+def test_scorer_with_clip_preprocessing_matches_open_clip_end_to_end(tmp_path, parity):
+  """`Scorer.from_checkpoint(..., preprocess='clip')` on image files: CLIP's own preprocessing at the model's
+  resolution (bicubic short side + center crop; 448 for RN50x64, 96 here) and the ResNet tower give open_clip's HPS
+  for the same files through open_clip's own eval transform."""
+  from PIL import Image
+
+  from hps_jax.preference.scorer import Scorer
+
+  cfg = CLIPConfig.tiny_resnet(image_size=96)
+  ref = open_clip_resnet(cfg, seed=11)
+  torch.save(ref.state_dict(), tmp_path / "RN.pt")
+  rng = np.random.default_rng(12)
+  paths = []
+  for i, (w, h) in enumerate(((160, 120), (97, 300), (96, 96))):
+    paths.append(tmp_path / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+  prompt = "a red bicycle leaning on a wall"
+  scorer = Scorer.from_checkpoint(tmp_path / "RN.pt", preprocess="clip", batch_size=4)
+  ours = scorer.score(paths, prompt)
+  transform = open_clip.image_transform(96, is_train=False)
+  with torch.no_grad():
+    img = ref.encode_image(torch.stack([transform(Image.open(p)) for p in paths])).numpy()
+    txt = ref.encode_text(open_clip.tokenize([prompt])).numpy()
+  parity(
+    "Scorer(clip preprocessing) on a ResNet CLIP vs open_clip's transform + model: HPS",
+    np.abs(ours - _hps(img, np.repeat(txt, 3, 0))).max(),
+    1e-3,
+  )
