@@ -1,11 +1,14 @@
-"""HPS scoring throughput: hps_jax Scorer vs transformers' PyTorch CLIPModel, same weights, same machine, same run.
+"""HPS scoring throughput: hps_jax Scorer vs the PyTorch CLIP people use, same weights, same machine, same run.
 
-Full-size architecture (ViT-L/14 by default) with random weights: throughput does not depend on weight values.
+The reference is transformers' CLIPModel for the ViTs and open_clip's ModifiedResNet CLIP for the ResNets
+(RN50 ... RN50x64, which transformers does not have). Full-size architecture (ViT-L/14 by default) with random
+weights: throughput does not depend on weight values.
 Both sides get the same preprocessed pixels and token ids and compute 100 * cos(image, text); the timed region is
 the model forward (host preprocessing excluded on both sides). Prints one JSON line; --out also writes it.
 
   python -m bench.score --batch 4 --iters 3                    # CPU: small batch
   python -m bench.score --batch 64 --dtype bfloat16 --out bench/results/score_h100_bf16.json   # on a GPU
+  python -m bench.score --model rn50x64 --batch 2 --iters 3     # Table 2's CLIP RN50x64 (448 px) vs open_clip
 """
 
 from __future__ import annotations
@@ -20,7 +23,23 @@ from bench.common import device_name, emit, timed
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default="vit_l14", choices=["vit_b32", "vit_l14", "vit_h14", "tiny", "small"])
+  ap.add_argument(
+    "--model",
+    default="vit_l14",
+    choices=[
+      "vit_b32",
+      "vit_l14",
+      "vit_h14",
+      "rn50",
+      "rn101",
+      "rn50x4",
+      "rn50x16",
+      "rn50x64",
+      "tiny",
+      "tiny_resnet",
+      "small",
+    ],
+  )
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--warmup", type=int, default=1)
@@ -32,16 +51,22 @@ def main(argv=None):
   import jax
   import torch
 
-  from hps_jax.convert.clip import build_model, params_from_hf
+  from hps_jax.convert.clip import build_model, params_from_hf, params_from_openai
   from hps_jax.data.tokenizer import CLIPTokenizer
   from hps_jax.models.clip import CLIPConfig
   from hps_jax.models.dtypes import as_dtype
   from hps_jax.preference.scorer import Scorer
-  from tests.refs import hf_clip
+  from tests.refs import hf_clip, open_clip_resnet
 
   cfg = CLIPConfig.preset(args.model)
-  ref = hf_clip(cfg, seed=0)  # random weights, shared by both sides
-  flat = params_from_hf({k: v.numpy() for k, v in ref.state_dict().items()}, cfg)
+  if cfg.is_resnet:
+    reference = "open_clip ModifiedResNet CLIP"
+    ref = open_clip_resnet(cfg, seed=0)  # random weights, shared by both sides
+    flat = params_from_openai({k: v.numpy() for k, v in ref.state_dict().items()}, cfg)
+  else:
+    reference = "transformers CLIPModel"
+    ref = hf_clip(cfg, seed=0)
+    flat = params_from_hf({k: v.numpy() for k, v in ref.state_dict().items()}, cfg)
   model = build_model(cfg, flat, dtype=as_dtype(args.dtype))
   del flat
   tok = CLIPTokenizer.default()
@@ -62,6 +87,8 @@ def main(argv=None):
   result = {
     "bench": "score",
     "model": args.model,
+    "image_size": cfg.image_size,
+    "reference": None if args.no_torch else reference,
     "device": device_name(),
     "backend": jax.default_backend(),
     "batch": args.batch,
@@ -79,8 +106,12 @@ def main(argv=None):
 
     def run_torch():
       with torch.inference_mode():
-        out = ref(input_ids=ti, pixel_values=tp)
-        cos = torch.nn.functional.cosine_similarity(out.image_embeds.float(), out.text_embeds.float())
+        if cfg.is_resnet:
+          img, txt = ref.encode_image(tp), ref.encode_text(ti)
+        else:
+          out = ref(input_ids=ti, pixel_values=tp)
+          img, txt = out.image_embeds, out.text_embeds
+        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float())
         return cos.cpu().numpy()
 
     for _ in range(args.warmup):
