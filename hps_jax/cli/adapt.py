@@ -276,6 +276,7 @@ def run_eval_generator(args) -> int:
     except ValueError as e:
       raise UsageError(str(e)) from e
     results[name]["num_generated"] = len(items)
+    results[name]["skipped"] = len(skips.items)
     all_skips.extend(skips, prefix=f"{name}: ")
   summary = {
     "results": results,
@@ -295,10 +296,16 @@ def run_eval_generator(args) -> int:
       "negative_prompt": args.negative_prompt,
       "base_negative_prompt": args.base_negative_prompt,
       "reference_stats": args.reference,
+      "clip_checkpoint": args.clip_checkpoint if {"clip", "aesthetic"} & set(wanted) else None,
+      "aesthetic_mlp": args.aesthetic_mlp if "aesthetic" in wanted else None,
+      "hps_checkpoint": args.checkpoint if "hps" in wanted else None,
+      "inception_weights": args.inception_weights if "fid" in wanted else None,
+      "resize": args.resize if "fid" in wanted else None,
+      "metrics": wanted,
       "images": str(outdir),
     },
   }
-  table = markdown_table(results)
+  table = markdown_table(results, summary["settings"])
   write_report(output, summary, table, f"the results (images in {outdir})")
   print(table, end="")
   return report_skips(all_skips, len(jobs) * len(variants))

@@ -242,6 +242,18 @@ def reference_stats(
   return mu, sigma, run
 
 
+def cosine_scales(cosines, *, clamp: bool) -> dict:
+  """One image-text similarity on both of the scales in use, labelled: {"cosine": the mean cosine, "x100": 100 times
+  it, "clamp", "num_images"}. The paper's Table 4 prints cosines (CLIP score 0.2816, HPS 0.1898); HPS as a score is
+  100 · cos (`hps-jax score`), and CLIP score is usually quoted x100 (torchmetrics). clamp=True (the CLIP score):
+  each image's cosine is clamped at 0 before the mean (`hps_jax.metrics.scores.clip_score`'s per-image definition;
+  the same as the raw mean when no cosine is negative, the usual case for trained CLIP); clamp=False (HPS): the raw
+  mean. x100 is exactly 100 * cosine."""
+  c = np.asarray(cosines, np.float64).reshape(-1)
+  mean = clip_score(c, clamp="per_image", scale=1.0) if clamp else float(c.mean())
+  return {"cosine": mean, "x100": 100.0 * mean, "clamp": "per_image" if clamp else "none", "num_images": int(c.size)}
+
+
 def generator_metrics(
   items,
   wanted,
@@ -263,7 +275,9 @@ def generator_metrics(
   """The `wanted` metrics (fid, is, kid, clip, aesthetic, hps) of one image set: `items` are (image, prompt or
   None) pairs; fid/kid compare with `reference` (images, or saved statistics for fid) through the `inception`
   model; clip uses `clip_checkpoint` (CLIP preprocessing), hps `hps_checkpoint` (the paper's pad preprocessing),
-  aesthetic the LAION head `aesthetic_mlp` on `clip_checkpoint`. Unreadable images are skipped into `skipped`.
+  aesthetic the LAION head `aesthetic_mlp` on `clip_checkpoint`. clip and hps come on both scales
+  (`cosine_scales`: result["clip"] / result["hps"] = {"cosine", "x100", ...}; "clip_score" / "hps_mean" are their
+  x100 values, the keys of before). Unreadable images are skipped into `skipped`.
   Raises ValueError for a missing input a metric needs (InputError, one of them, for bad input files: a statistics
   reference is validated before the Inception pass)."""
   wanted = set(wanted)
@@ -325,9 +339,11 @@ def generator_metrics(
       scorer = Scorer.from_checkpoint(ckpt, preprocess=mode)
       rows = tqdm(scorer.iter_scores(readable), total=len(readable), desc=metric, unit="img", dynamic_ncols=True)
       cos = np.array([r["cosine"] for r in rows if "cosine" in r])
-      result["clip_score" if metric == "clip" else "hps_mean"] = (
-        clip_score(cos) if metric == "clip" else float(100 * cos.mean())
-      )
+      if not cos.size:
+        raise InputError(f"{metric}: no readable image to score")
+      result[metric] = cosine_scales(cos, clamp=metric == "clip")
+      # the keys of before, kept for compatibility: CLIP score and mean HPS, both x100
+      result["clip_score" if metric == "clip" else "hps_mean"] = result[metric]["x100"]
   if "aesthetic" in wanted:
     if not (aesthetic_mlp and clip_checkpoint):
       raise ValueError("the aesthetic metric needs the aesthetic head and a CLIP ViT-L/14 checkpoint")

@@ -5,6 +5,9 @@ n-way accuracy: fraction of prompts whose chosen (best-ranked) image gets the st
 the top counts as wrong, so a constant scorer gets 0, not 1/n. The random-guess expectation is the mean of 1/n.
 Pairwise accuracy: over all image pairs of a prompt with different ranks, the fraction the scores order correctly
 (a tie counts half).
+
+Several scorers side by side make the paper's Table 2 (`table2_order`, `comparison_table`): rows random, CLIP
+baselines, aesthetic, HPS models, with columns n-way accuracy, random-guess expectation, pairwise accuracy, prompts.
 """
 
 from __future__ import annotations
@@ -85,14 +88,54 @@ def markdown_table(report: dict, title: str = "") -> str:
   return "\n".join(lines) + "\n"
 
 
-def slot_scores(score_batch: Callable, source, transform, batch_size: int, progress: bool = False):
+# The row order of the paper's Table 2: the chance baseline, zero-shot CLIP models, the aesthetic predictor, then
+# the preference models (HPS); rows of one kind keep the order they were given in.
+TABLE2_KINDS = ("random", "clip", "aesthetic", "hps")
+
+
+def table2_order(kinds: Sequence[str]) -> list[int]:
+  """Indices that put rows of the given kinds (each one of TABLE2_KINDS) in the paper's order, stable within a
+  kind."""
+  unknown = sorted(set(kinds) - set(TABLE2_KINDS))
+  if unknown:
+    raise ValueError(f"unknown scorer kinds {unknown}; expected {TABLE2_KINDS}")
+  return sorted(range(len(kinds)), key=lambda i: TABLE2_KINDS.index(kinds[i]))
+
+
+def comparison_table(rows: Sequence[dict], title: str = "") -> str:
+  """The paper's Table 2 layout, one row per scorer in the order given: each row a `preference_report` with a
+  "scorer" name (and, optionally, "preprocess" and "image_size", listed under the table). Accuracies in %."""
+
+  def pct(x):
+    return f"{100 * x:.2f}"
+
+  lines = ([f"### {title}", ""] if title else []) + [
+    "| scorer | n-way accuracy (%) | random guess (%) | pairwise accuracy (%) | prompts |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['scorer']} | {pct(r['accuracy'])} | {pct(r['random_expectation'])} | {pct(r['pairwise_accuracy'])} | "
+      f"{r['num_prompts']} |"
+    )
+  prep = [
+    f"{r['scorer']}: {r['preprocess']}" + (f" {r['image_size']}px" if "image_size" in r else "")
+    for r in rows
+    if "preprocess" in r
+  ]
+  if prep:
+    lines += ["", "Preprocessing (mode, model input size): " + "; ".join(prep) + "."]
+  return "\n".join(lines) + "\n"
+
+
+def slot_scores(score_batch: Callable, source, transform, batch_size: int, progress: bool = False, desc: str = "eval"):
   """Runs `score_batch(batch) -> (B, K) scores` over the source in order; returns per-prompt (scores, ranks)
   lists of the valid image slots."""
   ds = pipeline.eval_dataset(source, transform, batch_size=batch_size)
   scores, ranks = [], []
   bar = None
   if progress and jax.process_index() == 0:
-    bar = tqdm(total=len(source), desc="eval", unit="prompt", dynamic_ncols=True)
+    bar = tqdm(total=len(source), desc=desc, unit="prompt", dynamic_ncols=True)
   for batch in ds:
     batch, n = pipeline.pad_batch(batch, batch_size)
     s = np.asarray(score_batch(batch))[:n]

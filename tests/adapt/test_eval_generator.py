@@ -142,15 +142,48 @@ def test_table4_for_base_and_adapted(setup, tmp_path):
     want = json.loads(m.read_text())
     for k in ("fid", "aesthetic_mean", "clip_score", "hps_mean"):
       assert res[name][k] == pytest.approx(want[k], rel=1e-6, abs=1e-6), (name, k)
+    for k in ("clip", "hps"):  # both scales, as `hps-jax metrics` reports them
+      assert res[name][k]["cosine"] == pytest.approx(want[k]["cosine"], rel=1e-6, abs=1e-8), (name, k)
+  for name in ("base", "adapted"):  # each similarity on both scales, labelled; x100 is exactly 100 * cos
+    clip, hps = res[name]["clip"], res[name]["hps"]
+    assert clip["x100"] == 100 * clip["cosine"] and hps["x100"] == 100 * hps["cosine"]
+    assert clip["clamp"] == "per_image" and hps["clamp"] == "none"
+    assert clip["num_images"] == hps["num_images"] == 6
+    assert res[name]["clip_score"] == clip["x100"] and res[name]["hps_mean"] == hps["x100"]  # the old keys
+    assert -1 <= hps["cosine"] <= 1 and 0 <= clip["cosine"] <= 1
   assert res["base"]["hps_mean"] != res["adapted"]["hps_mean"]  # the adapter changed the images
   rows = [
     json.loads(line) for line in (tmp_path / "table4_images" / "adapted" / "images.jsonl").read_text().splitlines()
   ]
   assert {r["negative_prompt"] for r in rows} == {"Weird image."} and [r["seed"] for r in rows] == list(range(6))
-  table = out.with_suffix(".md").read_text().splitlines()
-  assert table[0] == "| model | FID ↓ | Aesthetic ↑ | CLIP score ↑ | HPS ↑ |"
-  assert [line.split("|")[1].strip() for line in table[2:]] == ["base", "adapted"]
-  assert f"{res['adapted']['hps_mean']:.4g}" in table[3]
+  text = out.with_suffix(".md").read_text()
+  table = text.splitlines()
+  assert table[0] == (
+    "| model | images | FID ↓ | Aesthetic ↑ | CLIP score (cos) ↑ | CLIP score (×100) ↑ | HPS (cos) ↑ | HPS (×100) ↑ |"
+  )
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:4]}
+  assert list(rows) == ["base", "adapted"]
+  for name, cells in rows.items():
+    r = res[name]
+    assert cells == [
+      "6",
+      f"{r['fid']:.4g}",
+      f"{r['aesthetic_mean']:.4g}",
+      f"{r['clip']['cosine']:.4g}",
+      f"{r['clip']['x100']:.4g}",
+      f"{r['hps']['cosine']:.4g}",
+      f"{r['hps']['x100']:.4g}",
+    ]
+  assert table[4] == ""
+  assert (
+    "clamped at 0 per image" in text and "HPS (cos): mean cos(image, prompt) under the HPS model, not clamped" in text
+  )
+  settings = table[-1]  # what made the images, under the table
+  assert settings.startswith("Settings: 3 prompts × 2 images per model; sampler pndm, 2 steps, guidance 7.5; 32×32 px")
+  assert "seed 0 " in settings and "base '', adapted 'Weird image.'" in settings
+  for k in ("model", "lora", "clip", "aesthetic", "hps", "stats", "inception"):
+    assert str(f[k]) in settings, k
+  assert summary["settings"]["hps_checkpoint"] == str(f["hps"]) and summary["settings"]["resize"] == "tf1"
 
 
 def test_usage_errors(setup, tmp_path, capsys):

@@ -254,3 +254,46 @@ def test_clip_score():
   assert clip_score(cos, clamp="mean") == pytest.approx(100 * 0.35 / 4)  # torchmetrics' code: clamp the mean
   assert clip_score([-0.1, -0.3], clamp="mean") == 0.0
   assert clip_score([0.31], scale=2.5) == pytest.approx(0.775)  # Hessel et al.'s w = 2.5
+
+
+def test_metrics_command_reports_clip_score_and_hps_on_both_scales(tmp_path, capsys):
+  """`hps-jax metrics --metrics clip,hps`: each similarity as {"cosine", "x100"} (x100 exactly 100 * cosine), the CLIP
+  score clamped at 0 per image and HPS not, the old keys (`clip_score`, `hps_mean`) equal to the x100 values."""
+  import json
+
+  from flax import nnx
+  from PIL import Image
+
+  from hps_jax.cli import main
+  from hps_jax.convert.clip import save_hf
+  from hps_jax.models.clip import CLIP, CLIPConfig
+  from hps_jax.preference.scorer import Scorer
+
+  model = CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(4))
+  model.text.proj.set_value(-model.text.proj[...])  # every cosine of this random model turns negative
+  ckpt = save_hf(model, tmp_path / "clip")
+  rng = np.random.default_rng(0)
+  rows = []
+  for i in range(5):
+    path = tmp_path / f"{i}.png"
+    Image.fromarray(rng.integers(0, 256, (24 + 4 * i, 32, 3), dtype=np.uint8)).save(path)
+    rows.append({"image": str(path), "prompt": f"a photo of thing {i}"})
+  (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  args = ["metrics", "--images", str(tmp_path / "set.jsonl"), "--metrics", "clip,hps"]
+  args += ["--clip-checkpoint", str(ckpt), "--checkpoint", str(ckpt)]
+  assert main(args + ["--output", str(tmp_path / "m.json")]) == 0
+  m = json.loads((tmp_path / "m.json").read_text())
+  images, prompts = [r["image"] for r in rows], [r["prompt"] for r in rows]
+  clip_cos = Scorer.from_checkpoint(ckpt, preprocess="clip").cosine(images, prompts)
+  hps_cos = Scorer.from_checkpoint(ckpt, preprocess="pad").cosine(images, prompts)
+  assert (clip_cos < 0).all() and (hps_cos < 0).all()  # the CLIP score's clamp makes it 0, HPS stays negative
+  assert m["clip"]["cosine"] == 0.0 and m["hps"]["cosine"] < 0
+  assert m["clip"]["cosine"] == pytest.approx(float(np.mean(np.maximum(clip_cos, 0))), rel=1e-5, abs=1e-7)
+  assert m["hps"]["cosine"] == pytest.approx(float(np.mean(hps_cos)), rel=1e-5, abs=1e-7)
+  for k, clamp, old in (("clip", "per_image", "clip_score"), ("hps", "none", "hps_mean")):
+    assert m[k]["x100"] == 100 * m[k]["cosine"] and m[k]["clamp"] == clamp and m[k]["num_images"] == 5
+    assert m[old] == m[k]["x100"]
+  assert m["clip_score"] == pytest.approx(clip_score(clip_cos), rel=1e-5, abs=1e-5)  # scores.clip_score: the x100
+  capsys.readouterr()
+  assert main(args) == 0  # no --output: the same JSON on stdout
+  assert json.loads(capsys.readouterr().out)["hps"] == m["hps"]
