@@ -147,8 +147,8 @@ def add_benchmark(sub):
     "--generator",
     action="append",
     metavar="NAME=DIR",
-    help="one generator's image folder (mean protocol: its JSONL of {image, prompt} rows); repeatable, instead of "
-    "or besides --images",
+    help="one generator's image folder (mean protocol: its JSONL of {image, prompt} rows, or an `hps-jax sample` "
+    "output folder); repeatable, instead of or besides --images",
   )
   add_scorer_args(p)
   p.add_argument("--out", required=True, metavar="DIR", help="where leaderboard.{json,md,png} and scores.jsonl go")

@@ -96,11 +96,11 @@ def run_demo(args) -> int:
   say(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s)")
   say(BANNER)
 
-  say("\n[1/10] Writing a random-init tiny CLIP as a Hugging Face CLIPModel checkpoint (config.json + safetensors)")
+  say("\n[1/11] Writing a random-init tiny CLIP as a Hugging Face CLIPModel checkpoint (config.json + safetensors)")
   ckpt = save_hf(CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(0)), out / "tiny_clip_random_hf")
   say(f"      -> {ckpt}")
 
-  say("\n[2/10] Scoring drawn images through the public API: Scorer.from_checkpoint(...).score(images, prompts)")
+  say("\n[2/11] Scoring drawn images through the public API: Scorer.from_checkpoint(...).score(images, prompts)")
   pairs = synthetic_images(out / "images")
   scorer = Scorer.from_checkpoint(ckpt, preprocess="pad", batch_size=8)
   prompts = [p for _, p in pairs]
@@ -112,14 +112,14 @@ def run_demo(args) -> int:
   for p, row in zip(prompts, matrix):
     say("      " + p.ljust(width) + "".join(f"{v:16.3f}" for v in row))
 
-  say("\n[3/10] The same through the command line: hps-jax score --pairs pairs.jsonl --output scores.jsonl")
+  say("\n[3/11] The same through the command line: hps-jax score --pairs pairs.jsonl --output scores.jsonl")
   pairs_file = out / "pairs.jsonl"
   pairs_file.write_text("".join(json.dumps({"image": str(i.resolve()), "prompt": p}) + "\n" for i, p in pairs))
   rc = cli_main(["score", "--checkpoint", str(ckpt), "--pairs", str(pairs_file), "--output", str(out / "scores.jsonl")])
   for line in (out / "scores.jsonl").read_text().splitlines():
     say("      " + line)
 
-  say("\n[4/10] Training the tiny CLIP as a preference classifier on the synthetic set (n-way choice loss):")
+  say("\n[4/11] Training the tiny CLIP as a preference classifier on the synthetic set (n-way choice loss):")
   say("      hps-jax train-preference --config hps_classifier:tiny --workdir " + str(out / "train"))
   rc_eval_before = cli_main(
     [
@@ -144,7 +144,7 @@ def run_demo(args) -> int:
   export = out / "train" / "export"
 
   say(
-    "\n[5/10] Held-out preference accuracy: hps-jax eval-preference --checkpoint "
+    "\n[5/11] Held-out preference accuracy: hps-jax eval-preference --checkpoint "
     + str(export)
     + " --dataset synthetic"
   )
@@ -196,11 +196,12 @@ def run_demo(args) -> int:
 
 
 def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
-  """Steps 6-9: label -> train-lora -> A/B samples -> Table 4 metrics, on a tiny random SD."""
+  """Steps 6-10: label -> train-lora -> A/B samples -> Table 4 metrics -> leaderboard and score correlation, on a
+  tiny random SD."""
   rcs = []
 
   say(
-    "\n[6/10] HPS labelling (paper Sec. 5): 3-4 generated images per prompt, scored by the classifier trained in "
+    "\n[6/11] HPS labelling (paper Sec. 5): 3-4 generated images per prompt, scored by the classifier trained in "
     "step 4;\n      per prompt the best is kept when softmax(HPS) > 2/n, the worst likewise with the caption "
     "prefix 'Weird image. '"
   )
@@ -231,7 +232,7 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
     )
   )
 
-  say("\n[7/10] LoRA on the tiny random SD's attention projections, trained on the labelled manifest:")
+  say("\n[7/11] LoRA on the tiny random SD's attention projections, trained on the labelled manifest:")
   lora_wd = out / "lora"
   say(f"      hps-jax train-lora --config lora_sd14:tiny --workdir {lora_wd} --config.data.manifest={manifest}")
   rcs.append(
@@ -252,7 +253,7 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
   say(f"      diffusion loss {np.mean(losses[:3]):.3f} (first logged steps) -> {np.mean(losses[-3:]):.3f} (last)")
   model, adapter = lora_wd / "base_model", lora_wd / "export" / "pytorch_lora_weights.safetensors"
 
-  say("\n[8/10] Base vs adapted from the same seeds (adapted: negative prompt 'Weird image.'), one grid:")
+  say("\n[8/11] Base vs adapted from the same seeds (adapted: negative prompt 'Weird image.'), one grid:")
   prompts = out / "prompts.txt"
   prompts.write_text("a photo of a red circle\na blue square\nan image showing a yellow triangle\n")
   samples = out / "samples"
@@ -286,7 +287,7 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
     )
   )
 
-  say("\n[9/10] Table 4 columns for base and adapted (random Inception / CLIP / aesthetic head: machinery only):")
+  say("\n[9/11] Table 4 columns for base and adapted (random Inception / CLIP / aesthetic head: machinery only):")
   w = out / "metric_models"
   inception = save_inception_torch(FIDInception(rngs=nnx.Rngs(0)), w / "inception_random.safetensors")
   clip = save_hf(CLIP(CLIPConfig.tiny().replace(embed_dim=768), rngs=nnx.Rngs(1)), w / "clip_random")
@@ -333,10 +334,50 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
       ]
     )
   )
+  bench, corr = out / "benchmark", out / "correlation"
+  say("\n[10/11] Compare generators (leaderboard, tiny random models: machinery only) and how the scores agree:")
+  say(
+    f"      hps-jax benchmark --protocol mean --generator base={samples / 'base'} --generator adapted=... --out {bench}"
+  )
+  rcs.append(
+    cli_main(
+      [
+        "benchmark",
+        "--protocol",
+        "mean",
+        "--generator",
+        f"base={samples / 'base'}",
+        "--generator",
+        f"adapted={samples / 'adapted'}",
+        "--checkpoint",
+        f"hps={scorer_ckpt}",
+        "--aesthetic",
+        f"aesthetic={head}",
+        "--clip-checkpoint",
+        str(clip),
+        "--batch-size",
+        "8",
+        "--bootstrap",
+        "500",
+        "--out",
+        str(bench),
+      ]
+    )
+  )
+  scores = bench / "scores.jsonl"
+  say(f"      hps-jax correlate --scores hps={scores}:hps --scores aesthetic={scores}:aesthetic --out {corr}")
+  rcs.append(
+    cli_main(
+      ["correlate", "--scores", f"hps={scores}:hps", "--scores", f"aesthetic={scores}:aesthetic", "--min-per-prompt",
+       "2", "--bootstrap", "500", "--out", str(corr)]
+    )
+  )  # fmt: skip
   return {
     "rc": next((rc for rc in rcs if rc), 0),
     "samples": samples,
     "outputs": (
+      ("leaderboard", bench / "leaderboard.md"),
+      ("score correlation", corr / "correlation.md"),
       ("label manifest", manifest),
       ("LoRA training", lora_wd),
       ("LoRA adapter", adapter),
@@ -348,9 +389,9 @@ def adaptation(out: Path, scorer_ckpt: Path, cli_main) -> dict:
 
 
 def human_study(out: Path, samples: Path, cli_main, participants: int = 5, p_adapted: float = 0.7) -> dict:
-  """Step 10: study create -> the web app on a loopback port -> scripted participants through its JSON API ->
+  """Step 11: study create -> the web app on a loopback port -> scripted participants through its JSON API ->
   study export -> study report. Skipped (named) without the `study` extra (Flask, SQLAlchemy, waitress)."""
-  say("\n[10/10] Human A/B study of base vs adapted: study create -> web app -> 5 scripted participants -> report")
+  say("\n[11/11] Human A/B study of base vs adapted: study create -> web app -> 5 scripted participants -> report")
   try:
     import waitress.server
 

@@ -268,7 +268,8 @@ def jsonl_layout(
   rows_file: str | None = None, generators: dict[str, str] | None = None, *, allow_outside: bool = False
 ) -> Layout:
   """The `mean` protocol's images: `rows_file`, a JSONL of {"image", "prompt", "generator"} rows, and/or one
-  JSONL of {"image", "prompt"} rows per generator (`generators`: name -> file). Relative image paths are resolved
+  JSONL of {"image", "prompt"} rows per generator (`generators`: name -> file; an `hps-jax sample` output folder
+  stands for its samples.jsonl, whose rows name their image "file"). Relative image paths are resolved
   against their file's folder and confined to it (unless `allow_outside`); a malformed row is an InputError naming
   its file and line (a benchmark's definition must be whole); a path that does not exist is a missing image."""
   sources = [(rows_file, None)] if rows_file else []
@@ -283,10 +284,14 @@ def jsonl_layout(
 
   for path, fixed in sources:
     p = Path(path)
+    if p.is_dir() and (p / "samples.jsonl").is_file():  # an `hps-jax sample` output folder
+      p = p / "samples.jsonl"
     if not p.exists():
       raise FileNotFoundError(2, "No such file or directory", str(p))
     before = len(layout.entries)
     for where, row in jsonl_objects(p, bad_line):
+      if isinstance(row, dict) and "image" not in row and isinstance(row.get("file"), str):
+        row = {**row, "image": row["file"]}  # `hps-jax sample`'s samples.jsonl names its images "file"
       keys = ("image", "prompt") + (("generator",) if fixed is None else ())
       if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in keys):
         bad_line(where, f"expected an object with string fields {', '.join(repr(k) for k in keys)}")
