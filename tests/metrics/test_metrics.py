@@ -297,3 +297,35 @@ def test_metrics_command_reports_clip_score_and_hps_on_both_scales(tmp_path, cap
   capsys.readouterr()
   assert main(args) == 0  # no --output: the same JSON on stdout
   assert json.loads(capsys.readouterr().out)["hps"] == m["hps"]
+
+
+def test_metrics_clip_score_with_a_resnet_clip(tmp_path):
+  """`metrics --clip-checkpoint` takes a ModifiedResNet CLIP (Table 2's RN50x64 family; OpenAI layout, here a 64 px
+  tiny one): its CLIP score is the mean clamped cosine of `Scorer(..., preprocess='clip')` at the model's size."""
+  import json
+
+  from flax import nnx
+  from PIL import Image
+
+  from hps_jax.cli import main
+  from hps_jax.convert.clip import model_params, params_to_openai
+  from hps_jax.convert.io import save_safetensors
+  from hps_jax.models.clip import CLIP, CLIPConfig
+  from hps_jax.preference.scorer import Scorer
+
+  cfg = CLIPConfig.tiny_resnet()
+  ckpt = tmp_path / "RN50x64.safetensors"
+  save_safetensors(params_to_openai(model_params(CLIP(cfg, rngs=nnx.Rngs(5))), cfg), ckpt)
+  rng = np.random.default_rng(1)
+  rows = []
+  for i in range(4):
+    path = tmp_path / f"{i}.png"
+    Image.fromarray(rng.integers(0, 256, (60 + 10 * i, 80, 3), dtype=np.uint8)).save(path)
+    rows.append({"image": str(path), "prompt": f"a photo of thing {i}"})
+  (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  args = ["metrics", "--images", str(tmp_path / "set.jsonl"), "--metrics", "clip", "--clip-checkpoint", str(ckpt)]
+  assert main(args + ["--output", str(tmp_path / "m.json")]) == 0
+  m = json.loads((tmp_path / "m.json").read_text())
+  cos = Scorer.from_checkpoint(ckpt, preprocess="clip").cosine([r["image"] for r in rows], [r["prompt"] for r in rows])
+  assert m["clip"]["num_images"] == 4
+  assert m["clip"]["cosine"] == pytest.approx(float(np.mean(np.maximum(cos, 0))), rel=1e-5, abs=1e-7)
