@@ -32,6 +32,7 @@ from hps_jax.cli.common import (
 from hps_jax.data.images import describe
 from hps_jax.metrics import benchmark as bm
 from hps_jax.metrics.multiscore import MultiScorer, ScorerSpec, build_scorers, describe_scorer
+from hps_jax.plotting import require_matplotlib
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -247,13 +248,6 @@ def _protocol_options(args, layout: bm.Layout) -> tuple[dict, dict]:
   return kw, {"description": bm.DESCRIPTIONS["mean"].format(**kw), **kw}
 
 
-def _check_matplotlib() -> None:
-  try:
-    import matplotlib  # noqa: F401  (optional: the chart)
-  except ImportError:
-    raise UsageError("leaderboard.png needs matplotlib: pip install matplotlib (or pass --no-plot)") from None
-
-
 def run_benchmark(args) -> int:
   specs = specs_from_args(args)
   layout = _layout(args)
@@ -262,7 +256,7 @@ def run_benchmark(args) -> int:
   _check_out(Path(args.out), layout, args)  # every check before the folder is created
   agg_kw, settings = _protocol_options(args, layout)
   if not args.no_plot:
-    _check_matplotlib()
+    require_matplotlib("leaderboard.png", " (or pass --no-plot)")
   out = check_outdir(args.out, "--out")
 
   scorers = scorers_from_args(args, specs)

@@ -25,6 +25,7 @@ from hps_jax.data.pairs import jsonl_objects
 from hps_jax.data.skips import Skips
 from hps_jax.data.sources import concat, limit
 from hps_jax.metrics import table1
+from hps_jax.plotting import pyplot, require_matplotlib
 
 SPLIT_HELP = "dataset split, or several joined by commas (e.g. train,test: the whole dataset)"
 
@@ -124,7 +125,7 @@ def _write(args, report: dict, table: str) -> None:
 def run_dataset_stats(args) -> int:
   _check_output(args)
   if args.plots:
-    _pyplot()  # before reading the dataset: a missing matplotlib fails at once
+    require_matplotlib("--plots")  # before reading the dataset: a missing matplotlib fails at once
   source = _jsonl_records(args.dataset) if args.dataset.endswith(".jsonl") else _source(args)
   stats = dstats.DatasetStats()
   with progress(len(source), "records", unit="rec") as bar:
@@ -172,20 +173,9 @@ def run_dataset_metrics(args) -> int:
   return 1 if result["skipped"] else 0
 
 
-def _pyplot():
-  try:
-    import matplotlib  # optional: only --plots needs it
-  except ImportError:
-    raise UsageError("--plots needs matplotlib: pip install matplotlib") from None
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
 def plot_stats(stats: dstats.DatasetStats, out_dir) -> list[Path]:
   """PNG histograms of images per prompt, choices per user (when users are recorded) and prompt length."""
-  plt = _pyplot()
+  plt = pyplot()
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   written = []

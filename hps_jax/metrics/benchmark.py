@@ -39,6 +39,7 @@ from hps_jax import files
 from hps_jax.data.pairs import jsonl_objects
 from hps_jax.data.paths import OutsidePathError, confine, text_problem
 from hps_jax.errors import InputError
+from hps_jax.plotting import pyplot
 
 PROTOCOLS = ("hpsv2", "imagereward", "mean")
 HPSV2_CHUNKS = 10  # 10 chunks of 80 of the 800 prompts of a style
@@ -573,20 +574,11 @@ def markdown(board: dict) -> str:
   return "\n".join(lines)
 
 
-def _pyplot():
-  import matplotlib  # optional: only the chart needs it (checked by the CLI before any work)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
 def plot(board: dict, path) -> None:
   """A bar chart PNG (written atomically), one panel per scorer: HPSv2, a group of bars per generator (one per style,
   with the std over chunks as error bar, and the Average); ImageReward, one bar per generator (error bar: std of
   the prompt means); mean, one bar per generator (error bar: the bootstrap CI)."""
-  plt = _pyplot()
+  plt = pyplot()
   gens = board["generators"]
   names = list(board["scorers"])
   fig, axes = plt.subplots(len(names), 1, figsize=(max(6.0, 1.6 * len(gens) + 2), 3.6 * len(names)), squeeze=False)

@@ -41,6 +41,7 @@ from scipy import special, stats
 
 from hps_jax import files
 from hps_jax.errors import InputError, check_stop
+from hps_jax.plotting import pyplot, require_matplotlib
 
 METHODS = ("pearson", "spearman", "kendall")
 METHOD_NAMES = {"pearson": "Pearson r", "spearman": "Spearman rho", "kendall": "Kendall tau-b"}
@@ -495,20 +496,8 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-  import matplotlib  # optional (the scatter plot): checked by `check_matplotlib` before any work
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
 def check_matplotlib() -> None:
-  try:
-    import matplotlib  # noqa: F401
-  except ImportError:
-    raise InputError("the scatter plot needs matplotlib: pip install matplotlib (or pass --no-scatter)") from None
+  require_matplotlib("the scatter plot", " (or pass --no-scatter)")
 
 
 def _pearson_title(report: dict, a: str, b: str) -> str:
@@ -523,7 +512,7 @@ def scatter_png(path, scores: dict[str, np.ndarray], report: dict) -> None:
   """The scatter plot, written atomically to `path`: for two scores the Fig. 6-style scatter (x = first score,
   y = second, the least-squares line, Pearson r in the title); for more, the pairwise scatter matrix (histograms
   on the diagonal)."""
-  plt = _pyplot()
+  plt = pyplot()
   names = list(scores)
   cols = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items()}
   n = cols[names[0]].size

@@ -54,6 +54,7 @@ import numpy as np
 from hps_jax import __version__
 from hps_jax.data.pairs import jsonl_objects
 from hps_jax.errors import InputError, check_stop
+from hps_jax.plotting import pyplot, require_matplotlib
 from hps_jax.study import analysis as sa
 from hps_jax.study.create import Study, image_path
 
@@ -394,24 +395,12 @@ def headline(report: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- plots
-def _pyplot():
-  import matplotlib  # optional (the report's plots): checked by `check_matplotlib` before any work
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
 def check_matplotlib() -> None:
-  try:
-    import matplotlib  # noqa: F401
-  except ImportError:
-    raise InputError("the study report draws its plots with matplotlib: pip install matplotlib") from None
+  require_matplotlib("the study report's plots")
 
 
 def _png(fig) -> bytes:
-  plt = _pyplot()
+  plt = pyplot()
   buf = io.BytesIO()
   fig.tight_layout()
   fig.savefig(buf, format="png", dpi=100)
@@ -429,7 +418,7 @@ def fig8_caption(fig8: dict) -> str:
 
 def plots(report: dict) -> dict[str, bytes]:
   """{file name: PNG bytes} of the plots the report's numbers allow."""
-  plt = _pyplot()
+  plt = pyplot()
   out = {}
   fig8 = report["votes_per_pair"]
   if fig8["available"]:
