@@ -9,17 +9,20 @@ or an unreadable input file / checkpoint / config (one line, no traceback); 3 tr
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import csv
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from tqdm import tqdm
 
 from hps_jax import configs, files
+from hps_jax.data.images import describe as describe_source
 from hps_jax.data.images import image_files
 from hps_jax.data.pairs import read_image_rows
 from hps_jax.data.skips import Skips
@@ -247,6 +250,176 @@ def write_rows(rows, total: int, output: str | None, desc: str, skips: Skips, ra
   if output is not None and output != "-":
     say_wrote(output, f"{len(done)} rows")
   return report_skips(skips, len(done))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# streamed, resumable scoring (`hps-jax score` / `aesthetic`)
+# ------------------------------------------------------------------------------------------------------------
+class ScoreInput(NamedTuple):
+  """One input of a scoring run, in the run's deterministic input order. `image` is its identity, the row's
+  `image` (a path, or `SHARD.tar/KEY.EXT` for a webdataset sample); `source` what the scorer reads (the path, or
+  the encoded bytes); `prompt` / `caption` what the row records with it (checked again on --resume)."""
+
+  image: str
+  source: object
+  prompt: str | None = None
+  caption: str | None = None
+
+
+def add_resume_arg(p, output: str = "--output") -> None:
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help=f"continue the run a kill or stop left in {output.lstrip('-').upper()}.partial: the same settings and "
+    "inputs are required (checked), the inputs already done are not scored again (at most one chunk of work is "
+    f"lost); needs {output}. A run that is killed, stopped or fails keeps what it did in that .partial file; a run "
+    "without --resume starts afresh",
+  )
+
+
+def check_resumable(output: str | None, settings: dict, resume: bool) -> None:
+  """Refuses (ResumeError, exit 2) a --resume of OUTPUT.partial written with other settings, before any model is
+  loaded; nothing to check without --resume or without a partial run."""
+  if resume and output is not None and output != "-":
+    partial = Path(output).with_name(Path(output).name + ".partial")
+    if partial.exists():
+      files.JsonlAppender(output, settings, resume=True).close()
+
+
+def _identified(inputs: Iterable[ScoreInput], score: Callable) -> Iterator[tuple[ScoreInput, dict]]:
+  """(input, row) pairs: `score(inputs)` yields one row per input, in order (it may read ahead); each row is named by
+  its input's identity (an error about in-memory bytes names the input, not '<bytes of N bytes>')."""
+  pending: collections.deque[ScoreInput] = collections.deque()
+
+  def feed():
+    for item in inputs:
+      pending.append(item)
+      yield item
+
+  for row in score(feed()):
+    item = pending.popleft()
+    if "error" in row and not isinstance(item.source, (str, os.PathLike)):
+      prefix = describe_source(item.source) + ": "
+      err = str(row["error"])
+      row["error"] = item.image + ": " + (err[len(prefix) :] if err.startswith(prefix) else err)
+    row["image"] = item.image
+    bad = None if "error" in row else non_finite(row)
+    if bad is not None:
+      why = f"{bad} is {row[bad]} (non-finite: check the checkpoint's weights)"
+      row = {k: v for k, v in row.items() if not (isinstance(v, float) and not math.isfinite(v))}
+      row["error"] = why
+    yield item, row
+
+
+def _mismatch(item: ScoreInput, row: dict) -> str | None:
+  for key, want in (("image", item.image), ("prompt", item.prompt), ("caption", item.caption)):
+    if (key == "image" or key in row) and row.get(key) != want:
+      return f"{key} {row.get(key)!r} where the input now gives {want!r}"
+  return None
+
+
+def stream_rows(
+  inputs: Iterable[ScoreInput],
+  score: Callable[[Iterable[ScoreInput]], Iterator[dict]],
+  *,
+  output: str | None,
+  desc: str,
+  skips: Skips,
+  total: int | None = None,
+  rank_by: str | None = None,
+  resume: bool = False,
+  settings: dict | None = None,
+  chunk: int = 32,
+  on_chunk: Callable[[list[tuple[int, ScoreInput, dict]]], None] | None = None,
+  on_finish: Callable[[list[dict]], None] | None = None,
+) -> int:
+  """Scores a stream of inputs with bounded memory and writes the rows; -> exit code.
+
+  `score(inputs)` yields one row dict per input, in order ({'error': ...} for an unreadable one). To stdout (no
+  `output`) the rows are collected and written as `write_rows` does. To a file, rows are appended as they come,
+  `chunk` at a time, to OUTPUT.partial (`hps_jax.files.JsonlAppender`, each chunk fsynced; `settings` recorded next
+  to it), error rows included; with `resume` a partial run with equal settings is continued: its rows must match
+  the first inputs one for one (identity, prompt, caption), those inputs are not scored again. A kill, a stop
+  (SIGTERM / SIGINT) or an error leaves the partial files for a later resume (OUTPUT itself is only ever written
+  complete); a run without `resume` starts afresh. At the end the
+  complete partial file is read back: error rows go to the skip report, `rank_by` ranks are added, `on_finish(rows)`
+  runs and OUTPUT is written atomically (JSONL / CSV / Parquet); then the partial files are removed.
+
+  `on_chunk([(position, input, row), ...])` runs on each chunk before it is appended (it may add fields to the
+  rows; what it writes must be done when the rows are recorded: a kill in between redoes the chunk)."""
+  if output is None or output == "-":
+    rows = (row for _, row in _identified(inputs, score))
+    if on_chunk is not None or on_finish is not None:
+      raise UsageError("this run writes files next to its results: give --output")
+    return write_rows(rows, total, output, desc, skips, rank_by=rank_by)
+  appender = files.JsonlAppender(output, settings or {}, resume=resume)
+  done = appender.rows
+  try:
+    rows = _stream_to(appender, inputs, score, desc=desc, total=total, chunk=chunk, on_chunk=on_chunk)
+    if done:
+      scored = f"{appender.rows_written} inputs scored now, {len(done)} taken from the partial run"
+      print(f"resumed run: {scored}", file=sys.stderr)
+    for row in rows:
+      if "error" in row:
+        skips.add(row["image"], row["error"])
+    rows = [row for row in rows if "error" not in row]
+    if rank_by is not None:
+      add_ranks(rows, rank_by)
+    if on_finish is not None:
+      on_finish(rows)
+    write_table(rows, output)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      appender.close()
+    # the rows scored so far stay in OUTPUT.partial (OUTPUT itself is only written complete): a preempted job
+    # continues where it stopped with --resume
+    if appender.partial.exists() and appender.partial.stat().st_size:
+      print(f"the rows scored so far are kept in {appender.partial}: rerun with --resume to continue", file=sys.stderr)
+    raise
+  appender.partial.unlink(missing_ok=True)
+  appender.meta.unlink(missing_ok=True)
+  say_wrote(output, f"{len(rows)} rows")
+  return report_skips(skips, len(rows))
+
+
+def _stream_to(appender, inputs, score, *, desc, total, chunk, on_chunk) -> list[dict]:
+  """`stream_rows`' file part: checks the recorded rows against the first inputs, scores the others, appends their
+  rows a chunk at a time; -> every row of the complete partial file, read back."""
+  done = appender.rows
+  it = iter(inputs)
+  for i, row in enumerate(done):
+    item = next(it, None)
+    bad = "the inputs end before it" if item is None else _mismatch(item, row)
+    if bad is not None:
+      raise files.ResumeError(
+        f"{appender.partial}:{i + 1}: cannot resume, the recorded row does not match input {i + 1} ({bad}): the "
+        "inputs changed since the partial run; rerun without --resume to start over"
+      )
+  if done:
+    to_go = f", {total - len(done)} to go" if total is not None else ""
+    print(f"resumed: {len(done)} done{to_go} (from {appender.partial})", file=sys.stderr)
+  position, buf = len(done), []
+
+  def flush():
+    if on_chunk is not None:
+      on_chunk(buf)
+    try:
+      appender.write([row for _, _, row in buf])
+    except OSError as e:  # a full disk, a file size limit: name the file
+      raise OSError(e.errno, f"cannot write it ({e.strerror or e})", str(appender.partial)) from e
+    buf.clear()
+
+  with progress(total, desc) as bar:
+    bar.update(len(done))
+    for item, row in _identified(it, score):
+      buf.append((position, item, row))
+      position += 1
+      bar.update(1)
+      if len(buf) >= chunk:
+        flush()
+    flush()
+  appender.close()
+  return [json.loads(line) for line in appender.partial.read_bytes().splitlines()]
 
 
 # ------------------------------------------------------------------------------------------------------------
