@@ -31,6 +31,15 @@ into place, which replaces rather than follows a link left there).
 
 Paths read from files (JSONL images, regularization file names, manifest rows) are confined to the folder of the
 file that names them unless `allow_outside=True` (`--allow-outside-paths`): see `hps_jax.data.paths`.
+
+At dataset scale (`hps-jax label`, the last section): the input is read as a stream of units (DiffusionDB parts,
+blocks of JSONL rows, webdataset shards). A first pass over the listing (`survey`: no image bytes for zip parts)
+counts each prompt's images; a second pass streams this process's share of the candidates (parts / shards k with
+k % N == process index, JSONL rows by index modulo N) through the scorer, chunk by chunk, into a per-process score
+log where every candidate gets exactly one row (scored, skipped, blurry), fsynced per chunk: `--resume` continues
+after the last complete chunk. The selection is made at the end from the merged logs in global record order, so the
+manifest, the extracted images and `--scores` are the same bytes whether the run was interrupted or split over
+processes.
 """
 
 from __future__ import annotations
@@ -48,11 +57,19 @@ from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
-from hps_jax.data.diffusiondb import DEFAULT_LIMITS, ArchiveLimits, ArchiveReader, DiffusionDBError, MemberError
+from hps_jax.data.diffusiondb import (
+  DEFAULT_LIMITS,
+  ArchiveLimits,
+  ArchiveReader,
+  DiffusionDBError,
+  MemberError,
+  Record,
+)
 from hps_jax.data.images import ImageError, load_image
 from hps_jax.data.pairs import jsonl_objects
 from hps_jax.data.paths import OutsidePathError, collision_key, confine, safe_basename, safe_member_path, text_problem
 from hps_jax.errors import InputError
+from hps_jax.files import atomic_write
 
 KINDS = ("preferred", "non_preferred", "regularization")
 
@@ -242,29 +259,6 @@ def _prepare(src, preprocess, blur_threshold: int):
   return preprocess.apply(img), False, None
 
 
-def _chunks(items, size):
-  for start in range(0, len(items), size):
-    yield items[start : start + size]
-
-
-def _decoded(chunks, reader, pool, work, skips):
-  """Reads (main thread) and decodes (pool) chunk k+1 while the caller scores chunk k."""
-  pending = None
-  for chunk in chunks:
-    futures = []
-    for i, r in chunk:
-      try:
-        futures.append((i, r, pool.submit(work, reader.read(r))))
-      except (MemberError, DiffusionDBError) as e:
-        skips.add(r.where, str(e))
-        futures.append((i, r, None))
-    if pending is not None:
-      yield [(i, r, f.result() if f is not None else None) for i, r, f in pending]
-    pending = futures
-  if pending is not None:
-    yield [(i, r, f.result() if f is not None else None) for i, r, f in pending]
-
-
 def check_regularization(items, skips, workers: int, progress) -> list[dict]:
   """Decodes every regularization image once (so the trainer never meets a broken one); bad ones are skipped."""
 
@@ -287,61 +281,16 @@ def check_regularization(items, skips, workers: int, progress) -> list[dict]:
 
 
 def write_scores(path, scored, records, selections) -> None:
-  """Every scored image as {image, prompt, hps, kind} (kind None when not selected)."""
+  """Every scored image as {image, prompt, hps, kind} (kind None when not selected), written atomically.
+  `records`: index -> Record (a list or a dict)."""
   kind = {s.best: "preferred" for s in selections if s.best is not None}
   kind.update({s.worst: "non_preferred" for s in selections if s.worst is not None})
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  with atomic_write(path) as f:
     for i, prompt, hps in scored:
       f.write(
         json.dumps({"image": records[i].where, "prompt": prompt, "hps": hps, "kind": kind.get(i)}, ensure_ascii=False)
         + "\n"
       )
-
-
-def score_records(
-  records,
-  candidates,
-  scorer,
-  config: LabelConfig,
-  skips,
-  progress,
-  batch_size: int,
-  *,
-  limits: ArchiveLimits = DEFAULT_LIMITS,
-) -> tuple[list, int]:
-  """HPS of the candidate (index, record) pairs -> ([(index, prompt, hps)], number of blurry images dropped).
-  Archive members are read on this thread and decoded in a pool while the previous chunk is scored; unreadable or
-  non-finite ones go to `skips`. `progress(total, desc)` is a progress-bar context manager."""
-  scored: list[tuple[int, str, float]] = []
-  blurry = 0
-  work = lambda src: _prepare(src, scorer.preprocess, config.blur_threshold)  # noqa: E731
-  with (
-    ArchiveReader(limits) as reader,
-    cf.ThreadPoolExecutor(scorer.workers) as pool,
-    progress(len(candidates), "labelling") as bar,
-  ):
-    for chunk in _decoded(_chunks(candidates, batch_size), reader, pool, work, skips):
-      ok = []
-      for i, r, res in chunk:
-        if res is None:
-          continue
-        pixels, is_blur, err = res
-        if err is not None:
-          skips.add(r.where, err)
-        elif is_blur:
-          blurry += 1
-        else:
-          ok.append((i, r, pixels))
-      if ok:
-        cos = scorer.cosine_arrays(np.stack([p for _, _, p in ok]), scorer.tokenize([r.prompt for _, r, _ in ok]))
-        for (i, r, _), c in zip(ok, np.asarray(cos, np.float64)):
-          if np.isfinite(c):
-            scored.append((i, r.prompt, 100.0 * float(c)))
-          else:
-            skips.add(r.where, "non-finite score")
-      bar.update(len(chunk))
-  return scored, blurry
 
 
 class _Names:
@@ -389,11 +338,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def extract_selected(
-  records, selections: Sequence[Selection], out_dir: Path, skips, *, limits: ArchiveLimits = DEFAULT_LIMITS
+  records,
+  selections: Sequence[Selection],
+  out_dir: Path,
+  skips,
+  *,
+  limits: ArchiveLimits = DEFAULT_LIMITS,
+  read: Callable | None = None,
 ) -> tuple[list, dict]:
   """Writes the selected archive members under out_dir/images/ (original bytes, safe and distinct names: module
   docstring); -> (the selections whose images could be written, index -> manifest path: relative to out_dir for
-  extracted members, absolute for files)."""
+  extracted members, absolute for files). Members are read in index order, with `read(record) -> bytes` when given
+  (webdataset shards: `ShardReader`), else from their zip."""
   out_dir = Path(out_dir)
   paths: dict[int, str] = {}
   names = _Names(out_dir)
@@ -405,7 +361,7 @@ def extract_selected(
         paths[i] = os.path.abspath(r.name)
         continue
       try:
-        data = reader.read(r)
+        data = read(r) if read is not None else reader.read(r)
       except (MemberError, DiffusionDBError) as e:  # it was readable a moment ago; report rather than crash
         skips.add(r.where, str(e))
         continue
@@ -423,9 +379,276 @@ def extract_selected(
 
 
 def write_manifest(rows: Sequence[dict], out: Path) -> None:
-  """The manifest JSONL, written atomically."""
-  tmp = out.with_name(out.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
+  """The manifest JSONL, written atomically (fsynced, then renamed into place)."""
+  with atomic_write(out) as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# dataset scale: streamed, resumable, multi-process labelling (`hps-jax label` uses these)
+# ------------------------------------------------------------------------------------------------------------
+# One pass over the input's listing (no image bytes) -> `Survey`: how many images each prompt has, so which images
+# are candidates (their prompt can pass the rule). A second pass streams this process's share of the candidates
+# through the scorer, chunk by chunk; every candidate becomes exactly one row of the process's score log (scored,
+# skipped with its reason, or blurry), appended and fsynced per chunk (`hps_jax.files.JsonlAppender`), so a killed
+# run resumes after its last complete chunk. The selection, the extracted images and the manifest are computed at
+# the end from the complete logs, in global record order: the same bytes whether the run was interrupted or not and
+# whatever the number of processes.
+@dataclasses.dataclass
+class Survey:
+  """The whole input's listing, compactly: per unit (DiffusionDB part or block of JSONL rows) the prompt id of
+  each record, the number of images per prompt id, and a digest of every (where, prompt) (a resume checks it)."""
+
+  by_index: bool  # records are shared between processes by index (JSONL) rather than by unit (zip parts)
+  images: int = 0
+  prompt_ids: dict[str, int] = dataclasses.field(default_factory=dict)
+  counts: list[int] = dataclasses.field(default_factory=list)
+  units: list[np.ndarray] = dataclasses.field(default_factory=list)
+  digest: str = ""
+
+  def selectable(self, config: LabelConfig) -> np.ndarray:
+    """Per prompt id: whether its images are scored (`selectable`)."""
+    return np.array([selectable(n, config) for n in self.counts], bool)
+
+  def share_masks(self, config: LabelConfig, process_index: int = 0, process_count: int = 1) -> Iterable[np.ndarray]:
+    """Per unit: which of its records are candidates of this process's share. Parts (zip archives, shards) go to
+    process `unit % process_count`; JSONL records to process `index % process_count`."""
+    ok, start = self.selectable(config), 0
+    for u, ids in enumerate(self.units):
+      mask = ok[ids] if len(ids) else np.zeros(0, bool)
+      if self.by_index:
+        mask &= np.arange(start, start + len(ids)) % process_count == process_index
+      elif u % process_count != process_index:
+        mask = np.zeros_like(mask)
+      start += len(ids)
+      yield mask
+
+  def share_size(self, config: LabelConfig, process_index: int = 0, process_count: int = 1) -> int:
+    return int(sum(m.sum() for m in self.share_masks(config, process_index, process_count)))
+
+
+def survey(units: Iterable[Iterable], *, by_index: bool) -> Survey:
+  """The `Survey` of a stream of record units (`hps_jax.data.diffusiondb.iter_record_units`)."""
+  s, h = Survey(by_index=by_index), hashlib.sha256()
+  for records in units:
+    ids = []
+    for r in records:
+      pid = s.prompt_ids.setdefault(r.prompt, len(s.prompt_ids))
+      if pid == len(s.counts):
+        s.counts.append(0)
+      s.counts[pid] += 1
+      ids.append(pid)
+      h.update(json.dumps([r.where, r.prompt], ensure_ascii=False).encode("utf-8") + b"\n")
+    s.units.append(np.asarray(ids, np.int32))
+    s.images += len(ids)
+    h.update(b"-- unit --\n")
+  s.digest = h.hexdigest()
+  return s
+
+
+def share(
+  units: Iterable[Iterable], s: Survey, config: LabelConfig, process_index: int = 0, process_count: int = 1, done=()
+) -> Iterable[tuple[int, object]]:
+  """(global record index, record) of this process's candidates not in `done`, streamed from a second pass over
+  the same units (lists or streams); a unit holding none of them is not read at all. Raises InputError when the
+  input no longer matches its survey (changed while being read)."""
+  start, u = 0, -1
+  for u, (records, mask) in enumerate(zip(units, s.share_masks(config, process_index, process_count))):
+    if mask.any():
+      n = 0
+      for k, r in enumerate(records):
+        if k < len(mask) and mask[k] and start + k not in done:
+          yield start + k, r
+        n += 1
+      if n != len(mask):
+        raise InputError(f"the input changed while it was being labelled (unit {u}: {n} records, was {len(mask)})")
+    start += len(mask)
+  if u + 1 != len(s.units):
+    raise InputError(f"the input changed while it was being labelled ({u + 1} units, was {len(s.units)})")
+
+
+def _batches(items: Iterable, size: int):
+  chunk = []
+  for item in items:
+    chunk.append(item)
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
+
+
+def _skip_row(i: int, where: str, why: str) -> dict:
+  return {"i": i, "where": where, "skip": why}
+
+
+def _score_chunk(pending, scorer) -> list[dict]:
+  rows, ok = {}, []
+  for i, r, fut in pending:
+    if isinstance(fut, str):  # could not be read
+      rows[i] = _skip_row(i, r.where, fut)
+      continue
+    pixels, is_blur, err = fut.result()
+    if err is not None:
+      rows[i] = _skip_row(i, r.where, err)
+    elif is_blur:
+      rows[i] = {"i": i, "blurry": True}
+    else:
+      ok.append((i, r, pixels))
+  if ok:
+    cos = scorer.cosine_arrays(np.stack([p for _, _, p in ok]), scorer.tokenize([r.prompt for _, r, _ in ok]))
+    for (i, r, _), c in zip(ok, np.asarray(cos, np.float64)):
+      if np.isfinite(c):
+        rows[i] = {"i": i, "hps": 100.0 * float(c), "prompt": r.prompt, "name": r.name, "archive": r.archive}
+        if r.part is not None:
+          rows[i]["part"] = r.part
+      else:
+        rows[i] = _skip_row(i, r.where, "non-finite score")
+  return [rows[i] for i, _, _ in pending]
+
+
+def label_chunks(
+  candidates: Iterable[tuple[int, object]],
+  scorer,
+  config: LabelConfig,
+  batch_size: int,
+  *,
+  limits: ArchiveLimits = DEFAULT_LIMITS,
+) -> Iterable[list[dict]]:
+  """Score-log rows of the candidates, one list per chunk of `batch_size` candidates, in candidate order; every
+  candidate gets exactly one row: `{"i", "hps", "prompt", "name", "archive"[, "part"]}` when scored,
+  `{"i", "where", "skip"}` when it could not be read / decoded / scored, `{"i", "blurry": true}` when the blur
+  filter dropped it. Chunk k+1 is read (this thread) and decoded (a pool) while chunk k is scored."""
+  work = lambda src: _prepare(src, scorer.preprocess, config.blur_threshold)  # noqa: E731
+  with ArchiveReader(limits) as reader, cf.ThreadPoolExecutor(scorer.workers) as pool:
+    pending = None
+    for chunk in _batches(candidates, batch_size):
+      futures = []
+      for i, r in chunk:
+        try:
+          src = r.data if r.data is not None else reader.read(r)
+          futures.append((i, r, pool.submit(work, src)))
+        except (MemberError, DiffusionDBError) as e:
+          futures.append((i, r, str(e)))
+      if pending is not None:
+        yield _score_chunk(pending, scorer)
+      pending = futures
+    if pending is not None:
+      yield _score_chunk(pending, scorer)
+
+
+def read_log(path) -> Iterable[dict]:
+  """The rows of a complete score log (every line whole). Raises InputError naming a bad line."""
+  with open(path, "rb") as f:
+    for n, line in enumerate(f, 1):
+      try:
+        row = json.loads(line)
+      except ValueError:
+        row = None
+      if not isinstance(row, dict) or not isinstance(row.get("i"), int):
+        raise InputError(f"{path}:{n}: not a score-log row (a JSON object with an integer 'i')")
+      yield row
+
+
+@dataclasses.dataclass
+class Merged:
+  """The score logs of every process, in global record order."""
+
+  scored: list[tuple[int, str, float]]  # (index, prompt, hps)
+  records: dict[int, object]  # index -> Record of every scored image (enough to read it again)
+  skipped: list[tuple[str, str]]  # (where, why)
+  blurry: int
+  rows: list[int]  # rows per log
+
+
+def merge_logs(paths: Sequence) -> Merged:
+  """Merges score logs (`label_chunks` rows) by record index. An index met twice (overlapping shares, a log
+  written twice) raises InputError naming both logs."""
+  owner: dict[int, int] = {}
+  rows: list[dict] = []
+  counts = []
+  for k, path in enumerate(paths):
+    n = 0
+    for row in read_log(path):
+      i = row["i"]
+      if i in owner:
+        raise InputError(f"{path}: image {i} is also in {paths[owner[i]]} (the shares overlap)")
+      owner[i] = k
+      rows.append(row)
+      n += 1
+    counts.append(n)
+  rows.sort(key=lambda r: r["i"])
+  m = Merged([], {}, [], 0, counts)
+  for row in rows:
+    i = row["i"]
+    if "hps" in row:
+      m.scored.append((i, row["prompt"], float(row["hps"])))
+      m.records[i] = Record(name=row["name"], prompt=row["prompt"], archive=row.get("archive"), part=row.get("part"))
+    elif row.get("blurry"):
+      m.blurry += 1
+    else:
+      m.skipped.append((str(row.get("where")), str(row.get("skip"))))
+  return m
+
+
+# ------------------------------------------------------------------------------------------------------------
+# webdataset shards as a label input (`hps-jax label --shards`)
+# ------------------------------------------------------------------------------------------------------------
+class _SkipTo:
+  """`hps_jax.data.webdataset` reports skips to an object with `add(what, why)`: forward them."""
+
+  def __init__(self, skip: Callable[[str, str], None]):
+    self.add = skip
+
+
+def shard_part(shard: Path, shards: Sequence[Path]) -> str:
+  """A shard's name under images/ for its extracted samples: its path relative to the shards' common folder,
+  without `.tar` (e.g. `laion/00003`)."""
+  parents = [str(Path(os.path.abspath(s)).parent) for s in shards]
+  base = os.path.commonpath(parents) if parents else str(Path(shard).parent)
+  return PurePosixPath(Path(os.path.relpath(os.path.abspath(shard), base)).as_posix()).with_suffix("").as_posix()
+
+
+def _shard_records(shard: Path, part: str, skip, limits: ArchiveLimits):
+  from hps_jax.data import webdataset as wds
+
+  if not os.path.exists(shard):
+    skip(str(shard), "no such shard")
+    return
+  for s in wds.iter_shard(shard, _SkipTo(skip), limits):
+    name = f"{s.key}.{s.ext}"
+    if s.caption is None:
+      skip(f"{shard}:{name}", "no caption (the .txt member is the prompt)")
+      continue
+    yield Record(name=name, prompt=s.caption, archive=str(shard), part=part, data=s.image)
+
+
+def shard_units(shards: Sequence[Path], skip, *, limits: ArchiveLimits = DEFAULT_LIMITS):
+  """One unit per shard (`survey` / `share`), each a stream of Records carrying their image bytes (memory: one
+  sample at a time); prompt = the sample's caption, so the images of one prompt share a caption. Shard k belongs
+  to process k % N (`hps_jax.data.webdataset.shard_share`)."""
+  for shard in shards:
+    yield _shard_records(Path(shard), shard_part(Path(shard), shards), skip, limits)
+
+
+class ShardReader:
+  """Reads selected samples back from their shards (`extract_selected(read=...)`): records must come in shard and
+  sample order (index order), each shard is streamed once."""
+
+  def __init__(self, limits: ArchiveLimits = DEFAULT_LIMITS):
+    self.limits = limits
+    self._shard: str | None = None
+    self._it = None
+
+  def __call__(self, record) -> bytes:
+    from hps_jax.data import webdataset as wds
+
+    if record.archive != self._shard:
+      self._shard = record.archive
+      self._it = wds.iter_shard(Path(record.archive), _SkipTo(lambda *_: None), self.limits)
+    for s in self._it:
+      if f"{s.key}.{s.ext}" == record.name:
+        return s.image
+    self._shard = None
+    raise MemberError(f"sample {record.name} is no longer in {record.archive}")

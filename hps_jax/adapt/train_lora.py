@@ -14,8 +14,10 @@ diffusers / PEFT layout (diffusers' `load_lora_weights` and `hps-jax sample --lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -30,12 +32,15 @@ from hps_jax import lora
 from hps_jax.adapt.label import read_manifest as read
 from hps_jax.convert.diffusers import load_text_encoder, load_unet, load_vae
 from hps_jax.data import pipeline
+from hps_jax.data import webdataset as wds
 from hps_jax.data.images import ImageError, load_image
+from hps_jax.data.skips import Skips
 from hps_jax.data.synthetic import SyntheticPreference, write_lora_manifest
 from hps_jax.data.tokenizer import CLIPTokenizer
 from hps_jax.diffusion import schedulers as sch
 from hps_jax.diffusion.tiny import TINY_UNET, write_tiny_sd
 from hps_jax.errors import InputError
+from hps_jax.files import atomic_write
 from hps_jax.lora import save_peft
 from hps_jax.models.dtypes import as_dtype
 from hps_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -299,6 +304,66 @@ def diffusion_loss(model: SDTrainModel, batch: dict, sched: sch.SchedulerConfig,
   }
 
 
+def regularization_rows(config, workdir) -> list[dict]:
+  """Regularization images from webdataset shards (`config.data.regularization`: a .tar, a folder of .tar files or
+  a brace pattern; the paper used LAION images of aesthetic score >= 6.5) as manifest rows `{image, caption,
+  kind: "regularization"}`, appended after the manifest's own rows. The samples (the first
+  `data.regularization_limit` usable ones, 0 = all) are decoded once and their original bytes written to
+  WORKDIR/regularization/images/NNNNNNNN.EXT (atomically) with an index, rows.jsonl, reused while the shards and
+  the limit are the same. A sample without a caption or whose image does not decode is skipped and named on
+  stderr; shards that name no usable sample raise InputError. Every process writes the same bytes to the same
+  names, so processes sharing a workdir need no coordination."""
+  spec = str(config.data.get("regularization", "") or "")
+  if not spec:
+    return []
+  limit = int(config.data.get("regularization_limit", 0))
+  if limit < 0:
+    raise ValueError(f"data.regularization_limit must be >= 0 (0 = every sample), got {limit}")
+  shards = wds.expand_shards(spec)
+  out = Path(workdir) / "regularization"
+  index = out / "rows.jsonl"
+  header = {"shards": [str(Path(x).resolve()) for x in shards], "limit": limit}
+  if index.is_file():
+    lines = index.read_text(encoding="utf-8").splitlines()
+    with contextlib.suppress(ValueError, IndexError):
+      if json.loads(lines[0]) == header:
+        rows = [json.loads(line) for line in lines[1:]]
+        return [{**r, "image": str(out / r["image"]), "kind": "regularization"} for r in rows]
+  skips = Skips()
+  rows = []
+  for sample in wds.iter_samples(shards, skips):
+    where = f"{sample.shard}:{sample.key}.{sample.ext}"
+    if sample.caption is None:
+      skips.add(where, "no caption (.txt member)")
+      continue
+    try:
+      load_image(sample.image)
+    except ImageError as e:
+      skips.add(where, e.message)
+      continue
+    name = f"images/{len(rows):08d}.{sample.ext}"
+    target = out / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target, "wb") as f:
+      f.write(sample.image)
+    rows.append({"image": name, "caption": sample.caption})
+    if limit and len(rows) == limit:
+      break
+  for what, why in skips.items:
+    print(f"train-lora: regularization: skipped {what}: {why}", file=sys.stderr)
+  if not rows:
+    raise InputError(f"{spec}: no usable regularization sample (image + .txt caption) in {len(shards)} shard(s)")
+  with atomic_write(index) as f:
+    f.write(json.dumps(header) + "\n")
+    for r in rows:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  print(
+    f"train-lora: {len(rows)} regularization images from {len(shards)} shard(s), {len(skips.items)} skipped",
+    file=sys.stderr,
+  )
+  return [{**r, "image": str(out / r["image"]), "kind": "regularization"} for r in rows]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # task
 # ------------------------------------------------------------------------------------------------------------
@@ -307,6 +372,7 @@ def build_task(config, workdir) -> Task:
   model_dir = base_model_dir(config, workdir)
   allow_outside = bool(config.data.get("allow_outside_paths", False))  # --allow-outside-paths
   rows = read_manifest(manifest_path(config, workdir), allow_outside=allow_outside)
+  rows += regularization_rows(config, workdir)
   model, tokenizer, sched = build_model(config, model_dir)
   d = config.data
   transform = ExampleTransform(tokenizer, int(d.resolution), bool(d.random_crop), bool(d.random_flip))

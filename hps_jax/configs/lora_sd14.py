@@ -45,6 +45,10 @@ def base():
   c.data.synthetic_size = 0  # > 0 and no manifest: a synthetic labelled set of this many prompts
   c.data.allow_outside_paths = False  # True: manifest rows' relative image paths may leave its folder ('..')
   c.data.eval_examples = 0  # > 0: held-out loss on the manifest's first N rows (fixed noise) at eval
+  # regularization images from webdataset shards, added to the manifest's rows (which may already hold the ones
+  # `hps-jax label --regularization` put there): a .tar, a folder of .tar files or a brace pattern; "" = none
+  c.data.regularization = ""
+  c.data.regularization_limit = 0  # > 0: only the first N usable samples of the shards
 
   c.loss = ml_collections.ConfigDict()
   c.loss.min_snr_gamma = 0.0  # > 0: min-SNR-gamma loss weighting (5.0 is the usual choice)

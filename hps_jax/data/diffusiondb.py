@@ -30,7 +30,8 @@ Member names are only used to look members up, never as paths to write to (`hps_
 safe, unique names for the images it extracts; see `hps_jax.data.paths`).
 
 Records carry where their image is, not its bytes (a 14M-image listing fits in memory); read the bytes with
-:class:`ArchiveReader` (or `iter_diffusiondb(..., with_bytes=True)`).
+:class:`ArchiveReader` (or `iter_diffusiondb(..., with_bytes=True)`). `iter_record_units` streams the listing one
+part (or one block of JSONL rows) at a time, for jobs that must not hold a whole download's listing.
 """
 
 from __future__ import annotations
@@ -189,11 +190,14 @@ def find_parts(root) -> list[Path]:
   return sorted(parts, key=lambda p: (int(_PART.match(p.name).group(1)), str(p)))
 
 
-def read_parquet_metadata(root, names: set[str], part_ids: set[int] | None = None) -> dict[str, dict]:
+def read_parquet_metadata(
+  root, names: set[str], part_ids: set[int] | None = None, *, files: list[Path] | None = None
+) -> dict[str, dict]:
   """image_name -> {prompt, seed, step, cfg, sampler, width, height, part_id} for the `names` found in
-  ROOT's `metadata*.parquet` files (searched recursively; the first file naming an image wins)."""
+  ROOT's `metadata*.parquet` files (searched recursively unless `files` lists them; the first file naming an image
+  wins)."""
   out: dict[str, dict] = {}
-  files = sorted(Path(root).rglob("metadata*.parquet"))
+  files = sorted(Path(root).rglob("metadata*.parquet")) if files is None else files
   if not files or not names:
     return out
   try:
@@ -255,60 +259,94 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
     raise DiffusionDBError(f"{path}: not a readable zip archive ({type(e).__name__}: {e})") from e
 
 
+def _listing(zp: Path, limits: ArchiveLimits) -> tuple[dict, list[zipfile.ZipInfo]]:
+  """A part's JSON metadata and its other members (sorted by name), from the zip's headers."""
+  with _open_zip(zp) as zf:
+    part_json = _read_part_json(zf, zp, limits)
+    infos = [i for i in zf.infolist() if not i.is_dir() and i.filename != zp.stem + ".json"]
+  return part_json, sorted(infos, key=lambda i: i.filename)
+
+
+def _part_records(
+  root: Path, zp: Path, part_json: dict, infos, parquet: dict, skip: Skip, require_prompt: bool, limits: ArchiveLimits
+) -> list[Record]:
+  part = zp.relative_to(root).with_suffix("").as_posix()
+  part_id = int(_PART.match(zp.name).group(1))
+  shared, reported = Counter(i.filename for i in infos), set()
+  records = []
+  for info in infos:
+    m = info.filename
+    where = f"{zp}:{m}"
+    if shared[m] > 1:
+      if m not in reported:  # one skip per name, not per copy
+        reported.add(m)
+        skip(where, f"{shared[m]} members share this name (which one is meant is ambiguous): none is read")
+      continue
+    if not m.lower().endswith(IMAGE_SUFFIXES):
+      skip(where, f"not an image member (expected {', '.join(IMAGE_SUFFIXES)})")
+      continue
+    bad = member_problem(info, limits)
+    if bad is not None:
+      skip(where, bad)
+      continue
+    fields = {k: None for k in _FIELDS}
+    js = part_json.get(m, {})
+    fields.update({_JSON_FIELDS[k]: v for k, v in js.items() if k in _JSON_FIELDS})
+    prompt = js.get("p") if isinstance(js.get("p"), str) else None
+    row = parquet.get(m)
+    if row is not None:
+      fields.update({k: row[k] for k in _FIELDS if row.get(k) is not None})
+      if isinstance(row.get("prompt"), str):
+        prompt = row["prompt"]
+    if prompt is not None and text_problem(prompt) is not None:
+      skip(where, f"prompt is {text_problem(prompt)}")
+      continue
+    if prompt is None and require_prompt:
+      skip(where, f"no prompt (not in metadata*.parquet nor in {zp.stem}.json)")
+      continue
+    records.append(Record(name=m, prompt=prompt, archive=str(zp), part=part, part_id=part_id, **fields))
+  present = {i.filename for i in infos}
+  for m in sorted(k for k in part_json if k not in present):
+    skip(f"{zp}:{m}", f"listed in {zp.stem}.json but not in the archive")
+  return records
+
+
 def read_diffusiondb(
   root, skip: Skip, require_prompt: bool = True, *, limits: ArchiveLimits = DEFAULT_LIMITS
 ) -> list[Record]:
   """The records (without bytes) of a local DiffusionDB download, in deterministic order (module docstring)."""
   root = Path(root)
-  listing = []
-  for zp in find_parts(root):
-    with _open_zip(zp) as zf:
-      part_json = _read_part_json(zf, zp, limits)
-      infos = [i for i in zf.infolist() if not i.is_dir() and i.filename != zp.stem + ".json"]
-    listing.append((zp, part_json, sorted(infos, key=lambda i: i.filename)))
+  listing = [(zp, *_listing(zp, limits)) for zp in find_parts(root)]
   names = {i.filename for _, _, infos in listing for i in infos}
   part_ids = {int(_PART.match(zp.name).group(1)) for zp, _, _ in listing}
   parquet = read_parquet_metadata(root, names, part_ids)
   records = []
   for zp, part_json, infos in listing:
-    part = zp.relative_to(root).with_suffix("").as_posix()
-    part_id = int(_PART.match(zp.name).group(1))
-    shared, reported = Counter(i.filename for i in infos), set()
-    for info in infos:
-      m = info.filename
-      where = f"{zp}:{m}"
-      if shared[m] > 1:
-        if m not in reported:  # one skip per name, not per copy
-          reported.add(m)
-          skip(where, f"{shared[m]} members share this name (which one is meant is ambiguous): none is read")
-        continue
-      if not m.lower().endswith(IMAGE_SUFFIXES):
-        skip(where, f"not an image member (expected {', '.join(IMAGE_SUFFIXES)})")
-        continue
-      bad = member_problem(info, limits)
-      if bad is not None:
-        skip(where, bad)
-        continue
-      fields = {k: None for k in _FIELDS}
-      js = part_json.get(m, {})
-      fields.update({_JSON_FIELDS[k]: v for k, v in js.items() if k in _JSON_FIELDS})
-      prompt = js.get("p") if isinstance(js.get("p"), str) else None
-      row = parquet.get(m)
-      if row is not None:
-        fields.update({k: row[k] for k in _FIELDS if row.get(k) is not None})
-        if isinstance(row.get("prompt"), str):
-          prompt = row["prompt"]
-      if prompt is not None and text_problem(prompt) is not None:
-        skip(where, f"prompt is {text_problem(prompt)}")
-        continue
-      if prompt is None and require_prompt:
-        skip(where, f"no prompt (not in metadata*.parquet nor in {zp.stem}.json)")
-        continue
-      records.append(Record(name=m, prompt=prompt, archive=str(zp), part=part, part_id=part_id, **fields))
-    present = {i.filename for i in infos}
-    for m in sorted(k for k in part_json if k not in present):
-      skip(f"{zp}:{m}", f"listed in {zp.stem}.json but not in the archive")
+    records += _part_records(root, zp, part_json, infos, parquet, skip, require_prompt, limits)
   return records
+
+
+PARTS_PER_LOOKUP = 64  # parts whose parquet metadata `iter_diffusiondb_parts` looks up in one read
+
+
+def iter_diffusiondb_parts(
+  root, skip: Skip, require_prompt: bool = True, *, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> Iterator[list[Record]]:
+  """`read_diffusiondb`'s records one part at a time (memory bounded by `PARTS_PER_LOOKUP` parts' listings, not
+  the download's): one list per `part-*.zip`, in `find_parts` order, empty when the part holds no usable image.
+  The parquet metadata is looked up for `PARTS_PER_LOOKUP` parts at a time (rows whose `part_id` is one of theirs,
+  as in every DiffusionDB download); a zip, part JSON or parquet file that cannot be read raises DiffusionDBError
+  when its part is reached."""
+  root = Path(root)
+  parts = find_parts(root)
+  files = sorted(root.rglob("metadata*.parquet"))
+  for start in range(0, len(parts), PARTS_PER_LOOKUP):
+    group = [(zp, *_listing(zp, limits)) for zp in parts[start : start + PARTS_PER_LOOKUP]]
+    names = {i.filename for _, _, infos in group for i in infos}
+    part_ids = {int(_PART.match(zp.name).group(1)) for zp, _, _ in group}
+    parquet = read_parquet_metadata(root, names, part_ids, files=files)
+    for zp, part_json, infos in group:
+      yield _part_records(root, zp, part_json, infos, parquet, skip, require_prompt, limits)
 
 
 class ArchiveReader:
@@ -371,6 +409,39 @@ def read_jsonl_records(path, skip: Skip, *, allow_outside: bool = False) -> list
   return [Record(name=img, prompt=prompt) for img, prompt in rows]
 
 
+JSONL_UNIT = 4096  # JSONL rows per unit of `iter_record_units`
+
+
+def iter_record_units(
+  path, skip: Skip, *, allow_outside: bool = False, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> Iterator[list[Record]]:
+  """`read_records`' records, streamed in units: one list per DiffusionDB part (`iter_diffusiondb_parts`), or
+  blocks of `JSONL_UNIT` rows of a JSONL file (read line by line). The same records in the same order as
+  `read_records`; errors as there (a DiffusionDB file that cannot be read raises when it is reached)."""
+  p = Path(path)
+  if p.is_dir():
+    yield from iter_diffusiondb_parts(p, skip, limits=limits)
+    return
+  _check_jsonl(p)
+  block: list[Record] = []
+  for img, prompt in read_image_rows(p, skip, require_prompt=True, allow_outside=allow_outside):
+    block.append(Record(name=img, prompt=prompt))
+    if len(block) == JSONL_UNIT:
+      yield block
+      block = []
+  if block:
+    yield block
+
+
+def _check_jsonl(p: Path) -> None:
+  if not p.exists():
+    raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(p))
+  if p.suffix.lower() != ".jsonl":
+    raise InputError(
+      f'{p}: expected a DiffusionDB folder (part-*.zip + metadata*.parquet) or a .jsonl of {{"image", "prompt"}} rows'
+    )
+
+
 def read_records(
   path, skip: Skip, *, allow_outside: bool = False, limits: ArchiveLimits = DEFAULT_LIMITS
 ) -> list[Record]:
@@ -379,10 +450,5 @@ def read_records(
   p = Path(path)
   if p.is_dir():
     return read_diffusiondb(p, skip, limits=limits)
-  if not p.exists():
-    raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(p))
-  if p.suffix.lower() == ".jsonl":
-    return read_jsonl_records(p, skip, allow_outside=allow_outside)
-  raise InputError(
-    f'{p}: expected a DiffusionDB folder (part-*.zip + metadata*.parquet) or a .jsonl of {{"image", "prompt"}} rows'
-  )
+  _check_jsonl(p)
+  return read_jsonl_records(p, skip, allow_outside=allow_outside)

@@ -154,3 +154,46 @@ def test_data_parallel_losses_equal_single_device(env, straight, tmp_path):
     [got[s]["loss"] for s in range(1, 9)], [reference[s]["loss"] for s in range(1, 9)], rtol=2e-5, atol=0
   )
   assert [got[s]["data_checksum"] for s in range(1, 9)] == [reference[s]["data_checksum"] for s in range(1, 9)]
+
+
+def test_webdataset_regularization_rows(tmp_path, capsys):
+  """data.regularization = webdataset shards: the usable samples become regularization rows (original bytes written
+  under WORKDIR/regularization/), bad ones are named on stderr, the index is reused, the limit caps the count."""
+  pytest.importorskip("webdataset")
+  import io
+  import tarfile
+
+  from PIL import Image
+
+  from hps_jax.adapt.train_lora import regularization_rows
+  from hps_jax.configs.lora_sd14 import get_config
+
+  images = {}
+  with tarfile.open(tmp_path / "00000.tar", "w") as tf:
+    for k, caption in enumerate(["a lake", None, "a hill", "a broken one"]):
+      buf = io.BytesIO()
+      Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(buf, "PNG")
+      data = buf.getvalue() if k != 3 else b"not an image"
+      images[k] = data
+      for name, payload in ((f"{k:03d}.png", data), (f"{k:03d}.txt", caption.encode() if caption else None)):
+        if payload is None:
+          continue
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+  config = get_config("tiny")
+  assert config.data.regularization == "" and regularization_rows(config, tmp_path / "wd") == []
+  config.data.regularization = str(tmp_path / "00000.tar")
+  rows = regularization_rows(config, tmp_path / "wd")
+  err = capsys.readouterr().err
+  out = tmp_path / "wd" / "regularization"
+  assert rows == [
+    {"image": str(out / "images/00000000.png"), "caption": "a lake", "kind": "regularization"},
+    {"image": str(out / "images/00000001.png"), "caption": "a hill", "kind": "regularization"},
+  ]
+  assert [Path(r["image"]).read_bytes() for r in rows] == [images[0], images[2]]
+  assert "skipped" in err and "001.png: no caption" in err and "003.png" in err and "2 skipped" in err
+  (out / "images/00000000.png").write_bytes(b"kept")  # the index is reused: nothing is extracted again
+  assert regularization_rows(config, tmp_path / "wd") == rows and (out / "images/00000000.png").read_bytes() == b"kept"
+  config.data.regularization_limit = 1
+  assert [r["caption"] for r in regularization_rows(config, tmp_path / "wd")] == ["a lake"]
