@@ -52,3 +52,27 @@ bench: $(VENV)/.stamp-test
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
+
+# Wheels for the GPU machine (Python 3.12, manylinux x86_64, no network there) of what its image lacks
+# (bench/gpu_wheels.txt, dependencies listed explicitly) plus hps_jax itself, into .whl/ (git-ignored; the device
+# tool carries it: carry=[".whl"]). bench/gpu_suite.sh installs from there only what is missing.
+WHEELHOUSE ?= .whl
+GPU_WHEEL_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64
+.PHONY: wheelhouse gpu-suite-smoke
+wheelhouse: | $(VENV)/bin/python
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PIP) download -q --no-deps $(GPU_WHEEL_TARGET) -d $(WHEELHOUSE) -r bench/gpu_wheels.txt
+	@# hps_jax from a clean copy of the working tree (the in-tree build/ may hold stale modules)
+	@src=$$(mktemp -d) && git ls-files -z -co --exclude-standard | \
+	  xargs -0 tar --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C $$src && \
+	  $(PIP) wheel -q --no-deps -w $(WHEELHOUSE) $$src; rc=$$?; rm -rf $$src; exit $$rc
+	@ls -1 $(WHEELHOUSE)
+	@$(PY) -c "import pathlib, sys; n = sum(p.stat().st_size for p in pathlib.Path('$(WHEELHOUSE)').glob('*.whl')); \
+	  print(f'wheelhouse $(WHEELHOUSE): {len(list(pathlib.Path(\"$(WHEELHOUSE)\").glob(\"*.whl\")))} wheels, {n / 2**20:.1f} MiB'); \
+	  sys.exit(0 if n < 60 * 2**20 else 'wheelhouse over 60 MiB')"
+
+# The GPU suite end to end on this CPU at tiny sizes (what tests/test_gpu_suite.py runs).
+gpu-suite-smoke: $(VENV)/.stamp-test
+	bash bench/gpu_suite.sh --cpu-smoke

@@ -33,6 +33,17 @@ def median_time(fn, iters: int) -> float:
   return statistics.median(timed(fn, iters))
 
 
+def xla_flops(jitted, *args) -> float:
+  """XLA's FLOP count of one call of `jitted` on `args`, from the lowered (not yet optimized) HLO's `cost_analysis`:
+  no compilation needed, so it is cheap next to a function a library jits internally. 0.0 when none is reported."""
+  try:
+    cost = jitted.lower(*args).cost_analysis()
+  except Exception:  # noqa: BLE001  (a backend without a cost model: no FLOP count, not a failed bench)
+    return 0.0
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def aot_compile(jitted, *args):
   """Ahead-of-time lower + compile of a jitted step: (compiled, lower seconds, compile seconds, XLA's FLOP count of
   one call from `cost_analysis`, 0.0 when the backend reports none)."""
@@ -90,6 +101,29 @@ def device_name() -> str:
   if d.platform == "cpu":
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
   return getattr(d, "device_kind", d.platform)
+
+
+def device_tag() -> str:
+  """A short lower-case name of jax's default device for result file names: 'h200', 'h100', 'a100', ... on a GPU
+  (the model number in device_kind, e.g. 'NVIDIA H200'), else the platform ('cpu', 'tpu')."""
+  import re
+
+  import jax
+
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return "cpu"
+  kind = str(getattr(d, "device_kind", "") or d.platform)
+  m = re.search(r"\b([A-Za-z]{1,3}\d{2,4}[A-Za-z]?)\b", kind.replace("NVIDIA", ""))
+  return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or d.platform).lower()
+
+
+def attention_impls() -> dict[str, int]:
+  """How many attention calls were traced with each implementation ('xla' / 'cudnn') in this process: shows
+  whether cuDNN flash attention really ran (hps_jax.models.attention)."""
+  from hps_jax.models.attention import attention_stats
+
+  return attention_stats()
 
 
 def emit(result: dict, out: str | None):

@@ -4,6 +4,7 @@ pytorch-fid computes it).
 
   python -m bench.fid --batch 8 --iters 2                          # CPU
   python -m bench.fid --batch 200 --out bench/results/fid_h100.json  # on a GPU
+  python -m bench.fid --batch 2 --size 64 --iters 1 --frechet-dim 64  # smoke run (keys say frechet_64_...)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import device_name, emit, median_time
+from bench.common import device_name, emit, median_time, mfu, peak_flops, xla_flops
 
 
 def random_fid_state_dict(seed: int = 0) -> dict:
@@ -53,6 +54,8 @@ def main():
   ap.add_argument("--iters", type=int, default=2)
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--resize", default="torch", choices=["torch", "tf1"])
+  ap.add_argument("--frechet-dim", type=int, default=2048, help="feature dims of the Frechet distance timing")
+  ap.add_argument("--frechet-iters", type=int, help="timed Frechet distances per side (default: max(iters, 2))")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--out")
   args = ap.parse_args()
@@ -86,8 +89,18 @@ def main():
     "resize": args.resize,
     "iters": args.iters,
     "jax_version": jax.__version__,
+    "jax_s_per_batch": jt,
     "jax_images_per_s": args.batch / jt,
   }
+  # XLA's FLOP count of the feature extraction (preprocess + network, float32) and MFU against the fp32 peak
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+  flops = xla_flops(
+    jax.jit(lambda st, x: extract(nnx.merge(graphdef, st), x, args.resize)["pool3"]), state, jax.numpy.asarray(images)
+  )
+  peak = peak_flops(jax.devices()[0], "float32")
+  result.update({"step_flops": flops, "peak_flops": peak, "mfu": mfu(flops, jt, peak)})
 
   if not args.no_torch:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,22 +126,24 @@ def main():
       }
     )
 
-  # Fréchet distance of two 2048-d Gaussians
-  d = 2048
+  # Fréchet distance of two d-dimensional Gaussians (d = 2048: the pool3 features)
+  d = args.frechet_dim
+  fiters = args.frechet_iters or max(args.iters, 2)
   a = rng.standard_normal((3 * d, d)) / np.sqrt(d)
   b = a + 0.1 * rng.standard_normal((3 * d, d)) / np.sqrt(d)
   s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
   mu1, mu2 = a.mean(0), b.mean(0)
   frechet_distance(mu1, s1, mu2, s2)  # compile
-  jf = median_time(lambda: frechet_distance(mu1, s1, mu2, s2), max(args.iters, 2))
-  result["frechet_2048_jax_s"] = jf
-  result["frechet_2048_value_jax"] = frechet_distance(mu1, s1, mu2, s2)
+  jf = median_time(lambda: frechet_distance(mu1, s1, mu2, s2), fiters)
+  result["frechet_dim"] = d
+  result[f"frechet_{d}_jax_s"] = jf
+  result[f"frechet_{d}_value_jax"] = frechet_distance(mu1, s1, mu2, s2)
   try:
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    sf = median_time(lambda: calculate_frechet_distance(mu1, s1, mu2, s2), max(args.iters, 2))
-    result["frechet_2048_scipy_sqrtm_s"] = sf
-    result["frechet_2048_value_scipy"] = float(calculate_frechet_distance(mu1, s1, mu2, s2))
+    sf = median_time(lambda: calculate_frechet_distance(mu1, s1, mu2, s2), fiters)
+    result[f"frechet_{d}_scipy_sqrtm_s"] = sf
+    result[f"frechet_{d}_value_scipy"] = float(calculate_frechet_distance(mu1, s1, mu2, s2))
   except ImportError:
     pass
   emit(result, args.out)

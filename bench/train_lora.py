@@ -37,6 +37,11 @@ writes it. The paper trained at batch 40, which needs a large GPU (add --batch 4
   python -m bench.train_lora --batch 8 --out bench/results/train_lora_h100_bf16.json               # on a GPU
   python -m bench.train_lora --resolution 256 --dtype float32 --iters 2 --out bench/results/train_lora_cpu.json
   python -m bench.train_lora --preset tiny --resolution 32 --dtype float32 --iters 2               # smoke run
+  python -m bench.train_lora --batch 40 --remat --out bench/results/train_lora_h200_bf16.json   # the paper's batch
+
+--remat recomputes each UNet block in the backward pass on both sides (JAX: UNetConfig.remat with --remat-policy;
+PyTorch: diffusers' gradient checkpointing): memory for compute, what batch 40 at 512² needs. --attention picks the
+JAX attention backend (auto: cuDNN flash attention on a GPU in bf16; hps_jax.models.attention).
 """
 
 from __future__ import annotations
@@ -50,7 +55,17 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import SD_PRESETS, aot_compile, device_name, emit, flops_per_s, mfu, peak_flops, timed
+from bench.common import (
+  SD_PRESETS,
+  aot_compile,
+  attention_impls,
+  device_name,
+  emit,
+  flops_per_s,
+  mfu,
+  peak_flops,
+  timed,
+)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # of every attn1 / attn2 (hps_jax.lora.DEFAULT_TARGETS)
 CONTEXT_LENGTH = 77
@@ -110,6 +125,8 @@ def torch_side(args, model, inputs) -> dict:
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   o = optim_config()
   model = model.to(dev).train()
+  if args.remat:
+    model.enable_gradient_checkpointing()
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
   # CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json (the training noise schedule)
@@ -189,7 +206,14 @@ def jax_side(args, model_dir: Path, adapters, inputs) -> dict:
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   t0 = time.perf_counter()
-  unet = load_unet(model_dir, dtype=dtype, param_dtype=jnp.float32)
+  unet = load_unet(
+    model_dir,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    remat=args.remat,
+    remat_policy=args.remat_policy,
+    attention_backend=args.attention,
+  )
   load_s = time.perf_counter() - t0
   paths = lora.apply_lora(unet, lora.LoRAConfig(rank=args.rank, alpha=float(args.rank)))
   assert sorted(paths) == sorted(adapters), (
@@ -264,6 +288,14 @@ def main(argv=None):
     choices=["float32", "bfloat16"],
     help="compute dtype of the frozen base (parameters and adapters stay float32)",
   )
+  ap.add_argument("--remat", action="store_true", help="UNet remat (JAX) / gradient checkpointing (PyTorch)")
+  ap.add_argument(
+    "--remat-policy",
+    default="nothing_saveable",
+    choices=["nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"],
+    help="what a rematerialized UNet block keeps for the backward pass (jax.checkpoint_policies; JAX only)",
+  )
+  ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"], help="JAX attention backend")
   ap.add_argument("--iters", type=int, default=5, help="timed steps per framework (median reported)")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
   ap.add_argument("--no-torch", action="store_true", help="time only the JAX side")
@@ -298,6 +330,9 @@ def main(argv=None):
     "dtype": args.dtype,
     "param_dtype": "float32",
     "adapter_dtype": "float32",
+    "remat": args.remat,
+    "remat_policy": args.remat_policy if args.remat else None,
+    "attention": args.attention,
     "optimizer": {
       "name": "adamw",
       "lr": o.lr,
@@ -347,6 +382,7 @@ def main(argv=None):
       "backend": dev.platform,
       "jax_version": jax.__version__,
       "adapter_params": n_torch,
+      "attention_impls": attention_impls(),
       **jres,
       "jax_images_per_s": b / jstep,
       "jax_flops_per_s": flops_per_s(flops, jstep),

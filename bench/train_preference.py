@@ -9,6 +9,10 @@ XLA's FLOP count of the compiled step and the device's dense bf16/fp32 peak.
 
   python -m bench.train_preference --batch 1 --iters 2                      # CPU: tiny batch
   python -m bench.train_preference --batch 8 --dtype bfloat16 --out bench/results/train_h100_bf16.json
+  python -m bench.train_preference --model tiny --batch 1 --images 2 --iters 1   # smoke run (toy widths)
+
+--attention picks the JAX attention backend (auto: cuDNN flash attention on a GPU in bf16, hps_jax.models.attention),
+--remat recomputes each transformer block in the backward pass (CLIPConfig.remat).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import statistics
 
 import numpy as np
 
-from bench.common import aot_compile, device_name, emit, flops_per_s, mfu, peak_flops, timed
+from bench.common import aot_compile, attention_impls, device_name, emit, flops_per_s, mfu, peak_flops, timed
 
 
 def torch_trainable(name: str) -> bool:
@@ -124,6 +128,8 @@ def main():
   ap.add_argument("--iters", type=int, default=2)
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"], help="JAX attention backend")
+  ap.add_argument("--remat", action="store_true", help="recompute each CLIP block in the backward pass (JAX)")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--out")
   args = ap.parse_args()
@@ -132,7 +138,7 @@ def main():
 
   from hps_jax.models.clip import CLIPConfig
 
-  cfg = CLIPConfig.preset(args.model)
+  cfg = CLIPConfig.preset(args.model, attention_backend=args.attention, remat=args.remat)
   rng = np.random.default_rng(0)
   b, k, s = args.batch, args.images, cfg.image_size
   batch = {
@@ -153,6 +159,9 @@ def main():
     "batch_prompts": b,
     "images_per_prompt": k,
     "dtype": args.dtype,
+    "attention": args.attention,
+    "attention_impls": attention_impls(),
+    "remat": args.remat,
     "iters": args.iters,
     "trainable_params": n_train,
     "jax_version": jax.__version__,

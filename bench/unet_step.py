@@ -13,6 +13,10 @@ Prints one JSON line; --out also writes it.
 
   python -m bench.unet_step --batch 4 --out bench/results/unet_step_h100_bf16.json            # on a GPU
   python -m bench.unet_step --batch 1 --iters 2 --out bench/results/unet_step_cpu.json        # CPU
+  python -m bench.unet_step --preset tiny --latent-size 8 --batch 1 --iters 1                 # smoke run
+
+--attention picks the JAX attention backend (auto: cuDNN flash attention on a GPU in bf16; hps_jax.models.attention);
+--remat-policy says what a rematerialized block keeps (default nothing_saveable: least memory).
 """
 
 from __future__ import annotations
@@ -23,7 +27,17 @@ import time
 
 import numpy as np
 
-from bench.common import SD_PRESETS, aot_compile, device_name, emit, flops_per_s, mfu, peak_flops, timed
+from bench.common import (
+  SD_PRESETS,
+  aot_compile,
+  attention_impls,
+  device_name,
+  emit,
+  flops_per_s,
+  mfu,
+  peak_flops,
+  timed,
+)
 
 
 def unet_kwargs(preset: str) -> dict:
@@ -37,7 +51,9 @@ def jax_side(args, inputs):
 
   from hps_jax.models.unet import UNet2DConditionModel, UNetConfig
 
-  cfg = UNetConfig.from_diffusers(unet_kwargs(args.preset), remat=args.remat, attention_backend=args.attention)
+  cfg = UNetConfig.from_diffusers(
+    unet_kwargs(args.preset), remat=args.remat, remat_policy=args.remat_policy, attention_backend=args.attention
+  )
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   t0 = time.perf_counter()
   model = UNet2DConditionModel(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -124,6 +140,12 @@ def main(argv=None):
   ap.add_argument("--latent-size", type=int, default=64, help="latent side (64 = 512² images)")
   ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
   ap.add_argument("--remat", action="store_true", help="UNet remat (JAX) / gradient checkpointing (PyTorch)")
+  ap.add_argument(
+    "--remat-policy",
+    default="nothing_saveable",
+    choices=["nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"],
+    help="what a rematerialized UNet block keeps for the backward pass (jax.checkpoint_policies; JAX only)",
+  )
   ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"], help="JAX attention backend")
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=1)
@@ -160,7 +182,9 @@ def main(argv=None):
     "dtype": args.dtype,
     "param_dtype": "float32",
     "remat": args.remat,
+    "remat_policy": args.remat_policy if args.remat else None,
     "attention": args.attention,
+    "attention_impls": attention_impls(),
     "iters": args.iters,
     "warmup": args.warmup,
     "jax_version": jax.__version__,
