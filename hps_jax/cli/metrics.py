@@ -4,6 +4,8 @@ aesthetic / HPS of one image set); the Inception options shared with `eval-gener
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 from hps_jax import weights
 from hps_jax.cli.common import (
@@ -118,9 +120,18 @@ def add_metrics(sub):
     "metrics",
     help="generator metrics of an image set: fid, is, kid, clip, aesthetic, hps",
     description="Computes the chosen metrics of one image set. fid/kid need --reference; clip and "
-    'hps need prompts (a JSONL of {"image", "prompt"} rows).',
+    'hps need prompts (a JSONL of {"image", "prompt"} rows, or the captions of --shards). The images stream '
+    "through in chunks; with --output (or --work-dir) each finished chunk is kept, so a killed run continues "
+    "with --resume and gives the numbers an uninterrupted run gives.",
   )
-  p.add_argument("--images", required=True, help="a directory of images or a JSONL of {image, prompt} rows")
+  p.add_argument("--images", help="a directory of images or a JSONL of {image, prompt} rows")
+  p.add_argument(
+    "--shards",
+    metavar="SPEC",
+    help="instead of --images: webdataset (img2dataset) tar shards, a .tar, a folder of them or a brace range "
+    "'data/{00000..00099}.tar'; each sample's .txt caption is its prompt for clip / hps (a sample without one is "
+    "skipped for those)",
+  )
   p.add_argument("--metrics", default="fid,is", help=f"comma-separated subset of {','.join(METRICS)}")
   p.add_argument("--reference", help="fid/kid reference: image directory / JSONL (or, for fid only, a stats .npz)")
   add_inception_args(p)
@@ -132,10 +143,31 @@ def add_metrics(sub):
   p.add_argument("--aesthetic-mlp", help="LAION aesthetic head (.pth)")
   p.add_argument("--checkpoint", metavar="CKPT", help="HPS checkpoint for the hps metric")
   p.add_argument("--output", help="JSON file (default: stdout)")
+  p.add_argument(
+    "--work-dir",
+    metavar="DIR",
+    help="where finished chunks are kept (one .npz of features / scores per chunk plus a fsynced JSONL log), so "
+    "that --resume can continue a killed run; default OUTPUT.work next to --output (none without --output: "
+    "nothing is kept). Removed once the result is written",
+  )
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the run left in the work folder: finished chunks are read back, not recomputed (the image list, "
+    "--resize, --batch-size, --chunk-size, the Inception weights and the checkpoints must be the same; exit 2 "
+    "otherwise); the numbers equal an uninterrupted run's",
+  )
+  p.add_argument(
+    "--chunk-size",
+    type=COUNT,
+    help="images per chunk, the unit of saved progress (a killed run redoes at most one); default 8 x --batch-size",
+  )
   p.set_defaults(run=run_metrics)
 
 
 def run_metrics(args) -> int:
+  if (args.images is None) == (args.shards is None):
+    raise UsageError("give the image set as --images PATH or --shards SPEC (one of them)")
   wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
   bad = [m for m in wanted if m not in METRICS]
   if bad or not wanted:
@@ -150,17 +182,34 @@ def run_metrics(args) -> int:
     raise UsageError("aesthetic needs --aesthetic-mlp")
   if "hps" in wanted and not args.checkpoint:
     raise UsageError("hps needs --checkpoint")
-  check_output(args.output, overwrite=True, inputs=[args.images, args.reference], formats=(".json",))
+  check_output(args.output, overwrite=True, inputs=[args.images, args.shards, args.reference], formats=(".json",))
+  work_path = args.work_dir or (f"{args.output}.work" if args.output not in (None, "-") else None)
+  if args.resume and not work_path:
+    raise UsageError("--resume needs --output (its work folder is OUTPUT.work) or --work-dir DIR")
+  if work_path:
+    for i in (args.images, args.shards, args.reference, args.output):
+      if i is not None and Path(i).resolve() == Path(work_path).resolve():
+        raise UsageError(f"--work-dir {work_path} is also an input or the output: choose another folder")
+    if Path(work_path).exists() and not Path(work_path).is_dir():
+      raise UsageError(f"--work-dir {work_path} is a file, expected a folder")
   skips = Skips()
+  report: dict = {}
+  work = None
   try:
-    items = compute.list_images(args.images, skips, allow_outside=args.allow_outside_paths)
-    if "kid" in wanted:  # before any feature extraction: a KID subset draws that many images from each set
+    if args.shards is not None:  # a stream: its size is known at the end (KID checks its subset size then)
+      items = compute.shard_set(args.shards, skips)
+    else:
+      items = compute.list_images(args.images, skips, allow_outside=args.allow_outside_paths)
+    if (
+      "kid" in wanted and args.shards is None
+    ):  # before any feature extraction: a KID subset draws that many images from each set
       n_ref = len(compute.list_images(args.reference, Skips(), allow_outside=args.allow_outside_paths))
       if args.kid_subset_size > min(len(items), n_ref):
         raise UsageError(
           f"--kid-subset-size {args.kid_subset_size} is larger than the image sets (--images: {len(items)}, "
           f"--reference: {n_ref}): pass --kid-subset-size <= {min(len(items), n_ref)}"
         )
+    work = compute.WorkDir(work_path, resume=args.resume) if work_path else None
     result = compute.generator_metrics(
       items,
       wanted,
@@ -177,15 +226,33 @@ def run_metrics(args) -> int:
       hps_checkpoint=args.checkpoint,
       inception_sha256=getattr(args, "inception_sha256", None),
       allow_outside=args.allow_outside_paths,
+      chunk_size=args.chunk_size,
+      work=work,
+      report=report,
     )
-  except ValueError as e:
-    raise UsageError(str(e)) from e
-  result = {"images": args.images, **result}
-  result["skipped"] = len(skips.items)
-  require_finite(result, "the metrics")
-  if args.output:
-    write_json(args.output, result)
-    say_wrote(args.output, "the metrics")
-  else:
-    print(json.dumps(result, indent=2))
-  return report_skips(skips, result.get("num_images", len(items) - len(skips.items)))
+    result = {"images": args.images, **result} if args.shards is None else {"shards": args.shards, **result}
+    result["skipped"] = len(skips.items)
+    require_finite(result, "the metrics")
+    if args.output:
+      write_json(args.output, result)
+      say_wrote(args.output, "the metrics")
+    else:
+      print(json.dumps(result, indent=2))
+    if work is not None:
+      for name, n in report.get("sets", {}).items():
+        print(
+          f"{name}: {n['reused']} chunks reused from {work.path}, {n['computed']} computed "
+          f"({n['computed_images']} images)",
+          file=sys.stderr,
+        )
+      work.remove()  # the result is safely written: the chunks are no longer needed
+  except BaseException as e:
+    if work is not None and work.created and not any(s.computed for s in work.stores):
+      work.remove()  # nothing worth resuming: leave no empty work folder behind
+    if isinstance(e, ValueError) and not isinstance(e, UsageError):
+      raise UsageError(str(e)) from e
+    raise
+  finally:
+    if work is not None:
+      work.close()
+  return report_skips(skips, result.get("num_images", report.get("num_images", 0)))

@@ -172,9 +172,12 @@ def test_metrics_command(inception, sets, tmp_path, capsys):
   )
   assert rc == 0, capsys.readouterr().err
   m = json.loads((tmp_path / "m.json").read_text())
-  fa, fb = _feats(model, a), _feats(model, b)
+  # IS splits and KID subsets follow the images' input order (set a alternates two sizes; _feats groups by size)
+  by_size = [i for i in range(len(a)) if i % 2 == 0] + [i for i in range(len(a)) if i % 2 == 1]
+  order = np.argsort(by_size)
+  fa, fb = _feats(model, a)[order], _feats(model, b)
   assert abs(m["fid"] - fid_from_features(fa, fb)) <= 1e-6 * m["fid"]
-  is_mean, is_std = inception_score(_feats(model, a, "logits_unbiased"), splits=2)
+  is_mean, is_std = inception_score(_feats(model, a, "logits_unbiased")[order], splits=2)
   assert m["is_mean"] == pytest.approx(is_mean, rel=1e-5) and m["is_std"] == pytest.approx(is_std, rel=1e-3, abs=1e-6)
   kid = kernel_inception_distance(fa, fb, subsets=5, subset_size=4)
   assert m["kid_mean"] == pytest.approx(kid[0], rel=1e-4, abs=1e-7)
