@@ -10,11 +10,18 @@ guidance with the negative prompt "Weird image." from the same (B, 4, H/8, W/8) 
 The JAX compile time (trace + lower + XLA compile of the first call) is reported separately. As a sanity number the
 max abs difference of the two final [0, 1] images is reported. Prints one JSON line; --out also writes it.
 
+--components adds a "components" entry: the median seconds of each piece of a call timed alone, on both sides, on
+the same weights and inputs (text encoder on [prompts; negatives], one UNet call on the 2B-row CFG batch, the VAE
+decode to images; the full call is about text + steps' UNet calls + decode, the scheduler steps are negligible), and
+the JAX UNet call and whole `sample` call again with XLA's convolution everywhere (`CONV_AS_DOT_MAX_PIXELS = 0` in
+`hps_jax.models.sd_blocks`, the code path before the small-map convs became dots), so that one run measures both.
+
 Defaults are the acceptance setting (50 PNDM steps, CFG 7.5, 512x512, batch 1):
 
   python -m bench.sample --out bench/results/sample_h100_fp32.json                   # on a GPU
   python -m bench.sample --dtype bfloat16 --batch 4 --out bench/results/sample_h100_bf16.json
   python -m bench.sample --resolution 256 --steps 4 --iters 1 --out bench/results/sample_cpu.json   # CPU, reduced
+  python -m bench.sample --resolution 256 --steps 4 --iters 2 --components --out bench/results/sample_cpu_profile.json
 """
 
 from __future__ import annotations
@@ -93,6 +100,84 @@ def build_pipeline(preset: dict, scheduler: str, seed: int = 0):
   )
 
 
+def _median_s(fn, iters: int) -> float:
+  fn()  # warm-up (compiles on the JAX side)
+  return statistics.median(timed(fn, iters))
+
+
+def jax_components(sd, prompts, latents, run_jax, iters: int) -> dict:
+  """Median seconds of the pieces of hps_jax's `sample` call, each jitted alone on the model's own (sharded)
+  state; then the UNet call and the whole call with XLA's convolution everywhere (CONV_AS_DOT_MAX_PIXELS = 0)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from hps_jax.models import sd_blocks
+
+  graph, state = sd._graph, sd._state
+  b = len(prompts)
+  ids = jnp.asarray(np.concatenate([sd.tokenize([NEGATIVE] * b), sd.tokenize(prompts)]))
+  x2 = jnp.asarray(np.concatenate([latents, latents]))
+  z = jnp.asarray(latents)
+
+  @jax.jit
+  def text(state, ids):
+    return nnx.merge(graph, state)[2](ids)
+
+  @jax.jit
+  def unet(state, x, context):
+    return nnx.merge(graph, state)[0](x, jnp.full((x.shape[0],), 501), context)
+
+  @jax.jit
+  def decode(state, z):
+    return nnx.merge(graph, state)[1].decode_latents(z)
+
+  context = text(state, ids)
+  out = {
+    "jax_text_encoder_s": _median_s(lambda: jax.block_until_ready(text(state, ids)), iters),
+    "jax_unet_call_s": _median_s(lambda: jax.block_until_ready(unet(state, x2, context)), iters),
+    "jax_vae_decode_s": _median_s(lambda: jax.block_until_ready(decode(state, z)), iters),
+  }
+  saved = sd_blocks.CONV_AS_DOT_MAX_PIXELS
+  sd_blocks.CONV_AS_DOT_MAX_PIXELS = 0
+  try:
+    jax.clear_caches()  # retrace every jitted function with the old path
+    out["jax_unet_call_xla_conv_s"] = _median_s(lambda: jax.block_until_ready(unet(state, x2, context)), iters)
+    out["jax_s_per_call_xla_conv"] = _median_s(run_jax, iters)
+  finally:
+    sd_blocks.CONV_AS_DOT_MAX_PIXELS = saved
+    jax.clear_caches()
+  return out
+
+
+def torch_components(pipe, prompts, latents, iters: int) -> dict:
+  """Median seconds of the same pieces in the diffusers pipeline (inference mode)."""
+  import torch
+
+  b = len(prompts)
+  tok = lambda texts: pipe.tokenizer(
+    texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+  ).input_ids.to(latents.device)
+  ids = torch.cat([tok([NEGATIVE] * b), tok(prompts)])
+  with torch.inference_mode():
+    context = pipe.text_encoder(ids)[0]
+    x2 = torch.cat([latents, latents])
+    t = torch.tensor(501, device=latents.device)
+    sync = torch.cuda.synchronize if latents.is_cuda else (lambda: None)
+
+    def run(fn):
+      fn()
+      sync()
+
+    return {
+      "torch_text_encoder_s": _median_s(lambda: run(lambda: pipe.text_encoder(ids)), iters),
+      "torch_unet_call_s": _median_s(lambda: run(lambda: pipe.unet(x2, t, encoder_hidden_states=context)), iters),
+      "torch_vae_decode_s": _median_s(
+        lambda: run(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor)), iters
+      ),
+    }
+
+
 def count(module) -> int:
   return sum(p.numel() for p in module.parameters())
 
@@ -115,6 +200,12 @@ def main(argv=None):
   )
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--no-torch", action="store_true", help="time only the JAX side")
+  ap.add_argument(
+    "--components",
+    action="store_true",
+    help="also time text encoder, one UNet call and the VAE decode alone on both sides, and the JAX side with "
+    "XLA's convolution everywhere (the path before small-map convs became dots)",
+  )
   ap.add_argument("--out", help="also write the JSON result here")
   args = ap.parse_args(argv)
 
@@ -154,6 +245,7 @@ def main(argv=None):
     run_jax()
   jax_times = timed(run_jax, args.iters)
   jstep = statistics.median(jax_times)
+  components = jax_components(sd, prompts, latents, run_jax, args.iters) if args.components else None
 
   result = {
     "bench": "sample",
@@ -210,6 +302,8 @@ def main(argv=None):
     torch_times = timed(run_torch, args.iters)
     torch_images = last["images"]
     tstep = statistics.median(torch_times)
+    if components is not None:
+      components.update(torch_components(pipe, prompts, lat, args.iters))
     diff = np.abs(jax_images.astype(np.float32) - torch_images)
     inside = lambda x: float(np.mean((x > 0) & (x < 1)))
     result.update(
@@ -229,6 +323,8 @@ def main(argv=None):
         "unclipped_fraction_torch": inside(torch_images),
       }
     )
+  if components is not None:
+    result["components"] = components
   tmp.cleanup()
   emit(result, args.out)
 

@@ -69,6 +69,75 @@ def _part(init, axes):
   return nnx.with_partitioning(init, axes)
 
 
+# XLA:CPU's convolution runs the 3x3 convs of the UNet's low-resolution levels (H*W <= 64: 8x8 and 4x4 latents at
+# 1280-2560 channels) at 20-60 GFLOP/s, a quarter of what the same FLOPs reach as one matrix product; there the
+# 9-tap im2col (9 shifted copies of a small input, ~12 MB at most) followed by one dot with the HWIO kernel viewed
+# as (9*C_in, C_out) is 2-3x faster (bench/results/sample_cpu_profile_ops.json). Larger maps keep XLA's convolution,
+# which is faster there; other platforms always do. Same sums in another order: float32 noise (~1e-6).
+CONV_AS_DOT_MAX_PIXELS = 64
+
+
+def _conv_as_dot_applies(lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers, groups, kw) -> bool:
+  if CONV_AS_DOT_MAX_PIXELS <= 0 or jax.default_backend() != "cpu" or kw.get("out_sharding") is not None:
+    return False
+  if lhs.ndim != 4 or groups != 1 or rhs.shape[0] * rhs.shape[1] == 1:
+    return False
+  if any(s != 1 for s in strides) or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+    return False
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  if jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
+    return False
+  return lhs.shape[1] * lhs.shape[2] <= CONV_AS_DOT_MAX_PIXELS
+
+
+def _conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+  **kw,
+):
+  """`jax.lax.conv_general_dilated` (the signature nnx.Conv calls), computed as im2col + one dot for a stride-1
+  NHWC conv on a small map on the CPU (see CONV_AS_DOT_MAX_PIXELS)."""
+  if not _conv_as_dot_applies(
+    lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, kw
+  ):
+    return jax.lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      precision=precision,
+      **kw,
+    )
+  kh, kw_, cin, cout = rhs.shape
+  b, h, w, _ = lhs.shape
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads((h, w), (kh, kw_), (1, 1), padding)
+  (pt, pb), (pl, pr) = padding
+  x = jnp.pad(lhs, ((0, 0), (max(pt, 0), max(pb, 0)), (max(pl, 0), max(pr, 0)), (0, 0)))
+  x = x[:, max(-pt, 0) : x.shape[1] - max(-pb, 0), max(-pl, 0) : x.shape[2] - max(-pr, 0)]
+  oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw_ + 1
+  cols = jnp.concatenate([x[:, i : i + oh, j : j + ow] for i in range(kh) for j in range(kw_)], axis=-1)
+  y = jax.lax.dot_general(
+    cols.reshape(b * oh * ow, kh * kw_ * cin),
+    rhs.reshape(kh * kw_ * cin, cout),
+    (((1,), (0,)), ((), ())),
+    precision=precision,
+    preferred_element_type=kw.get("preferred_element_type"),
+  )
+  return y.reshape(b, oh, ow, cout)
+
+
 def conv2d(
   in_channels: int,
   out_channels: int,
@@ -98,6 +167,7 @@ def conv2d(
       dtype=dtype,
       param_dtype=param_dtype,
       rngs=rngs,
+      conv_general_dilated=_conv_general_dilated,
       kernel_init=_part(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
       bias_init=_part(nnx.initializers.zeros_init(), ("embed",)),
     )

@@ -100,10 +100,14 @@ def _per_block(value, n: int, name: str) -> tuple:
   return (value,) * n
 
 
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+_OUR_FIELDS = ("attention_backend", "remat", "remat_policy")  # not diffusers config keys
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """Architecture of a diffusers `UNet2DConditionModel` (the subset SD 1.x uses). Field names are diffusers'
-  config.json keys; `attention_backend` and `remat` are ours. Defaults are Stable Diffusion v1.4's."""
+  config.json keys; `attention_backend`, `remat` and `remat_policy` are ours. Defaults are Stable Diffusion v1.4's."""
 
   sample_size: int = 64
   in_channels: int = 4
@@ -133,8 +137,14 @@ class UNetConfig:
   conv_out_kernel: int = 3
   attention_backend: str = "auto"
   remat: bool = False
+  # what each rematerialized block keeps from its forward pass for the backward pass (`jax.checkpoint_policies`):
+  # "nothing_saveable" (least memory: the block's inputs only, all recomputed), "dots_saveable" (matmul outputs
+  # kept: less recompute, more memory), "dots_with_no_batch_dims_saveable" (matmuls without batch dims kept)
+  remat_policy: str = "nothing_saveable"
 
   def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
     for name in ("down_block_types", "up_block_types", "block_out_channels"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim"):
@@ -249,7 +259,7 @@ class UNetConfig:
   def from_diffusers(cls, config: dict[str, Any], **overrides) -> "UNetConfig":
     """From the contents of a diffusers `unet/config.json`. Keys starting with '_' are metadata and skipped; keys
     for features this implementation lacks must have their diffusers default, else ValueError."""
-    names = {f.name for f in dataclasses.fields(cls)} - {"attention_backend", "remat"}
+    names = {f.name for f in dataclasses.fields(cls)} - set(_OUR_FIELDS)
     kw = {}
     for key, value in config.items():
       if key.startswith("_") or key in _IGNORED_DIFFUSERS_KEYS:
@@ -266,7 +276,7 @@ class UNetConfig:
 
   def to_diffusers(self) -> dict[str, Any]:
     """Arguments for diffusers' `UNet2DConditionModel(**config)` describing the same architecture."""
-    d = {k: v for k, v in self.to_dict().items() if k not in ("attention_backend", "remat")}
+    d = {k: v for k, v in self.to_dict().items() if k not in _OUR_FIELDS}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
   # presets --------------------------------------------------------------------------------------------------
@@ -624,10 +634,16 @@ class UpBlock(nnx.Module):
     return x
 
 
-def _call(block, *args, remat: bool, **static):
-  """block(*args, **static), under `nnx.remat` (activations recomputed in the backward pass) when `remat`."""
+def _call(block, *args, remat: bool, policy: str = "nothing_saveable", **static):
+  """block(*args, **static); with `remat`, under `jax.checkpoint` (activations recomputed in the backward pass)
+  keeping what `jax.checkpoint_policies.<policy>` saves. Functional: the block's state is split here and merged
+  inside the checkpoint, which (unlike `nnx.remat`) also works when the block's Variables come from different traces,
+  e.g. frozen base weights and trainable LoRA adapters merged inside `jax.grad`. The UNet's blocks keep no state
+  (no dropout, no batch statistics), so there is nothing to write back."""
   if remat:
-    return nnx.remat(lambda blk, *a: blk(*a, **static))(block, *args)
+    graphdef, state = nnx.split(block)
+    fn = lambda st, *a: nnx.merge(graphdef, st)(*a, **static)  # noqa: E731
+    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))(state, *args)
   return block(*args, **static)
 
 
@@ -706,11 +722,11 @@ class UNet2DConditionModel(nnx.Module):
     x = self.conv_in(x)
     skips = [x]
     for block in self.down_blocks:
-      x, res = _call(block, x, emb, context, remat=cfg.remat)
+      x, res = _call(block, x, emb, context, remat=cfg.remat, policy=cfg.remat_policy)
       skips.extend(res)
 
     if self.mid_block is not None:
-      x = _call(self.mid_block, x, emb, context, remat=cfg.remat)
+      x = _call(self.mid_block, x, emb, context, remat=cfg.remat, policy=cfg.remat_policy)
 
     for block in self.up_blocks:
       k = len(block.resnets)
@@ -718,6 +734,6 @@ class UNet2DConditionModel(nnx.Module):
       # upsample to the next skip's size: x2 when H and W divide by 2**num_upsamplers, else diffusers'
       # `upsample_size` rule for odd sizes.
       size = tuple(skips[-1].shape[1:3]) if (block.upsamplers is not None and skips) else None
-      x = _call(block, x, res, emb, context, remat=cfg.remat, upsample_size=size)
+      x = _call(block, x, res, emb, context, remat=cfg.remat, policy=cfg.remat_policy, upsample_size=size)
 
     return self.conv_out(nnx.silu(self.conv_norm_out(x)))
