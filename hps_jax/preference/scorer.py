@@ -10,12 +10,24 @@ HPS values only compare images *of the same prompt*: the text embedding sets an 
 Batching: inputs are split into chunks of at most `batch_size`, each padded to the smallest of a few fixed bucket
 sizes, so a long run compiles once per bucket and never per call. Chunks are sharded over all local devices
 (pure data parallelism, parameters replicated).
+
+Streaming (`iter_scores`): a pipeline keeps the device busy. Images are decoded and preprocessed by `workers` host
+workers, threads or spawned processes (`worker_type`: "thread"; "process"; "auto", threads today: measured on a
+2-core CPU, bench/score_e2e.py, threads decoded faster, as PIL releases the GIL and a process pool costs a start and
+a copy of every array), up to `prefetch` chunks ahead of the chunk being computed; each chunk's forward pass is
+dispatched (its host-to-device transfer included) before the previous chunk's results are fetched. Output order is
+the input order; at most `prefetch` + 2 chunks of items are held at once; an unreadable image is reported in its
+place; an exception, a stop signal or closing the stream early shuts the workers down (none is left running).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
+import functools
+import multiprocessing
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -32,6 +44,7 @@ from hps_jax.convert.io import CheckpointError
 from hps_jax.data.images import ImageError, describe, load_image
 from hps_jax.data.preprocess import PreprocessConfig
 from hps_jax.data.tokenizer import CLIPTokenizer
+from hps_jax.errors import check_stop
 from hps_jax.models.clip import CLIP, normalize
 from hps_jax.models.dtypes import as_dtype
 
@@ -64,6 +77,11 @@ class BucketedRunner:
     return next(b for b in self.buckets if b >= n)
 
   def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+    return self.dispatch(*arrays).result()
+
+  def dispatch(self, *arrays: np.ndarray) -> "_Pending":
+    """Starts the computation (host-to-device transfer and the jitted calls, both asynchronous) and returns at
+    once; `.result()` waits and gives what `__call__` gives."""
     n = len(arrays[0])
     outs = []
     for start in range(0, n, self.batch_size):
@@ -71,15 +89,25 @@ class BucketedRunner:
       m = len(chunk[0])
       b = self.bucket(m)
       padded = [np.concatenate([c, np.zeros((b - m,) + c.shape[1:], c.dtype)]) if b > m else c for c in chunk]
-      out = self.fn(self.state, *parallel.put_batch(self.mesh, padded))
-      outs.append(jax.tree.map(lambda o, m=m: np.asarray(o)[:m], out))
-    if not outs:
-      return None
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+      outs.append((self.fn(self.state, *parallel.put_batch(self.mesh, padded)), m))
+    return _Pending(outs)
 
   def compiled_variants(self) -> int:
     """How many shapes the function has been compiled for (one per bucket used)."""
     return self.fn._cache_size()
+
+
+class _Pending:
+  """Dispatched device computations of `BucketedRunner.dispatch`; `result()` fetches them as host numpy."""
+
+  def __init__(self, outs):
+    self._outs = outs
+
+  def result(self):
+    outs = [jax.tree.map(lambda o, m=m: np.asarray(o)[:m], out) for out, m in self._outs]
+    if not outs:
+      return None
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
 def _load_preprocessed(sources, preprocess: PreprocessConfig, workers: int, load: Callable | None = None):
@@ -100,35 +128,228 @@ def _load_preprocessed(sources, preprocess: PreprocessConfig, workers: int, load
     return list(pool.map(one, sources))
 
 
-def _stream(items, batch_size, preprocess, workers, compute, *, collate: Callable = np.stack, load=None):
-  """Shared streaming loop of the scorers: chunks of `batch_size` (source, extra) items are decoded on host
-  threads, the readable ones go through `compute(collate(preprocessed), extras)`, which returns one value per
-  readable item (an array, or a list of any values); yields (source, extra, value, error). `collate` (default
-  np.stack) and `load` (default `load_image`) let `hps_jax.metrics.multiscore` feed several scorers from one
-  decode."""
-  chunk = []
+WORKER_TYPES = ("auto", "thread", "process")
+# sources a worker process gets cheaply and by value: a path, or encoded image bytes (file objects cannot be
+# pickled; in-memory images and arrays would cost more to send than to decode): other chunks go to threads
+_ENCODED = (str, os.PathLike, bytes, bytearray)
 
-  def flush(chunk):
-    loaded = _load_preprocessed([src for src, _ in chunk], preprocess, workers, load)
-    ok = [i for i, (_, err) in enumerate(loaded) if err is None]
-    values = {}
-    if ok:
-      out = compute(collate([loaded[i][0] for i in ok]), [chunk[i][1] for i in ok])
-      values = dict(zip(ok, out if isinstance(out, list) else np.asarray(out).tolist()))
-    for i, (src, extra) in enumerate(chunk):
-      yield src, extra, values.get(i), loaded[i][1]
 
-  for item in items:
-    chunk.append(item)
-    if len(chunk) == batch_size:
-      yield from flush(chunk)
-      chunk = []
-  if chunk:
-    yield from flush(chunk)
+def _decode_many(load, preprocess, sources) -> list:
+  """The generic decode task: (preprocessed array or None, ImageError or None) per source. `load` None: the
+  module's `load_image`, looked up at call time."""
+  out = []
+  for src in sources:
+    try:
+      out.append((preprocess.apply((load or load_image)(src)), None))
+    except ImageError as e:
+      out.append((None, e))
+  return out
+
+
+def _result(future):
+  """The future's result; waits in short steps so a stop signal (`check_stop`) is noticed while waiting."""
+  while not cf.wait([future], timeout=0.25).done:
+    check_stop()
+  try:
+    return future.result()
+  except cf.BrokenExecutor as e:
+    raise RuntimeError(
+      "an image decoding worker died (killed, out of memory, or started from a script without an "
+      "`if __name__ == '__main__':` guard, which spawned workers import): pass worker_type='thread' to decode on "
+      "threads"
+    ) from e
+
+
+class _Batch:
+  """Some images of a chunk, decoded by one task; `result()` -> [(array or None, ImageError or None)]."""
+
+  def __init__(self, decoder, sources, future, light: bool):
+    self.decoder, self.sources, self.future, self.light = decoder, sources, future, light
+
+  def result(self) -> list:
+    if not self.light:
+      return _result(self.future)
+    try:
+      return [(row, None) for row in _result(self.future)]
+    except ImageError:  # `apply_batch` stops at the first unreadable image: decode one by one to tell which
+      singles = [self.decoder.submit_light([src]) for src in self.sources]
+      out = []
+      for f in singles:
+        try:
+          out.append((_result(f)[0], None))
+        except ImageError as e:
+          out.append((None, e))
+      return out
+
+
+class _Decoder:
+  """The decode workers of one stream: `workers` threads, or `workers` spawned processes (never forked: the parent
+  runs JAX's threads). Processes take the chunks whose sources are paths / encoded bytes, in batches of a few
+  images; with the default decoder and a PreprocessConfig they run `PreprocessConfig.apply_batch`, whose module
+  (numpy + PIL) imports without JAX; a custom `load` or preprocessing runs `_decode_many`, which imports this
+  module in each worker. Pools start on first use; `close` shuts them down, cancelling what has not started."""
+
+  def __init__(self, preprocess, workers: int, load, worker_type: str):
+    if worker_type not in WORKER_TYPES:
+      raise ValueError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
+    self.preprocess, self.load, self.worker_type = preprocess, load, worker_type
+    self.workers = max(1, int(workers))
+    self.light = load is None and type(preprocess) is PreprocessConfig
+    self.kind = None if worker_type == "auto" else worker_type
+    self._threads = self._procs = None
+
+  def resolve(self, first_chunk, more: bool) -> str:
+    """`auto`: threads. Measured (bench/score_e2e.py, 2-core CPU, 512 px JPEGs): 2 threads decode 737 images/s, 2
+    processes 499 (each run pays the pool's start, about 0.4 s, and a copy of every array between processes). A
+    machine where the GIL-held part of decoding limits threads (many workers) may do better with "process"; this
+    is where a rule for it would go (`first_chunk`, `more`: whether the stream is longer than one chunk)."""
+    if self.kind is None:
+      self.kind = "thread"
+    return self.kind
+
+  def _process_pool(self):
+    if self._procs is None:
+      self._procs = cf.ProcessPoolExecutor(
+        self.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=signal.signal,  # Ctrl-C reaches the whole process group: the parent stops the workers
+        initargs=(signal.SIGINT, signal.SIG_IGN),
+      )
+    return self._procs
+
+  def submit_light(self, sources):
+    return self._process_pool().submit(self.preprocess.apply_batch, sources)
+
+  def submit(self, sources: list) -> list:
+    """Starts decoding `sources`; returns their `_Batch`es, in order."""
+    if self.kind == "process" and all(isinstance(src, _ENCODED) for src in sources):
+      size = max(1, -(-len(sources) // (2 * self.workers)))  # two batches per worker per chunk: balanced, and
+      parts = [sources[i : i + size] for i in range(0, len(sources), size)]  # few messages between processes
+      if self.light:
+        return [_Batch(self, p, self.submit_light(p), True) for p in parts]
+      task = functools.partial(_decode_many, self.load, self.preprocess)
+      return [_Batch(self, p, self._process_pool().submit(task, p), False) for p in parts]
+    if self._threads is None:
+      self._threads = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="hps-decode")
+    return [
+      _Batch(self, [src], self._threads.submit(_decode_many, self.load, self.preprocess, [src]), False)
+      for src in sources
+    ]
+
+  def close(self) -> None:
+    for pool in (self._threads, self._procs):
+      if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+    self._threads = self._procs = None
+
+
+def _finish(chunk, errors, ok, out):
+  """The rows of a computed chunk: waits for its (possibly still running) computation."""
+  values = {}
+  if ok:
+    out = out.result() if isinstance(out, _Pending) else out
+    values = dict(zip(ok, out if isinstance(out, list) else np.asarray(out).tolist()))
+  for i, (src, extra) in enumerate(chunk):
+    yield src, extra, values.get(i), errors[i]
+
+
+def _stream(
+  items,
+  batch_size,
+  preprocess,
+  workers,
+  compute,
+  *,
+  collate: Callable = np.stack,
+  load=None,
+  worker_type: str = "auto",
+  prefetch: int = 2,
+):
+  """Shared streaming loop of the scorers: chunks of `batch_size` (source, extra) items are decoded by `workers`
+  host workers (`worker_type`: thread, process, or auto: see `_Decoder.resolve`), the readable ones go through
+  `compute(collate(preprocessed), extras)`, which returns one value per readable item (an array, a list of any
+  values, or the `_Pending` of a `BucketedRunner.dispatch`); yields (source, extra, value, error), in input order.
+  `collate` (default np.stack) and `load` (default `load_image`) let `hps_jax.metrics.multiscore` feed several
+  scorers from one decode.
+
+  Pipeline: up to `prefetch` chunks are decoding while one is computed; a chunk is dispatched before the rows of
+  the previous one are fetched and yielded, so at most `prefetch` + 2 chunks of items are held. An exception from
+  `items` or `compute` comes after the rows of the chunks before it (as without the pipeline); the workers are
+  shut down however the stream ends (exhausted, an exception, KeyboardInterrupt, a stop signal, `close()`)."""
+  if prefetch < 1:
+    raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+  items = iter(items)
+  decoder = _Decoder(preprocess, workers, load, worker_type)
+  pending = collections.deque()  # (chunk, batches) being decoded, oldest first
+  deferred = []  # an exception raised by `items`, raised once the chunks read before it are out
+
+  def read() -> list:
+    chunk = []
+    if deferred:
+      return chunk
+    try:
+      for item in items:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+          break
+    except Exception as e:  # a partial chunk before a failing item is dropped, as the sequential loop did
+      deferred.append(e)
+      return []
+    return chunk
+
+  def fill():
+    while len(pending) < prefetch:
+      chunk = read()
+      if not chunk:
+        return
+      if decoder.kind is None:
+        nxt = read() if len(chunk) == batch_size else []
+        decoder.resolve(chunk, bool(nxt))
+        pending.append((chunk, decoder.submit([src for src, _ in chunk])))
+        chunk = nxt
+        if not chunk:
+          return
+      pending.append((chunk, decoder.submit([src for src, _ in chunk])))
+
+  prev = None  # (chunk, errors, ok, dispatched output): rows not yet yielded
+  try:
+    fill()
+    while pending:
+      check_stop()
+      chunk, batches = pending.popleft()
+      loaded = [r for b in batches for r in b.result()]
+      del batches
+      fill()  # the next chunks decode while this one computes
+      ok = [i for i, (_, err) in enumerate(loaded) if err is None]
+      out = compute(collate([loaded[i][0] for i in ok]), [chunk[i][1] for i in ok]) if ok else None
+      errors = [err for _, err in loaded]
+      del loaded
+      if prev is not None:
+        done, prev = prev, None
+        yield from _finish(*done)
+      prev = (chunk, errors, ok, out)
+    if prev is not None:
+      done, prev = prev, None
+      yield from _finish(*done)
+    if deferred:
+      raise deferred[0]
+  except Exception:
+    if prev is not None:  # rows computed before the failure come out first
+      done, prev = prev, None
+      yield from _finish(*done)
+    raise
+  finally:
+    decoder.close()
 
 
 def _default_workers() -> int:
   return max(1, min(8, os.cpu_count() or 1))
+
+
+def _check_worker_type(worker_type: str) -> str:
+  if worker_type not in WORKER_TYPES:
+    raise ValueError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
+  return worker_type
 
 
 class Scorer:
@@ -146,6 +367,7 @@ class Scorer:
     mesh=None,
     buckets: Sequence[int] | None = None,
     workers: int | None = None,
+    worker_type: str = "auto",
   ):
     self.config = model.config
     self.tokenizer = tokenizer
@@ -157,6 +379,7 @@ class Scorer:
     if self.preprocess.size != model.config.image_size:
       raise ValueError(f"preprocess size {self.preprocess.size} != model image size {model.config.image_size}")
     self.workers = workers or _default_workers()
+    self.worker_type = _check_worker_type(worker_type)
     graphdef, state = nnx.split(model)
 
     def cos_fn(state, pixels, ids):
@@ -190,16 +413,20 @@ class Scorer:
     param_dtype=None,
     mesh=None,
     buckets=None,
+    workers: int | None = None,
+    worker_type: str = "auto",
   ) -> "Scorer":
     """Loads a CLIP/HPS checkpoint (HF dir, OpenAI-layout `hpc.pt`, open_clip `HPS_v2*.pt`, safetensors).
     `tokenizer`: a CLIPTokenizer, a BPE file / HF tokenizer dir path, or None (the checkpoint dir's own
     tokenizer — vocab.json + merges.txt, or tokenizer.json — if it has one, else the default CLIP BPE file).
+    `workers` / `worker_type`: the host decode workers of `iter_scores` (module docstring).
     Raises CheckpointError when the tokenizer has ids beyond the checkpoint's token embedding table."""
 
     model = load_clip(path, format, activation=activation, dtype=as_dtype(dtype), param_dtype=as_dtype(param_dtype))
     tok = resolve_tokenizer(tokenizer, path)
     check_token_ids([max(tok.vocab.values()), tok.pad_id], model.config.vocab_size, tok, path)
-    scorer = cls(model, tok, preprocess, batch_size=batch_size, mesh=mesh, buckets=buckets)
+    kw = dict(batch_size=batch_size, mesh=mesh, buckets=buckets, workers=workers, worker_type=worker_type)
+    scorer = cls(model, tok, preprocess, **kw)
     scorer.checkpoint = str(path)
     return scorer
 
@@ -227,9 +454,12 @@ class Scorer:
 
   def cosine_arrays(self, pixels: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     """Cosine for already preprocessed pixels (N, S, S, 3) and token ids (N, T)."""
+    return self._dispatch_cosine(pixels, token_ids).result()
+
+  def _dispatch_cosine(self, pixels, token_ids) -> _Pending:
     token_ids = np.asarray(token_ids, np.int32)
     check_token_ids(token_ids, self.config.vocab_size, self.tokenizer, self.checkpoint)
-    return self._cos(np.asarray(pixels, np.float32), token_ids)
+    return self._cos.dispatch(np.asarray(pixels, np.float32), token_ids)
 
   def embed_images(self, images) -> np.ndarray:
     """L2-normalized image embeddings."""
@@ -241,12 +471,14 @@ class Scorer:
 
   def iter_scores(self, items: Iterable[tuple[object, str]]) -> Iterator[dict]:
     """Streams (image, prompt) pairs; yields one dict per pair, in order: {'image', 'prompt', 'hps', 'cosine'}
-    or {'image', 'prompt', 'error'} for an image that could not be read (the run goes on)."""
+    or {'image', 'prompt', 'error'} for an image that could not be read (the run goes on). Images are decoded by
+    `workers` host workers while the device computes (module docstring)."""
 
     def compute(pixels, prompts):
-      return self.cosine_arrays(pixels, self.tokenize(prompts))
+      return self._dispatch_cosine(pixels, self.tokenize(prompts))
 
-    for src, prompt, cos, err in _stream(items, self._cos.batch_size, self.preprocess, self.workers, compute):
+    stream = _stream(items, self._cos.batch_size, self.preprocess, self.workers, compute, worker_type=self.worker_type)
+    for src, prompt, cos, err in stream:
       if err is None:
         yield {"image": describe(src), "prompt": prompt, "hps": 100.0 * float(cos), "cosine": float(cos)}
       else:
@@ -302,6 +534,7 @@ class AestheticScorer:
     mesh=None,
     buckets=None,
     workers: int | None = None,
+    worker_type: str = "auto",
   ):
     if mlp.dims[0] != clip_model.config.embed_dim:
       raise ValueError(
@@ -314,6 +547,7 @@ class AestheticScorer:
       else PreprocessConfig(mode=preprocess, size=clip_model.config.image_size)
     )
     self.workers = workers or _default_workers()
+    self.worker_type = _check_worker_type(worker_type)
     graphdef, state = nnx.split((clip_model, mlp))
 
     def fn(state, pixels):
@@ -351,7 +585,8 @@ class AestheticScorer:
       self._run.batch_size,
       self.preprocess,
       self.workers,
-      lambda pixels, _: self._run(pixels),
+      lambda pixels, _: self._run.dispatch(np.asarray(pixels, np.float32)),
+      worker_type=self.worker_type,
     ):
       yield (
         {"image": describe(src), "aesthetic": float(value)}
