@@ -221,3 +221,42 @@ def test_resume_with_another_process_count_is_refused(label_data, tmp_path, caps
   assert main(label_cmd(label_data, out, "--resume")[3:]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "written by 2 process(es) and this run has 1" in err, err
+
+
+def test_shards_label_like_the_same_images_from_a_folder(label_data, tmp_path):  # noqa: F811
+  """`label --shards` scores and selects exactly as `label --images` on the same images written out as files with a
+  JSONL of {image, prompt} rows: the same HPS per image (bit for bit) and the same preferred / non-preferred picks."""
+  pytest.importorskip("webdataset")
+  gen = write_shards(tmp_path / "gen")
+  folder = tmp_path / "files"
+  folder.mkdir()
+  rows = []
+  for shard in sorted(gen.glob("*.tar")):
+    with tarfile.open(shard) as tf:
+      members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    for name, data in members.items():
+      key = name.rsplit(".", 1)[0]
+      if name.endswith(".png") and f"{key}.txt" in members:
+        (folder / name).write_bytes(data)
+        rows.append({"image": name, "prompt": members[f"{key}.txt"].decode()})
+  (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  def cmd(out, source):
+    c = label_cmd(label_data, out)
+    i = c.index("--images")
+    return c[:i] + source + c[i + 2 :]
+
+  shards = _run(cmd(tmp_path / "a", ["--shards", f"{gen}/{{00000..00003}}.tar"]), label_env())
+  files = _run(cmd(tmp_path / "b", ["--images", str(folder / "pairs.jsonl")]), label_env())
+  assert shards.returncode == 1 and files.returncode == 0, shards.stderr[-2000:] + files.stderr[-2000:]
+
+  def by_key(out):
+    got = {}
+    for line in (out / "scores.jsonl").read_text().splitlines():
+      r = json.loads(line)
+      got[r["image"].replace(":", "/").rsplit("/", 1)[-1]] = (r["prompt"], r["hps"], r["kind"])
+    return got
+
+  a, b = by_key(tmp_path / "a"), by_key(tmp_path / "b")
+  assert len(a) == len(rows) == 99 and a == b
+  assert any(kind == "preferred" for _, _, kind in a.values())
