@@ -43,13 +43,13 @@ from hps_jax.cli.common import (
 )
 from hps_jax.cli.metrics import add_inception_args, load_inception_arg
 from hps_jax.cli.sample import add_sampling_args, load_sd, sample_config
+from hps_jax.cli.score import scorer_from_args
 from hps_jax.data.diffusiondb import iter_record_units as read_units
 from hps_jax.data.webdataset import expand_shards
 from hps_jax.diffusion.render import render, save_image
 from hps_jax.errors import check_stop
 from hps_jax.files import JsonlAppender, write_text
 from hps_jax.metrics import compute
-from hps_jax.preference.scorer import Scorer
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -133,15 +133,7 @@ def _label_batch(args) -> int:
 def _label_scorer(args, size: int):
   """The scorer with ONE compiled batch shape, `size` (every chunk padded to it), so an image's HPS is the same
   bits whatever chunk it falls in: a resumed or a multi-process run scores exactly as an uninterrupted one."""
-  kw = dict(preprocess=args.preprocess, dtype=args.dtype, activation=args.activation, batch_size=size, buckets=(size,))
-  if args.format != "auto":
-    kw["format"] = args.format
-  if args.tokenizer:
-    kw["tokenizer"] = args.tokenizer
-  try:
-    return Scorer.from_pretrained(args.checkpoint, **kw)
-  except ValueError as e:  # WeightsError, CheckpointError, a config / tokenizer mismatch: one line, exit 2
-    raise UsageError(str(e)) from e
+  return scorer_from_args(args, batch_size=size, buckets=(size,))
 
 
 def _identity(path) -> str | None:

@@ -190,10 +190,17 @@ def _score_inputs(images, shards, prompt, skips) -> Iterator[ScoreInput]:
     yield ScoreInput(s.where, s.image, p)
 
 
-def scorer_from_args(args) -> Scorer:
+def scorer_from_args(args, *, batch_size: int | None = None, buckets=None) -> Scorer:
   """The Scorer of --checkpoint (a path, or a published model's name: hps-v2.1, hps-v1, clip-vit-l-14, ...) with
-  --format / --preprocess / --dtype / --tokenizer / --activation / --batch-size."""
-  kw = dict(preprocess=args.preprocess, dtype=args.dtype, activation=args.activation, batch_size=args.batch_size)
+  --format / --preprocess / --dtype / --tokenizer / --activation / --batch-size (or `batch_size`, and fixed
+  `buckets`)."""
+  kw = dict(
+    preprocess=args.preprocess,
+    dtype=args.dtype,
+    activation=args.activation,
+    batch_size=args.batch_size if batch_size is None else batch_size,
+    buckets=buckets,
+  )
   if args.format != "auto":
     kw["format"] = args.format
   if args.tokenizer:
