@@ -142,7 +142,8 @@ def test_constant_score_is_undefined_never_nan():
     assert e["global"][m]["value"] is None
     assert e["global"][m]["undefined"] == "k is constant (every image scores 3)"
     assert e["within_prompt"]["pooled"][m]["undefined"] == "k is constant within every eligible prompt"
-  assert _pair(report, "a", "b")["global"]["pearson"]["value"] is not None
+  want = stats.pearsonr(cols["a"], cols["b"]).statistic  # the other pair is still computed, and equals scipy
+  assert _pair(report, "a", "b")["global"]["pearson"]["value"] == pytest.approx(want, abs=1e-12)
   with pytest.raises(InputError, match="non-finite"):
     correlate({"a": [1.0, 2.0, float("nan")], "b": [1.0, 2.0, 3.0]})
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hps_jax.diffusion.tiny import TINY_UNET
 from hps_jax.models import attention
 from hps_jax.models.attention import AttentionFallbackWarning, cudnn_problem, resolve_backend
 from hps_jax.models.clip import CLIP, CLIPConfig
@@ -27,17 +28,8 @@ from hps_jax.models.vae import AutoencoderKL, VAEConfig
 
 BF16_RTOL = 3e-2  # relative L2 error of a whole output, bf16 compute vs fp32 (measured up to 1.4e-2)
 
-# every SD 1.x block type, toy widths (head dims 16 / 16)
-UNET_TINY = dict(
-  sample_size=8,
-  block_out_channels=(32, 64),
-  layers_per_block=1,
-  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-  norm_num_groups=8,
-  cross_attention_dim=16,
-  attention_head_dim=(2, 4),
-)
+# every SD 1.x block type, toy widths: the demo's tiny UNet with 16-d text states
+UNET_TINY = TINY_UNET.replace(cross_attention_dim=16, attention_head_dim=(2, 4))  # head dims 16 / 16
 # one cross-attention block each way + the mid block: the cheapest UNet whose gradient still crosses every
 # rematerialized block kind (compiling the gradient is what costs time on the CPU)
 UNET_ONE_BLOCK = dict(
@@ -166,7 +158,7 @@ def test_attention_backends_same_numbers_unet():
   """The UNet (tiny, self- and cross-attention) gives identical outputs with auto / xla / cudnn here."""
   outs = {}
   for backend in ("auto", "xla", "cudnn"):
-    cfg = UNetConfig(**UNET_TINY, attention_backend=backend)
+    cfg = UNET_TINY.replace(attention_backend=backend)
     model = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", AttentionFallbackWarning)
@@ -177,7 +169,7 @@ def test_attention_backends_same_numbers_unet():
 
 def test_cudnn_request_warns_once_and_runs():
   """A model configured for cuDNN runs on the CPU: one AttentionFallbackWarning for all its attention layers."""
-  cfg = UNetConfig(**UNET_TINY, attention_backend="cudnn")
+  cfg = UNET_TINY.replace(attention_backend="cudnn")
   model = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -191,7 +183,7 @@ def test_cudnn_request_warns_once_and_runs():
 # (b) bf16 compute vs fp32
 # ------------------------------------------------------------------------------------------------------------
 def test_bf16_unet_close_to_fp32():
-  cfg = UNetConfig(**UNET_TINY)
+  cfg = UNET_TINY
   m32 = UNet2DConditionModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
   m16 = _with_params_of(UNet2DConditionModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)), m32)
   x, t, ctx = _unet_inputs(cfg)
@@ -276,11 +268,11 @@ def test_remat_policy_config():
   """remat_policy is validated, is not a diffusers config key, and is set through load-time overrides."""
   with pytest.raises(ValueError, match="remat_policy"):
     UNetConfig(remat_policy="offload_everything")
-  cfg = UNetConfig.from_diffusers(UNetConfig(**UNET_TINY).to_diffusers(), remat=True, remat_policy="dots_saveable")
+  cfg = UNetConfig.from_diffusers(UNET_TINY.to_diffusers(), remat=True, remat_policy="dots_saveable")
   assert (cfg.remat, cfg.remat_policy) == (True, "dots_saveable")
   assert "remat_policy" not in cfg.to_diffusers() and "remat" not in cfg.to_diffusers()
   with pytest.raises(ValueError, match="unknown diffusers UNet config key"):
-    UNetConfig.from_diffusers({**UNetConfig(**UNET_TINY).to_diffusers(), "remat_policy": "dots_saveable"})
+    UNetConfig.from_diffusers({**UNET_TINY.to_diffusers(), "remat_policy": "dots_saveable"})
 
 
 def test_remat_with_lora_adapters():
